@@ -1,0 +1,42 @@
+"""ragkit: offline-first retrieval-augmented generation over local, quantized LLMs.
+
+Public names are imported lazily so that ``import ragkit`` stays fast and a missing
+optional dependency only matters when the feature that needs it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "LocalLLM": "ragkit.llm",
+    "Pipeline": "ragkit.pipeline",
+    "plan": "ragkit.plan",
+    "RagkitError": "ragkit.errors",
+    "ModelNotFoundError": "ragkit.errors",
+    "ModelLoadError": "ragkit.errors",
+    "QuantizationError": "ragkit.errors",
+    "ContextWindowExceededError": "ragkit.errors",
+    "IndexCorruptError": "ragkit.errors",
+    "EmbedderMismatchError": "ragkit.errors",
+    "IndexLockedError": "ragkit.errors",
+    "IngestError": "ragkit.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ragkit.errors import *  # noqa: F401,F403
+    from ragkit.llm import LocalLLM  # noqa: F401
+    from ragkit.pipeline import Pipeline  # noqa: F401
+    from ragkit.plan import plan  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ragkit' has no attribute {name!r}")

@@ -1,0 +1,54 @@
+"""Errors raised by ragkit. Every message names the input at fault and says what to do."""
+
+from __future__ import annotations
+
+
+class RagkitError(Exception):
+    """Base class of every error ragkit raises on purpose."""
+
+
+class ModelNotFoundError(RagkitError):
+    """A model id or path could not be resolved offline."""
+
+
+class ModelLoadError(RagkitError):
+    """Model files were found but could not be loaded (corrupt, truncated, unsupported)."""
+
+
+class QuantizationError(RagkitError):
+    """An unknown quantization was asked for, or it cannot be applied to this model."""
+
+
+class ContextWindowExceededError(RagkitError):
+    """A prompt (plus its generation budget) does not fit the model's context window."""
+
+    def __init__(self, prompt_tokens: int, context_window: int, max_new_tokens: int = 0, what: str = "prompt"):
+        self.prompt_tokens = prompt_tokens
+        self.context_window = context_window
+        self.max_new_tokens = max_new_tokens
+        budget = f" + {max_new_tokens} tokens of generation budget" if max_new_tokens else ""
+        super().__init__(
+            f"The {what} has {prompt_tokens} tokens{budget}, but the model's context window is "
+            f"{context_window} tokens. Shorten the input, lower max_new_tokens, or use a model with a "
+            f"longer context window; ragkit never truncates silently."
+        )
+
+
+class IndexError_(RagkitError):
+    """Base class of index-directory errors (named with a trailing underscore to not shadow IndexError)."""
+
+
+class IndexCorruptError(IndexError_):
+    """An index directory is corrupt or partial."""
+
+
+class EmbedderMismatchError(IndexError_):
+    """An index was opened with an embedder other than the one that built it."""
+
+
+class IndexLockedError(IndexError_):
+    """Another process holds the index directory's write lock."""
+
+
+class IngestError(RagkitError):
+    """An input could not be ingested."""
