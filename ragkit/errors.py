@@ -50,5 +50,13 @@ class IndexLockedError(IndexError_):
     """Another process holds the index directory's write lock."""
 
 
+class IndexNotFoundError(IndexError_):
+    """An index directory has no index yet (no CURRENT pointer)."""
+
+
+class InvalidQueryError(RagkitError, ValueError):
+    """A query cannot be run as asked (top_k < 1, wrong embedding dimension, unsupported filter)."""
+
+
 class IngestError(RagkitError):
     """An input could not be ingested."""
