@@ -1,0 +1,230 @@
+"""Expert-aware NF4: fused 3-D MoE expert tensors stored as one NF4 tensor per routed expert.
+
+transformers 5 stores the routed experts of Mistral-4, Mixtral, Qwen-MoE, DeepSeek-V3 and
+most other MoE families as 3-D parameters (``experts.gate_up_proj`` ``[E, 2I, H]``,
+``experts.down_proj`` ``[E, H, I]``), which ``BitsAndBytesConfig`` leaves in full precision.
+:class:`NF4Experts` replaces such a module: every expert's projection is quantized on its
+own (bitsandbytes NF4, double quantization), and the forward runs ``bnb.matmul_4bit`` only
+for the experts the router picked, one expert at a time, so no dequantized copy of all
+experts ever exists.
+
+How a family lays its experts out is an :class:`ExpertLayout`, found by
+:func:`expert_layout_for` in a small registry keyed by module class (or class name).
+Classes decorated with transformers' ``@use_experts_implementation`` describe themselves
+(``has_gate``, ``is_transposed``, ``has_bias``) and need no entry; register a layout for
+any other class with :func:`register_expert_layout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+from torch import nn
+
+from ragkit.errors import QuantizationError
+from ragkit.quant.nf4 import NESTED_BLOCKSIZE, NF4_BLOCKSIZE, quantize_nf4
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a fused-experts module keeps its weights and how its forward uses them.
+
+    ``first`` is the input projection (``gate_up_proj`` with a gate, ``up_proj`` without),
+    ``second`` the output projection; ``transposed`` means they are stored ``[E, in, out]``
+    instead of ``[E, out, in]``; ``bias`` means ``<name>_bias`` tensors ``[E, out]`` exist.
+    """
+
+    first: str = "gate_up_proj"
+    second: str = "down_proj"
+    has_gate: bool = True
+    transposed: bool = False
+    bias: bool = False
+
+
+LayoutFactory = Callable[[nn.Module], ExpertLayout]
+_LAYOUTS: dict[type | str, LayoutFactory] = {}
+
+
+def register_expert_layout(key: type | str, factory: LayoutFactory | ExpertLayout) -> None:
+    """Teach ragkit a fused-experts module class (or class name) that is not self-describing."""
+    _LAYOUTS[key] = factory if callable(factory) else (lambda _module, _layout=factory: _layout)
+
+
+def _self_described_layout(module: nn.Module) -> ExpertLayout | None:
+    """Layout of a class decorated with transformers' ``@use_experts_implementation``."""
+    if not hasattr(module, "is_transposed") or not hasattr(module, "has_gate"):
+        return None
+    if getattr(module, "has_post_expert_norm", False):
+        raise QuantizationError(
+            f"{type(module).__name__} applies a norm after each expert, which ragkit's NF4 experts do not "
+            "implement yet; load this model without quantization or register an ExpertLayout for it."
+        )
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    return ExpertLayout(
+        first=first, has_gate=module.has_gate, transposed=module.is_transposed, bias=bool(module.has_bias)
+    )
+
+
+def expert_layout_for(module: nn.Module) -> ExpertLayout | None:
+    """The layout of ``module`` if it is a fused-experts module with 3-D weights, else None."""
+    for key in (*type(module).__mro__, type(module).__name__):
+        if key in _LAYOUTS:
+            return _LAYOUTS[key](module)
+    layout = _self_described_layout(module)
+    if layout is None:
+        return None
+    weight = getattr(module, layout.first, None)
+    return layout if isinstance(weight, torch.Tensor) and weight.dim() == 3 else None
+
+
+class NF4Experts(nn.Module):
+    """Routed experts held as per-expert NF4 tensors; computes only the experts tokens were sent to.
+
+    For each projection ``p`` the buffers are ``p_codes`` (uint8 ``[E, out*in/2]``), ``p_absmax``
+    (uint8 ``[E, blocks]``), ``p_absmax2`` (float32 ``[E, blocks/256]``) and ``p_offset``
+    (float32 ``[E]``): expert ``e``'s slices are exactly what ``bitsandbytes.functional.quantize_4bit``
+    returns for that expert's ``[out, in]`` matrix. Create it with :meth:`from_module` (meta
+    buffers) and fill it expert by expert with :meth:`set_expert`.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        shapes: dict[str, tuple[int, int]],
+        layout: ExpertLayout,
+        gate_fn: Callable[[torch.Tensor], torch.Tensor],
+        compute_dtype: torch.dtype,
+        device: torch.device | str = "meta",
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.shapes = shapes
+        self.layout = layout
+        self.gate_fn = gate_fn
+        self.compute_dtype = compute_dtype
+        code = bnbf.get_4bit_type("nf4", device="cpu")
+        self.register_buffer("nf4_code", code.to(device))
+        self.register_buffer("nested_code", bnbf.create_dynamic_map(signed=True).to(device))
+        for name, (rows, cols) in shapes.items():
+            blocks = -(-rows * cols // NF4_BLOCKSIZE)
+            kw = {"device": device}
+            self.register_buffer(f"{name}_codes", torch.empty(num_experts, -(-rows * cols // 2), dtype=torch.uint8, **kw))
+            self.register_buffer(f"{name}_absmax", torch.empty(num_experts, blocks, dtype=torch.uint8, **kw))
+            nested = -(-blocks // NESTED_BLOCKSIZE)
+            self.register_buffer(f"{name}_absmax2", torch.empty(num_experts, nested, dtype=torch.float32, **kw))
+            self.register_buffer(f"{name}_offset", torch.empty(num_experts, dtype=torch.float32, **kw))
+            if layout.bias:
+                self.register_buffer(f"{name}_bias", torch.empty(num_experts, rows, dtype=compute_dtype, **kw))
+
+    @classmethod
+    def from_module(cls, module: nn.Module, layout: ExpertLayout, compute_dtype: torch.dtype) -> NF4Experts:
+        """An empty (meta) NF4 twin of a fused-experts ``module``; the module's own gate function is kept."""
+        shapes = {}
+        for name in (layout.first, layout.second):
+            e, a, b = getattr(module, name).shape
+            shapes[name] = (b, a) if layout.transposed else (a, b)
+        gate_fn = module._apply_gate if layout.has_gate else module.act_fn
+        return cls(e, shapes, layout, gate_fn, compute_dtype)
+
+    @property
+    def logical_params(self) -> int:
+        """Number of weights the experts represent (as counted in the unquantized model)."""
+        n = sum(r * c for r, c in self.shapes.values()) * self.num_experts
+        return n + (sum(r for r, _ in self.shapes.values()) * self.num_experts if self.layout.bias else 0)
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocate the (still empty) buffers on ``device`` before experts are loaded into them."""
+        for name, buf in list(self._buffers.items()):
+            if buf is not None and buf.is_meta:
+                self._buffers[name] = torch.empty_like(buf, device=device)
+        self.nf4_code.copy_(bnbf.get_4bit_type("nf4", device="cpu"))
+        self.nested_code.copy_(bnbf.create_dynamic_map(signed=True))
+
+    def set_expert(self, name: str, expert: int, weight: torch.Tensor) -> None:
+        """Quantize one expert's projection ``name`` (as stored by the source layout) into the buffers."""
+        if self.layout.transposed:
+            weight = weight.t()
+        if tuple(weight.shape) != self.shapes[name]:
+            raise QuantizationError(
+                f"Expert {expert} of {name} has shape {tuple(weight.shape)}, expected {self.shapes[name]}."
+            )
+        codes, state = quantize_nf4(weight.to(self._buffers[f"{name}_codes"].device, self.compute_dtype))
+        getattr(self, f"{name}_codes")[expert].copy_(codes.view(-1))
+        getattr(self, f"{name}_absmax")[expert].copy_(state.absmax)
+        getattr(self, f"{name}_absmax2")[expert].copy_(state.state2.absmax)
+        getattr(self, f"{name}_offset")[expert].copy_(state.offset)
+
+    def set_bias(self, name: str, bias: torch.Tensor) -> None:
+        """Copy the ``[E, out]`` bias of projection ``name``."""
+        getattr(self, f"{name}_bias").copy_(bias)
+
+    def quant_state(self, name: str, expert: int) -> bnbf.QuantState:
+        """The bitsandbytes ``QuantState`` of one expert's projection (views into the buffers)."""
+        nested = bnbf.QuantState(
+            absmax=getattr(self, f"{name}_absmax2")[expert],
+            code=self.nested_code,
+            blocksize=NESTED_BLOCKSIZE,
+            dtype=torch.float32,
+        )
+        return bnbf.QuantState(
+            absmax=getattr(self, f"{name}_absmax")[expert],
+            shape=torch.Size(self.shapes[name]),
+            code=self.nf4_code,
+            blocksize=NF4_BLOCKSIZE,
+            quant_type="nf4",
+            dtype=self.compute_dtype,
+            offset=getattr(self, f"{name}_offset")[expert],
+            state2=nested,
+        )
+
+    def dequantize_expert(self, name: str, expert: int) -> torch.Tensor:
+        """One expert's ``[out, in]`` weight in the compute dtype (for checks; the forward never calls it)."""
+        codes = getattr(self, f"{name}_codes")[expert].view(-1, 1)
+        return bnbf.dequantize_4bit(codes, self.quant_state(name, expert))
+
+    def _project(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        codes = getattr(self, f"{name}_codes")[expert].view(-1, 1)
+        bias = getattr(self, f"{name}_bias")[expert] if self.layout.bias else None
+        return bnb.matmul_4bit(x, codes.t(), quant_state=self.quant_state(name, expert), bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Same contract as the replaced module: ``[T, H]`` states, ``[T, k]`` expert ids and weights."""
+        out = torch.zeros_like(hidden_states)
+        k = top_k_index.shape[-1]
+        expert_ids = top_k_index.reshape(-1)
+        token_ids = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
+        weights = top_k_weights.reshape(-1)
+        valid = expert_ids < self.num_experts  # expert-parallel sentinels point past the last expert
+        order = torch.argsort(torch.where(valid, expert_ids, self.num_experts), stable=True)
+        counts = torch.bincount(expert_ids[valid], minlength=self.num_experts).tolist()
+        x_all = hidden_states.to(self.compute_dtype)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            pick = order[start : start + count]
+            start += count
+            tokens = token_ids[pick]
+            h = self._project(self.layout.first, expert, x_all[tokens])
+            h = self.gate_fn(h)
+            y = self._project(self.layout.second, expert, h)
+            y = y * weights[pick, None].to(y.dtype)
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
+def replace_fused_experts(model: nn.Module, compute_dtype: torch.dtype) -> dict[str, NF4Experts]:
+    """Swap every fused-experts module of ``model`` for an empty :class:`NF4Experts`; returns them by name."""
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        layout = expert_layout_for(module)
+        if layout is None:
+            continue
+        new = NF4Experts.from_module(module, layout, compute_dtype)
+        model.set_submodule(name, new)
+        replaced[name] = new
+    return replaced

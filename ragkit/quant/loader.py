@@ -1,0 +1,260 @@
+"""Stream a BF16 or FP8 safetensors checkpoint into an NF4 model, one tensor at a time.
+
+The model is built on the meta device; its ``nn.Linear`` layers become bitsandbytes
+``Linear4bit`` exactly as ``BitsAndBytesConfig(load_in_4bit=True)`` would make them, and its
+fused-experts modules become :class:`~ragkit.quant.experts.NF4Experts`. Then the shards are
+read one by one: each tensor is dequantized from FP8 with its scale if needed, quantized to
+NF4 on the target device and dropped, and fused experts are read one expert at a time
+(``safe_open(...).get_slice``). Host memory therefore holds at most one shard's pages plus
+one tensor in float32, never the BF16 model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import accelerate
+import bitsandbytes as bnb
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
+from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+from transformers.quantizers.base import get_keys_to_not_convert
+
+from ragkit.errors import ModelLoadError, QuantizationError
+from ragkit.quant.experts import NF4Experts, expert_layout_for, replace_fused_experts
+from ragkit.quant.fp8 import (
+    CheckpointFormat,
+    check_known_key,
+    checkpoint_format,
+    dequantize_fp8,
+    expert_scale,
+    is_scale_key,
+    scale_key,
+)
+from ragkit.quant.nf4 import bnb_nf4_config, set_linear4bit_weight
+
+log = logging.getLogger(__name__)
+
+# Per-expert checkpoint names (Mixtral w1/w3/w2, Qwen/DeepSeek gate/up/down) -> (projection, half).
+_PER_EXPERT = re.compile(r"^(?P<module>.+)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_HALF = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": None, "w2": None}
+
+
+def _model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def build_empty_model(config: PretrainedConfig, compute_dtype: torch.dtype) -> PreTrainedModel:
+    """The model for ``config`` with its parameters on the meta device (buffers stay real)."""
+    with accelerate.init_empty_weights():
+        return _model_class(config)._from_config(config, dtype=compute_dtype)
+
+
+def has_fused_experts(model_or_config: PreTrainedModel | PretrainedConfig | str | Path) -> bool:
+    """True when the model keeps routed experts in fused 3-D tensors (needs ragkit's expert-aware NF4)."""
+    model = model_or_config
+    if not isinstance(model, nn.Module):
+        config = model if isinstance(model, PretrainedConfig) else AutoConfig.from_pretrained(model)
+        model = build_empty_model(config, torch.bfloat16)
+    return any(expert_layout_for(m) is not None for m in model.modules())
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        return [path / n for n in names]
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"No .safetensors files in {path}; ragkit's NF4 loader reads safetensors checkpoints.")
+    return shards
+
+
+class _Stream:
+    """Loads checkpoint tensors into the converted meta model, one at a time."""
+
+    def __init__(self, model: PreTrainedModel, experts: dict[str, NF4Experts], fmt: CheckpointFormat, device, where):
+        self.model, self.experts, self.fmt, self.device, self.where = model, experts, fmt, device, where
+        self.scales: dict[str, torch.Tensor] = {}
+        self.loaded: set[str] = set()
+        self.unexpected: list[str] = []
+        self.halves: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+
+    def _dequant(self, key: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if scale is None:
+            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise QuantizationError(
+                    f"{self.where}: FP8 tensor {key!r} has no {scale_key(key)!r}; ragkit cannot dequantize "
+                    "FP8 weights without their inverse scale (the layout transformers' finegrained_fp8 uses)."
+                )
+            return tensor
+        return dequantize_fp8(tensor, scale.to(tensor.device), self.fmt.block_size, key)
+
+    def _set_plain(self, name: str, tensor: torch.Tensor) -> None:
+        module_name, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        if attr in module._parameters:
+            old = module._parameters[attr]
+            module._parameters[attr] = nn.Parameter(tensor.to(self.device, old.dtype), requires_grad=False)
+        else:
+            module._buffers[attr] = tensor.to(self.device, module._buffers[attr].dtype)
+
+    def load_fused(self, key: str, module_name: str, proj: str, reader) -> None:
+        module = self.experts[module_name]
+        if proj.endswith("_bias"):
+            module.set_bias(proj[: -len("_bias")], reader.get_tensor(key).to(self.device))
+            return
+        sliced = reader.get_slice(key)
+        scale = self.scales.get(scale_key(key))
+        for e in range(module.num_experts):
+            w = sliced[e].to(self.device)
+            s = None if scale is None else expert_scale(scale, e, module.num_experts, key)
+            module.set_expert(proj, e, self._dequant(key, w, s))
+
+    def load_per_expert(self, key: str, match: re.Match, tensor: torch.Tensor) -> None:
+        module = self.experts[match["module"]]
+        expert, half = int(match["expert"]), _HALF[match["proj"]]
+        weight = self._dequant(key, tensor.to(self.device), self.scales.get(scale_key(key)))
+        if half is None:
+            module.set_expert(module.layout.second, expert, weight)
+            return
+        pending = self.halves.setdefault((match["module"], expert), {})
+        pending[half] = weight
+        if len(pending) == 2:
+            module.set_expert(module.layout.first, expert, torch.cat([pending[0], pending[1]], dim=0))
+            del self.halves[(match["module"], expert)]
+
+    def load_tensor(self, key: str, name: str, reader) -> None:
+        module_name, _, attr = name.rpartition(".")
+        if module_name in self.experts:
+            self.load_fused(key, module_name, attr, reader)
+            self.loaded.add(name)
+            return
+        per_expert = _PER_EXPERT.match(name)
+        if per_expert and per_expert["module"] in self.experts:
+            self.load_per_expert(key, per_expert, reader.get_tensor(key))
+            self.loaded.add(f"{per_expert['module']}.*")
+            return
+        try:
+            module = self.model.get_submodule(module_name)
+        except AttributeError:
+            self.unexpected.append(key)
+            return
+        tensor = reader.get_tensor(key).to(self.device)
+        tensor = self._dequant(key, tensor, self.scales.get(scale_key(key)))
+        if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
+            set_linear4bit_weight(module, tensor.to(module.compute_dtype), self.device)
+        elif attr in module._parameters or attr in module._buffers:
+            self._set_plain(name, tensor)
+        else:
+            self.unexpected.append(key)
+            return
+        self.loaded.add(name)
+
+
+def _iter_keys(shards: list[Path]) -> Iterator[tuple[Path, list[str]]]:
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            keys = list(f.keys())
+        yield shard, keys
+
+
+def load_nf4(
+    path: str | Path,
+    *,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """Load a BF16 or FP8 safetensors checkpoint as an NF4 model on one device, streaming tensor by tensor.
+
+    Dense ``nn.Linear`` layers become bitsandbytes ``Linear4bit`` (NF4, double quantization,
+    ``compute_dtype``); fused MoE experts become :class:`NF4Experts`; embeddings, norms, the router
+    and the output head stay in ``compute_dtype`` as bitsandbytes leaves them.
+    """
+    path = Path(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = AutoConfig.from_pretrained(path)
+    fmt = checkpoint_format(config, str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the model we build is NF4, not FP8
+    model = build_empty_model(config, compute_dtype)
+    expected = dict.fromkeys(model.state_dict())
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    keep = list({*get_keys_to_not_convert(model), *(model._keep_in_fp32_modules or [])})
+    experts = replace_fused_experts(model, compute_dtype)
+    replace_with_bnb_linear(model, modules_to_not_convert=keep, quantization_config=bnb_nf4_config(compute_dtype))
+    for module in experts.values():
+        module.materialize(device)
+
+    shards = _shards(path)
+    stream = _Stream(model, experts, fmt, device, str(path))
+    listing = list(_iter_keys(shards))
+    for shard, keys in listing:
+        for key in keys:
+            check_known_key(key, str(path))
+        scale_keys = [k for k in keys if k.endswith("_scale_inv")]
+        if scale_keys and not fmt.fp8:
+            raise QuantizationError(
+                f"{path}: tensor {scale_keys[0]!r} is an FP8 scale but config.json has no FP8 "
+                "quantization_config; the checkpoint is incomplete or mislabelled."
+            )
+        with safe_open(str(shard), framework="pt") as f:
+            stream.scales.update({k: f.get_tensor(k) for k in scale_keys})
+
+    total = sum(len([k for k in keys if not is_scale_key(k)]) for _, keys in listing)
+    bar = tqdm(total=total, desc=f"NF4 {path.name}", unit="tensor", disable=not progress)
+    for shard, keys in listing:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in keys:
+                if is_scale_key(key):
+                    continue
+                name, _ = rename_source_key(key, renamings, [], model.base_model_prefix, expected)
+                stream.load_tensor(key, name, f)
+                bar.update()
+    bar.close()
+    if stream.halves:
+        (module, expert), _ = next(iter(stream.halves.items()))
+        raise ModelLoadError(f"{path}: expert {expert} of {module} has only one of its gate/up projections.")
+    _finish(model, expected, stream, experts, device, path)
+    return model
+
+
+def _finish(model, expected, stream: _Stream, experts, device, path: Path) -> None:
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    done = {n.rsplit(".", 1)[0] for n in stream.loaded if n.endswith(".*")}
+    missing = [
+        n for n in expected
+        if n not in stream.loaded and n not in tied and n.rsplit(".", 1)[0] not in done
+    ]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
+            "it is truncated or belongs to another architecture."
+        )
+    if stream.unexpected:
+        log.warning("%s: ignored %d checkpoint tensors the model has no place for, e.g. %s",
+                    path, len(stream.unexpected), stream.unexpected[:3])
+    model.tie_weights()
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.requires_grad_(False)
+    model.eval()
