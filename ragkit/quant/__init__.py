@@ -7,7 +7,7 @@ experts are fused 3-D tensors (Mistral-Small-4 and most transformers-5 MoE famil
 from ragkit.quant.experts import ExpertLayout, NF4Experts, expert_layout_for, register_expert_layout
 from ragkit.quant.footprint import Footprint, measure_footprint
 from ragkit.quant.fp8 import dequantize_fp8, quantize_fp8, write_fp8_checkpoint
-from ragkit.quant.loader import has_fused_experts, load_nf4
+from ragkit.quant.loader import has_fused_experts, load_nf4, needs_ragkit_nf4
 
 __all__ = [
     "ExpertLayout",
@@ -18,6 +18,7 @@ __all__ = [
     "has_fused_experts",
     "load_nf4",
     "measure_footprint",
+    "needs_ragkit_nf4",
     "quantize_fp8",
     "register_expert_layout",
     "write_fp8_checkpoint",

@@ -73,6 +73,24 @@ def has_fused_experts(model_or_config: PreTrainedModel | PretrainedConfig | str 
     return any(expert_layout_for(m) is not None for m in model.modules())
 
 
+def needs_ragkit_nf4(config: PretrainedConfig) -> bool:
+    """True when stock bitsandbytes cannot give this model 4 bits: fused experts, or an FP8 checkpoint."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(method) in ("fp8", "QuantizationMethod.FP8") or has_fused_experts(config)
+
+
+def _device(device: str | torch.device | dict | None) -> torch.device:
+    if isinstance(device, dict):
+        raise QuantizationError(
+            "ragkit's NF4 loader places the whole model on one device; pass device_map='auto', 'cuda', "
+            "'cuda:N' or 'cpu' instead of a per-module map."
+        )
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def _shards(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -177,7 +195,7 @@ def load_nf4(
     path: str | Path,
     *,
     compute_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = "auto",
     progress: bool = True,
 ) -> PreTrainedModel:
     """Load a BF16 or FP8 safetensors checkpoint as an NF4 model on one device, streaming tensor by tensor.
@@ -187,7 +205,7 @@ def load_nf4(
     and the output head stay in ``compute_dtype`` as bitsandbytes leaves them.
     """
     path = Path(path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     config = AutoConfig.from_pretrained(path)
     fmt = checkpoint_format(config, str(path))
     if hasattr(config, "quantization_config"):
