@@ -13,6 +13,140 @@ app = typer.Typer(
 )
 
 
+# ---- ingest / query / retrieve / info / delete -------------------------------------------------------
+
+INDEX_HELP = "Index directory (created by ingest; a crash-safe snapshot directory)."
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    """Print a ragkit error (no traceback) and return the exit to raise."""
+    typer.echo(f"Error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def _quiet_model_loading() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _open(index: str, *, must_exist: bool, **kwargs):  # type: ignore[no-untyped-def]
+    from ragkit.pipeline import Pipeline
+
+    _quiet_model_loading()
+    return Pipeline.load(index, **kwargs) if must_exist else Pipeline(index, **kwargs)
+
+
+@app.command("ingest")
+def ingest_command(
+    paths: list[str] = typer.Argument(..., help="Files or directories (.txt .md .html .pdf; others are skipped)."),
+    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a corrupt index, or one built by another embedder."),
+    embed_model: str = typer.Option("default", "--embed-model", help="Embedder: 'default' (all-MiniLM-L6-v2) or a local model directory."),
+    chunk_tokens: int = typer.Option(None, "--chunk-tokens", help="Tokens per chunk, special tokens included [default: the embedder's max_seq_length]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Add or update documents in an index; unchanged files are not embedded again."""
+    from ragkit.errors import RagkitError
+
+    try:
+        pipeline = _open(index, must_exist=False, force=force, embed_model=embed_model, chunk_tokens=chunk_tokens)
+        summary = pipeline.ingest(paths, show_progress=not quiet)
+    except RagkitError as exc:
+        raise _fail(exc) from None
+    typer.echo(str(summary))
+    typer.echo(f"index {index}: {pipeline.info()['chunks']} chunks from {len(pipeline.ingestor.sources)} files")
+
+
+@app.command("query")
+def query_command(
+    question: str = typer.Argument(..., help="The question to answer from the index."),
+    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    top_k: int = typer.Option(5, "--top-k", help="Chunks to retrieve."),
+    show_sources: bool = typer.Option(False, "--show-sources", help="List the chunks the answer was built from."),
+    llm: str = typer.Option("default", "--llm", help="LLM: 'default' (SmolLM2-135M-Instruct), a directory, a .gguf file or a cached hub id."),
+    ordering: str = typer.Option("score", "--ordering", help="Chunk order in the prompt: score, reverse, long_context_reorder, document."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Answer budget in tokens."),
+) -> None:
+    """Answer a question with the local LLM from the index's most relevant chunks."""
+    from ragkit.errors import RagkitError
+
+    try:
+        pipeline = _open(index, must_exist=True, llm=llm, top_k=top_k, ordering=ordering, max_new_tokens=max_new_tokens)
+        answer = pipeline.query(question)
+    except (RagkitError, ValueError) as exc:
+        raise _fail(exc) from None
+    typer.echo(answer.text)
+    if show_sources:
+        typer.echo("\nSources:")
+        for i, s in enumerate(answer.sources, 1):
+            typer.echo(f"  [{i}] {s.file} (chunk {s.position}{f', part {s.part}' if s.part else ''})  score {s.score:.3f}")
+        typer.echo(f"\n({answer.prompt_tokens} prompt tokens, {answer.completion_tokens} completion tokens)")
+    if answer.dropped:
+        typer.echo(f"note: {len(answer.dropped)} retrieved chunk(s) did not fit the LLM's context window and were left out",
+                   err=True)
+
+
+@app.command("retrieve")
+def retrieve_command(
+    query: str = typer.Argument(..., help="Text to search for."),
+    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    top_k: int = typer.Option(5, "--top-k", help="Chunks to return."),
+    full: bool = typer.Option(False, "--full", help="Print whole chunks instead of their first 200 characters."),
+) -> None:
+    """Show the chunks most similar to a query (no LLM), best first."""
+    from ragkit.errors import RagkitError
+
+    try:
+        results = _open(index, must_exist=True).retrieve(query, top_k=top_k)
+    except RagkitError as exc:
+        raise _fail(exc) from None
+    for i, n in enumerate(results, 1):
+        meta = n.node.metadata
+        text = n.node.get_content().strip()
+        text = text if full or len(text) <= 200 else text[:200] + "..."
+        typer.echo(f"[{i}] score {n.score:.3f}  {meta.get('file_path', n.node.ref_doc_id)} (chunk {meta.get('chunk_index')})")
+        typer.echo("    " + text.replace("\n", "\n    "))
+
+
+@app.command("info")
+def info_command(
+    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    files: bool = typer.Option(False, "--files", help="List every ingested file."),
+) -> None:
+    """Describe an index: embedder, chunk size, counts, snapshot."""
+    from ragkit.errors import RagkitError
+
+    try:
+        info = _open(index, must_exist=True).info()
+    except RagkitError as exc:
+        raise _fail(exc) from None
+    listed = info.pop("files")
+    for key, value in info.items():
+        typer.echo(f"{key:15} {value}")
+    if files:
+        typer.echo("files:")
+        for f in listed:
+            typer.echo(f"  {f}")
+
+
+@app.command("delete")
+def delete_command(
+    target: str = typer.Argument(..., help="An ingested file's path, or a document id (see `ragkit info --files`)."),
+    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+) -> None:
+    """Remove a file's (or one document's) chunks from the index."""
+    from ragkit.errors import RagkitError
+
+    try:
+        pipeline = _open(index, must_exist=True)
+        deleted = pipeline.delete(target)
+    except RagkitError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"deleted {len(deleted)} document(s) of {target}; {pipeline.info()['chunks']} chunks left")
+
+
 def main() -> None:
     """Entry point of the ``ragkit`` console script."""
     app()

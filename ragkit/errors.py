@@ -60,3 +60,7 @@ class InvalidQueryError(RagkitError, ValueError):
 
 class IngestError(RagkitError):
     """An input could not be ingested."""
+
+
+class EmptyIndexError(IndexError_):
+    """A search was asked of an index that holds no chunks yet."""

@@ -1,0 +1,336 @@
+"""``Pipeline``: ingest documents into a persistent index, retrieve chunks, answer questions with sources.
+
+Defaults are the embedded models: all-MiniLM-L6-v2 for embeddings and SmolLM2-135M-Instruct for
+answers (loaded lazily, only by :meth:`Pipeline.query`). With ``index_dir`` every change is committed as
+one new snapshot of a crash-safe :class:`~ragkit.store.IndexDirectory` holding the FAISS store *and*
+the ingestion docstore (document hashes) and file registry, so they can never disagree.
+
+Any other LlamaIndex vector store can be passed as ``vector_store=`` (e.g. a server-based one); the
+server then persists the vectors and ``index_dir`` (optional) keeps only the hashes and registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama_index.core.schema import NodeWithScore
+from llama_index.core.storage.docstore import SimpleDocumentStore
+from llama_index.core.vector_stores.types import (
+    BasePydanticVectorStore,
+    FilterOperator,
+    MetadataFilter,
+    MetadataFilters,
+    VectorStoreQuery,
+)
+
+from ragkit.context import AssembledContext, assemble_context, get_ordering, source_label
+from ragkit.errors import EmbedderMismatchError, EmptyIndexError, IndexCorruptError, InvalidQueryError, RagkitError
+from ragkit.ingest import Ingestor, IngestSummary
+from ragkit.store import FaissVectorStore, IndexDirectory, SnapshotWriter
+
+INGEST_DOCSTORE_FILE = "ingest_docstore.json"
+SOURCES_FILE = "sources.json"
+PIPELINE_FILE = "pipeline.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A chunk an answer was built from."""
+
+    file: str
+    position: int  # chunk index within the file's part
+    part: int
+    score: float
+    text: str
+    node_id: str
+
+    @property
+    def label(self) -> str:
+        return f"{Path(self.file).name} (chunk {self.position})" if not self.part else \
+            f"{Path(self.file).name} (part {self.part}, chunk {self.position})"
+
+
+@dataclass
+class Answer:
+    """An LLM answer with the chunks it saw and the tokens it used."""
+
+    text: str
+    sources: list[Source]
+    prompt_tokens: int
+    completion_tokens: int
+    dropped: list[Source] = field(default_factory=list)  # retrieved, but did not fit the context window
+    ordering: str = "score"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _to_source(n: NodeWithScore) -> Source:
+    meta = n.node.metadata
+    return Source(
+        file=str(meta.get("file_path", n.node.ref_doc_id or "")),
+        position=int(meta.get("chunk_index", 0)),
+        part=int(meta.get("part", 0)),
+        score=float(n.score or 0.0),
+        text=n.node.get_content(),
+        node_id=n.node.node_id,
+    )
+
+
+class Pipeline:
+    """Ingest / retrieve / query / delete over one index.
+
+    ``embed_model``: None (embedded MiniLM), a model name/path, or a ``SentenceTransformerEmbedding``.
+    ``llm``: None (embedded SmolLM2, loaded at the first ``query``), a model name/path, or a ``LocalLLM``.
+    ``force=True`` replaces a corrupt index, or one built by another embedder, at the next write.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | os.PathLike[str] | None = None,
+        *,
+        llm: Any = None,
+        embed_model: Any = None,
+        vector_store: BasePydanticVectorStore | None = None,
+        top_k: int = 5,
+        ordering: str = "score",
+        chunk_tokens: int | None = None,
+        max_new_tokens: int = 256,
+        force: bool = False,
+        store_kind: str = "flat",
+    ):
+        from ragkit.embed import SentenceTransformerEmbedding
+
+        get_ordering(ordering)  # fail early on a typo
+        _check_top_k(top_k)
+        self.top_k = top_k
+        self.ordering = ordering
+        self.max_new_tokens = max_new_tokens
+        self.force = force
+        self._llm_arg = llm if llm is not None else "default"
+        self._llm: Any = None if isinstance(self._llm_arg, (str, os.PathLike)) else self._llm_arg
+        self.embed_model = (
+            embed_model if embed_model is not None and not isinstance(embed_model, (str, os.PathLike))
+            else SentenceTransformerEmbedding(os.fspath(embed_model or "default"))
+        )
+        self.directory = IndexDirectory(index_dir) if index_dir is not None else None
+        self._external_store = vector_store
+        self._store_kind = store_kind
+        self._chunk_tokens = chunk_tokens
+        self._snapshot_name: str | None = None
+        self._load()
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike[str], **kwargs: Any) -> Pipeline:
+        """Open an existing index; :class:`IndexNotFoundError` if there is none at ``index_dir``."""
+        if not IndexDirectory(index_dir).exists():
+            IndexDirectory(index_dir).current_name()  # raises IndexNotFoundError with the reason
+        return cls(index_dir, **kwargs)
+
+    # ---- state ------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        """(Re)load the live snapshot, or start empty when there is none (or it is bad and ``force``)."""
+        docstore, sources, store = SimpleDocumentStore(), {}, self._external_store
+        recorded: dict[str, Any] = {}
+        self._snapshot_name = None
+        if self.directory is not None and self.directory.exists():
+            try:
+                snap = self.directory.current()
+                if store is None:
+                    store = FaissVectorStore.load(snap, embedder_name=self.embed_model.model_name,
+                                                  dimension=self.embed_model.dimension)
+                if snap.has(PIPELINE_FILE):
+                    recorded = json.loads(snap.read_bytes(PIPELINE_FILE))
+                if snap.has(INGEST_DOCSTORE_FILE):
+                    docstore = SimpleDocumentStore.from_dict(json.loads(snap.read_bytes(INGEST_DOCSTORE_FILE)))
+                    sources = json.loads(snap.read_bytes(SOURCES_FILE))
+                self._snapshot_name = snap.name
+            except (IndexCorruptError, EmbedderMismatchError):
+                if not self.force:
+                    raise
+                store = self._external_store  # --force: start afresh; the next commit replaces it
+        elif self.directory is not None:
+            self.directory.check_writable(force=self.force)
+        if store is None:
+            store = FaissVectorStore.from_embedder(self.embed_model, kind=self._store_kind)
+        self.vector_store = store
+        self.ingestor = Ingestor(self.embed_model, store, docstore=docstore, sources=sources,
+                                 # an index keeps the chunk size it was built with: re-ingesting gives the same chunks
+                                 chunk_tokens=self._chunk_tokens or recorded.get("chunk_tokens"))
+
+    def _reload_if_changed(self) -> None:
+        if self.directory is not None and self.directory.exists():
+            try:
+                live = self.directory.current_name()
+            except IndexCorruptError:
+                live = None
+            if live != self._snapshot_name:
+                self._load()
+
+    def _save(self) -> None:
+        if self.directory is None:
+            return
+        docstore = json.dumps(self.ingestor.docstore.to_dict()).encode()
+        sources = json.dumps(self.ingestor.sources).encode()
+        pipeline = json.dumps({"chunk_tokens": self.chunk_tokens, "embedder": self.embed_model.model_name}).encode()
+
+        def extra(w: SnapshotWriter) -> None:
+            w.write_bytes(INGEST_DOCSTORE_FILE, docstore)
+            w.write_bytes(SOURCES_FILE, sources)
+            w.write_bytes(PIPELINE_FILE, pipeline)
+
+        if isinstance(self.vector_store, FaissVectorStore):
+            snap = self.vector_store.save(self.directory, extra=extra, force=self.force)
+        else:  # an external store persists itself; the directory keeps the hashes and registry
+            snap = self.directory.commit(extra, meta={"external_store": type(self.vector_store).__name__},
+                                         force=self.force)
+        self._snapshot_name = snap.name
+
+    def _writing(self) -> Any:
+        """Context for a read-modify-write: holds the directory lock and picks up others' commits."""
+        import contextlib
+
+        if self.directory is None:
+            return contextlib.nullcontext()
+        return self.directory.lock()
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Most tokens per chunk, special tokens included."""
+        chunker = self.ingestor.splitter.chunker
+        return chunker.budget + chunker.n_special
+
+    # ---- API --------------------------------------------------------------------------------------
+    def ingest(self, paths_or_documents: Any, show_progress: bool = True) -> IngestSummary:
+        """Ingest files, directories or LlamaIndex ``Document`` s; commits one snapshot if anything changed.
+
+        On any error nothing is committed and the in-memory state is reloaded from the last snapshot.
+        """
+        with self._writing():
+            self._reload_if_changed()
+            try:
+                summary = self.ingestor.ingest(paths_or_documents, show_progress=show_progress)
+                if summary.changed or (self.directory is not None and not self.directory.exists()):
+                    self._save()
+            except BaseException:
+                self._load()
+                raise
+        return summary
+
+    def delete(self, doc_id_or_path: str | os.PathLike[str]) -> list[str]:
+        """Delete a file's chunks (by path) or one document's (by id); returns the deleted document ids."""
+        with self._writing():
+            self._reload_if_changed()
+            try:
+                deleted = self.ingestor.delete(doc_id_or_path)
+                self._save()
+            except BaseException:
+                self._load()
+                raise
+        return deleted
+
+    def retrieve(self, query: str, top_k: int | None = None, filters: Any = None) -> list[NodeWithScore]:
+        """The ``top_k`` most similar chunks, best first (score: cosine similarity, higher is better).
+
+        ``filters``: LlamaIndex ``MetadataFilters`` or a dict ``{key: value}`` (a list value means "in").
+        """
+        top_k = self.top_k if top_k is None else top_k
+        _check_top_k(top_k)
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidQueryError("the query is empty; pass the question or text to search for")
+        self._reload_if_changed()
+        if isinstance(self.vector_store, FaissVectorStore) and len(self.vector_store) == 0:
+            where = f" at {self.directory.path}" if self.directory is not None else ""
+            raise EmptyIndexError(
+                f"the index{where} is empty: nothing to search. Ingest documents first "
+                f"(ragkit ingest PATH --index DIR, or Pipeline.ingest)."
+            )
+        result = self.vector_store.query(VectorStoreQuery(
+            query_embedding=self.embed_model.get_query_embedding(query), similarity_top_k=top_k,
+            filters=_as_filters(filters),
+        ))
+        if result.nodes is None:
+            raise RagkitError(f"{type(self.vector_store).__name__} returned no node text; use a store that keeps text")
+        scores = result.similarities or [None] * len(result.nodes)
+        return [NodeWithScore(node=n, score=s) for n, s in zip(result.nodes, scores)]
+
+    @property
+    def llm(self) -> Any:
+        """The LLM, loaded at first use."""
+        if self._llm is None:
+            from ragkit.llm import LocalLLM
+
+            self._llm = LocalLLM(os.fspath(self._llm_arg), max_new_tokens=self.max_new_tokens)
+        return self._llm
+
+    def assemble(self, question: str, nodes: list[NodeWithScore], ordering: str | None = None) -> AssembledContext:
+        """The prompt the LLM would get for ``question`` over ``nodes`` (fitted to its context window)."""
+        llm = self.llm
+        reserve = int(getattr(llm, "max_new_tokens", self.max_new_tokens))
+        return assemble_context(nodes, question, counter=llm, context_window=int(llm.context_window),
+                                reserve_tokens=reserve, ordering=ordering or self.ordering)
+
+    def query(self, question: str, top_k: int | None = None, filters: Any = None,
+              ordering: str | None = None) -> Answer:
+        """Retrieve, fit the chunks into the LLM's context window, and answer."""
+        nodes = self.retrieve(question, top_k=top_k, filters=filters)
+        ctx = self.assemble(question, nodes, ordering)
+        response = self.llm.chat(ctx.messages)
+        text = (response.message.content or "").strip()
+        return Answer(
+            text=text,
+            sources=[_to_source(n) for n in ctx.nodes],
+            prompt_tokens=ctx.prompt_tokens,
+            completion_tokens=_completion_tokens(self.llm, response, text),
+            dropped=[_to_source(n) for n in ctx.dropped],
+            ordering=ctx.ordering,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """What is in the index: embedder, counts, snapshot, files."""
+        self._reload_if_changed()
+        store = self.vector_store
+        info: dict[str, Any] = {
+            "index_dir": str(self.directory.path) if self.directory else None,
+            "snapshot": self._snapshot_name,
+            "embedder": self.embed_model.model_name,
+            "dimension": self.embed_model.dimension,
+            "max_seq_length": self.embed_model.max_seq_length,
+            "chunk_tokens": self.chunk_tokens,
+            "vector_store": type(store).__name__,
+            "sources": len(self.ingestor.sources),
+            "documents": sum(len(v) for v in self.ingestor.sources.values()),
+        }
+        if isinstance(store, FaissVectorStore):
+            info.update(chunks=len(store), store_kind=store.kind)
+        info["files"] = sorted(self.ingestor.sources)
+        return info
+
+
+def _check_top_k(top_k: Any) -> None:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise InvalidQueryError(f"top_k must be a positive integer, got {top_k!r}; ask for at least 1 chunk")
+
+
+def _as_filters(filters: Any) -> MetadataFilters | None:
+    if filters is None or isinstance(filters, MetadataFilters):
+        return filters
+    if isinstance(filters, dict):
+        return MetadataFilters(filters=[
+            MetadataFilter(key=k, value=list(v), operator=FilterOperator.IN) if isinstance(v, (list, tuple, set))
+            else MetadataFilter(key=k, value=v, operator=FilterOperator.EQ)
+            for k, v in filters.items()
+        ])
+    raise InvalidQueryError(f"filters must be MetadataFilters or a dict, got {type(filters).__name__}")
+
+
+def _completion_tokens(llm: Any, response: Any, text: str) -> int:
+    """Tokens generated: from the LLM's response when it reports them, else counted."""
+    for source in (getattr(response, "additional_kwargs", None) or {}, getattr(response, "raw", None) or {}):
+        if isinstance(source, dict) and isinstance(source.get("completion_tokens"), int):
+            return source["completion_tokens"]
+    return int(llm.count_tokens(text))
