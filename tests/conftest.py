@@ -30,3 +30,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
                 if not torch.cuda.is_available():
                     item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The embedded all-MiniLM-L6-v2 as ragkit's SentenceTransformerEmbedding, loaded once per session."""
+    from ragkit.embed import SentenceTransformerEmbedding
+
+    return SentenceTransformerEmbedding("default")
