@@ -1,0 +1,344 @@
+"""LocalLLM: a LlamaIndex LLM over a local transformers model.
+
+Prompts go through the tokenizer's chat template and are tokenized once (no double BOS);
+generation is greedy and deterministic unless a temperature is given; a prompt that does not
+fit the context window raises instead of being truncated. Nothing here reads LlamaIndex's
+global ``Settings``, so no OpenAI default is ever reached.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from llama_index.core.base.llms.generic_utils import (
+    completion_response_to_chat_response,
+    stream_completion_response_to_chat_response,
+)
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from ragkit import models
+from ragkit.errors import ContextWindowExceededError, ModelLoadError
+
+_GENERATION_KWARGS = {"max_new_tokens", "temperature", "top_p", "stop"}
+
+
+class LocalLLM(CustomLLM):
+    """A local transformers model behind the LlamaIndex LLM interface.
+
+    ``model`` is ``"default"`` (the embedded SmolLM2-135M-Instruct), a Hugging Face id already
+    in the local hub cache, a model directory, or a ``.gguf`` file. See docs/llm.md.
+    """
+
+    model_name: str = Field(description="What the model was loaded from.")
+    context_window: int = Field(description="Tokens the model attends to: prompt plus generated tokens.")
+    max_new_tokens: int = Field(default=256, description="Default generation budget per call.")
+    temperature: float = Field(default=0.0, description="0 = greedy, deterministic decoding.")
+    top_p: float = Field(default=1.0, description="Nucleus sampling mass when temperature > 0.")
+
+    _model: Any = PrivateAttr()
+    _tokenizer: Any = PrivateAttr()
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = models.DEFAULT,
+        *,
+        tokenizer: Any = None,
+        gguf_file: str | None = None,
+        quantization: str | None = None,
+        compute_dtype: str = "bfloat16",
+        dtype: str | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        headroom: float = 0.12,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        system_prompt: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        models.check_quantization(quantization)
+        source = models.resolve_llm(model, gguf_file)
+        directory = models.local_dir(source)
+        hf_model = models.load_model(
+            directory,
+            quantization=quantization,
+            compute_dtype=compute_dtype,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            headroom=headroom,
+            trust_remote_code=trust_remote_code,
+        )
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tok_dir = directory if tokenizer is None else models.local_dir(models.resolve_llm(tokenizer))
+            tokenizer = models.load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
+        self._setup(
+            hf_model,
+            tokenizer,
+            model_name=source.name if source.name != models.DEFAULT else models.DEFAULT_LLM_NAME,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            system_prompt=system_prompt,
+        )
+
+    @classmethod
+    def from_pretrained_objects(cls, model: Any, tokenizer: Any, *, model_name: str | None = None, **kw: Any) -> LocalLLM:
+        """Wrap an already loaded transformers model and tokenizer (no files are read).
+
+        ``kw``: max_new_tokens, temperature, top_p, system_prompt.
+        """
+        llm = cls.__new__(cls)
+        llm._setup(model, tokenizer, model_name=model_name or model.config.name_or_path or type(model).__name__, **kw)
+        return llm
+
+    def _setup(self, model: Any, tokenizer: Any, **fields: Any) -> None:
+        CustomLLM.__init__(self, context_window=_context_window(model), **fields)
+        self._model = model.eval()
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ragkit_local_llm"
+
+    # ------------------------------------------------------------ what it is
+
+    @property
+    def model(self) -> Any:
+        """The transformers model."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer."""
+        return self._tokenizer
+
+    @property
+    def device(self) -> Any:
+        """The torch device that inputs go to."""
+        return self._model.device
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            model_name=self.model_name,
+        )
+
+    # ------------------------------------------------------------ prompts and tokens
+
+    def chat_prompt(self, messages: Sequence[ChatMessage] | str) -> str:
+        """The chat-template text for ``messages`` (a str is one user message), generation prompt added.
+
+        ``system_prompt`` is prepended as a system message unless the messages start with one.
+        """
+        if isinstance(messages, str):
+            messages = [ChatMessage(role=MessageRole.USER, content=messages)]
+        turns = [{"role": m.role.value, "content": m.content or ""} for m in messages]
+        if self.system_prompt and (not turns or turns[0]["role"] != "system"):
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        if self._tokenizer.chat_template is None:
+            return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
+        return self._tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def encode_prompt(self, prompt_text: str) -> list[int]:
+        """Exactly the ids the model sees for ``prompt_text``: one BOS if the tokenizer uses one, never two.
+
+        Chat templates usually write the BOS token themselves, so the text is tokenized without
+        special tokens and the BOS is added only when the text does not already start with it.
+        """
+        ids = self._tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        bos = self._tokenizer.bos_token_id
+        if bos is not None and self._tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]:
+            if ids[:1] != [bos]:
+                ids = [bos, *ids]
+        return ids
+
+    def count_tokens(self, text_or_messages: str | Sequence[ChatMessage]) -> int:
+        """Tokens of raw text (no special tokens), or of the full templated prompt for messages."""
+        if isinstance(text_or_messages, str):
+            return len(self._tokenizer(text_or_messages, add_special_tokens=False)["input_ids"])
+        return len(self.encode_prompt(self.chat_prompt(text_or_messages)))
+
+    def check_fits(self, n_prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise ContextWindowExceededError unless prompt + generation budget fit the context window."""
+        if n_prompt_tokens + max_new_tokens > self.context_window:
+            raise ContextWindowExceededError(n_prompt_tokens, self.context_window, max_new_tokens)
+
+    # ------------------------------------------------------------ generation
+
+    def generate_ids(self, input_ids: Sequence[int], **gen: Any) -> list[int]:
+        """Generate from ``input_ids``; returns the new token ids only.
+
+        ``gen``: max_new_tokens, temperature, top_p, stop (strings that end generation).
+        """
+        import torch
+
+        with torch.inference_mode():
+            out = self._model.generate(**self._generate_args(input_ids, gen))
+        return out[0, len(input_ids) :].tolist()
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Answer ``prompt`` (wrapped as a user message unless ``formatted``); kwargs as generate_ids."""
+        ids = self.encode_prompt(prompt if formatted else self.chat_prompt(prompt))
+        new_ids = self.generate_ids(ids, **kwargs)
+        text = _cut_at_stop(self._decode(new_ids), kwargs.get("stop"))
+        return CompletionResponse(
+            text=text, additional_kwargs={"prompt_tokens": len(ids), "completion_tokens": len(new_ids)}
+        )
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """Stream the answer; the final text equals what :meth:`complete` returns under greedy decoding."""
+        ids = self.encode_prompt(prompt if formatted else self.chat_prompt(prompt))
+        args = self._generate_args(ids, kwargs)
+        return self._stream(args, kwargs.get("stop"))
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return completion_response_to_chat_response(self.complete(self.chat_prompt(messages), formatted=True, **kwargs))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        stream = self.stream_complete(self.chat_prompt(messages), formatted=True, **kwargs)
+        return stream_completion_response_to_chat_response(stream)
+
+    def _generate_args(self, input_ids: Sequence[int], gen: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``; checks the context window first."""
+        import torch
+
+        unknown = set(gen) - _GENERATION_KWARGS
+        if unknown:
+            raise TypeError(f"Unknown generation arguments {sorted(unknown)}; valid: {sorted(_GENERATION_KWARGS)}")
+        max_new_tokens = gen.get("max_new_tokens") or self.max_new_tokens
+        temperature = self.temperature if gen.get("temperature") is None else gen["temperature"]
+        top_p = self.top_p if gen.get("top_p") is None else gen["top_p"]
+        self.check_fits(len(input_ids), max_new_tokens)
+
+        config = copy.deepcopy(self._model.generation_config)
+        config.max_new_tokens = max_new_tokens
+        config.do_sample = temperature > 0
+        config.temperature, config.top_p, config.top_k = (temperature, top_p, None) if temperature > 0 else (None,) * 3
+        if config.eos_token_id is None:
+            config.eos_token_id = self._tokenizer.eos_token_id
+        if config.pad_token_id is None:
+            config.pad_token_id = self._tokenizer.pad_token_id or config.eos_token_id
+        stop = gen.get("stop")
+        if stop:
+            config.stop_strings = [stop] if isinstance(stop, str) else list(stop)
+        ids = torch.tensor([list(input_ids)], device=self.device)
+        args: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "generation_config": config}
+        if stop:
+            args["tokenizer"] = self._tokenizer
+        return args
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _stream(self, args: dict[str, Any], stop: str | Sequence[str] | None) -> CompletionResponseGen:
+        """Run generate in a thread; yield text as it grows, holding back a possible stop-string prefix."""
+        import torch
+
+        streamer = _IdStreamer()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self._model.generate(**args, streamer=streamer)
+            except BaseException as exc:  # re-raised in the consumer
+                failure.append(exc)
+            finally:
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        sent = ""
+        new_ids: list[int] = []
+        for ids in streamer:
+            new_ids.extend(ids)
+            text = self._decode(new_ids)
+            safe = _cut_at_stop(text, stop)
+            if safe == text:
+                safe = text[: len(text) - _partial_stop(text, stop)]
+            if safe.endswith("\ufffd"):  # an incomplete multi-byte character
+                continue
+            if len(safe) > len(sent) and safe.startswith(sent):
+                yield CompletionResponse(text=safe, delta=safe[len(sent) :])
+                sent = safe
+        thread.join()
+        if failure:
+            raise failure[0]
+        final = _cut_at_stop(self._decode(new_ids), stop)
+        if final != sent:
+            yield CompletionResponse(text=final, delta=final[len(sent) :] if final.startswith(sent) else final)
+
+
+class _IdStreamer:
+    """A transformers streamer that hands the new token ids to an iterator (the prompt is skipped)."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (item := self._queue.get()) is not self._END:
+            yield item
+
+
+def _stops(stop: str | Sequence[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
+
+
+def _cut_at_stop(text: str, stop: str | Sequence[str] | None) -> str:
+    """``text`` up to the earliest stop string (which is not included)."""
+    cut = min((i for s in _stops(stop) if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+def _partial_stop(text: str, stop: str | Sequence[str] | None) -> int:
+    """Length of the longest tail of ``text`` that could be the start of a stop string."""
+    return max((n for s in _stops(stop) for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+def _context_window(model: Any) -> int:
+    """Context length from the (text) config of ``model``."""
+    config = model.config.get_text_config()
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ModelLoadError(
+        f"The config of {model.config.name_or_path or type(model).__name__} states no context length "
+        f"(max_position_embeddings); ragkit needs it to refuse prompts that do not fit."
+    )
