@@ -13,6 +13,34 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _commands() -> None:
+    """Offline retrieval-augmented generation over local, quantized LLMs."""
+
+
+@app.command("plan")
+def plan_command(
+    model: str = typer.Argument(..., help="Model directory, config.json, .gguf file, cached hub id, or 'default'."),
+    context: int = typer.Option(None, "--context", help="Tokens of KV cache to plan for [default: the model's maximum]."),
+    quant: str = typer.Option("nf4", "--quant", help="nf4, int8 or none."),
+    gpus: str = typer.Option(None, "--gpus", help="GPUs to split over, e.g. 3x24GiB or 80GiB,24GiB."),
+    headroom: float = typer.Option(0.12, "--headroom", help="Fraction of each GPU kept free."),
+    batch: int = typer.Option(1, "--batch", help="Sequences decoded at once."),
+    moe_experts: str = typer.Option("ragkit", "--moe-experts", help="ragkit (expert-aware NF4) or stock bitsandbytes."),
+) -> None:
+    """Plan memory: weights per precision, KV cache per token, and a per-GPU max_memory split."""
+    from ragkit.errors import RagkitError
+    from ragkit.plan import plan
+
+    try:
+        result = plan(model, context=context, quant=quant, gpus=gpus, headroom=headroom, batch=batch,
+                      moe_experts=moe_experts)
+    except RagkitError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(result.table(), nl=False)
+
+
 # ---- ingest / query / retrieve / info / delete -------------------------------------------------------
 
 INDEX_HELP = "Index directory (created by ingest; a crash-safe snapshot directory)."

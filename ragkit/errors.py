@@ -58,6 +58,10 @@ class InvalidQueryError(RagkitError, ValueError):
     """A query cannot be run as asked (top_k < 1, wrong embedding dimension, unsupported filter)."""
 
 
+class MemoryPlanError(RagkitError, ValueError):
+    """A memory plan cannot be made: bad planner input, or the model does not fit the given GPUs."""
+
+
 class IngestError(RagkitError):
     """An input could not be ingested."""
 

@@ -1,0 +1,647 @@
+"""Memory planner: weights per precision, KV cache per token, per-GPU ``max_memory`` split.
+
+Nothing is allocated: the model class is instantiated on the meta device from its config and its
+parameters are walked. Each tensor gets the storage it really gets when ragkit loads the model:
+
+* ``quant="none"``: every tensor in the model's dtype (the config's ``dtype``; float32 if unset).
+* ``quant="nf4"`` / ``"int8"`` with stock bitsandbytes (transformers' ``replace_with_bnb_linear``): only
+  ``nn.Linear`` weights are quantized, except the modules transformers skips (output embeddings, tied
+  weights, the last parameter's module, ``_keep_in_fp32_modules``). Embeddings, norms, biases, convolutions,
+  routers and 3-D fused MoE expert tensors stay in the compute dtype.
+* ``moe_experts="ragkit"``: ragkit's expert-aware NF4 (``ragkit/quant``) also stores every routed expert
+  matrix as bitsandbytes NF4.
+
+Byte counts follow bitsandbytes 0.50's storage. NF4 with double quantization (blocksize 64) per weight of
+n elements: n/2 packed bytes, n/64 uint8 absmax, fp32 absmax-of-absmax per 256 blocks, a 256-entry fp32
+map for the nested absmax, a 16-entry fp32 NF4 code and an fp32 offset. LLM.int8: n int8 bytes plus one
+fp32 scale per output row (``SCB``). ``get_memory_footprint`` counts only parameters and buffers (the
+packed data, not absmax/SCB), so the plan carries both figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragkit.errors import MemoryPlanError, ModelNotFoundError, QuantizationError
+
+QUANTS = ("nf4", "int8", "none")
+MOE_MODES = ("ragkit", "stock")
+# Quantizations for which ragkit/quant stores routed experts in low precision (issue 7: NF4 only).
+RAGKIT_EXPERT_QUANTS = ("nf4",)
+DEFAULT_HEADROOM = 0.12
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+# ----------------------------------------------------------------------------------------------- sizes
+def parse_size(text: str | int) -> int:
+    """``"24GiB"``, ``"80GB"``, ``"512MiB"`` or a byte count -> bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise MemoryPlanError(f"GPU memory must be positive, got {text} bytes.")
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(text), flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise MemoryPlanError(
+            f"Cannot read the memory size {text!r}: write a positive number with a unit, e.g. 24GiB, 80GB, 512MiB."
+        )
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def parse_gpus(spec: str | Sequence[int | str] | None) -> list[int]:
+    """``"3x24GiB"``, ``"80GiB,24GiB"`` or a list of sizes -> one byte count per GPU."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        sizes: list[int] = []
+        for part in (p.strip() for p in spec.split(",")):
+            match = re.fullmatch(r"(\d+)\s*[x×*]\s*(.+)", part, flags=re.IGNORECASE)
+            count, size = (int(match.group(1)), match.group(2)) if match else (1, part)
+            try:
+                if count < 1:
+                    raise MemoryPlanError("no GPUs")
+                sizes += [parse_size(size)] * count
+            except MemoryPlanError:
+                raise MemoryPlanError(
+                    f"Cannot read the GPU list {spec!r} (--gpus): write COUNTxSIZE or a comma-separated list of "
+                    f"sizes, e.g. 3x24GiB or 80GiB,24GiB."
+                ) from None
+        return sizes
+    return [parse_size(s) for s in spec]
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as decimal GB with GiB beside (the seed figures are decimal GB)."""
+    if abs(n) >= 10**9:
+        return f"{n / 10**9:.2f} GB ({n / 2**30:.2f} GiB)"
+    if abs(n) >= 10**6:
+        return f"{n / 10**6:.2f} MB ({n / 2**20:.2f} MiB)"
+    return f"{n / 10**3:.1f} kB"
+
+
+# ------------------------------------------------------------------------------------------ storage rules
+LINEAR4BIT_CODE_BYTES = 4 * 16 + 4 * 256  # each Linear4bit holds its own NF4 code and nested absmax map (fp32)
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes bitsandbytes allocates for one Linear4bit weight of ``numel`` elements (double quantization)."""
+    from ragkit.quant.nf4 import nf4_bytes as packed_and_absmax
+
+    return packed_and_absmax(numel) + LINEAR4BIT_CODE_BYTES
+
+
+def int8_bytes(numel: int, rows: int) -> int:
+    """Bytes of one LLM.int8 weight: int8 data plus an fp32 scale (SCB) per output row."""
+    return numel + 4 * rows
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    numel: int
+    shape: tuple[int, ...]
+    kind: str          # "linear" | "linear_skipped" | "experts" | "embedding" | "other" | "buffer"
+    block: str         # placement unit: the enclosing no-split module, else the owning module
+    fp32: bool = False  # kept in float32 (``_keep_in_fp32_modules``, or a float32 buffer)
+
+
+def _storage(t: _Tensor, quant: str, experts_quantized: bool, dtype_bytes: int) -> tuple[str, int, int]:
+    """(storage, allocated bytes, bytes get_memory_footprint counts) of one tensor."""
+    plain = t.numel * (4 if t.fp32 else dtype_bytes)
+    if t.kind == "buffer":
+        return "buffer", plain, plain
+    if t.kind == "experts" and experts_quantized and quant == "nf4":
+        # ragkit NF4Experts: buffers (all counted by get_memory_footprint), one NF4 tensor per expert
+        from ragkit.quant.nf4 import nf4_bytes as packed_and_absmax
+
+        size = t.shape[0] * packed_and_absmax(t.numel // t.shape[0]) + LINEAR4BIT_CODE_BYTES // 2
+        return "nf4", size, size
+    if (t.kind == "experts" and experts_quantized) or t.kind == "linear":
+        if quant == "nf4":
+            return "nf4", nf4_bytes(t.numel), math.ceil(t.numel / 2)
+        if quant == "int8":
+            return "int8", int8_bytes(t.numel, t.numel // t.shape[-1]), t.numel
+    return "plain", plain, plain
+
+
+def _experts_quantized(quant: str, moe: str) -> bool:
+    return moe == "ragkit" and quant in RAGKIT_EXPERT_QUANTS
+
+
+# ------------------------------------------------------------------------------------------ model walk
+def _load_config(model_or_config: Any):
+    """(config, label) from a config object, dict, config.json, model dir, .gguf, cached hub id or "default"."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    from ragkit.models import gguf_cache_path, resolve_llm
+
+    if isinstance(model_or_config, PretrainedConfig):
+        return model_or_config, getattr(model_or_config, "_name_or_path", "") or model_or_config.model_type
+    if isinstance(model_or_config, dict):
+        return _config_from_dict(model_or_config), model_or_config.get("model_type", "config")
+    path = Path(str(model_or_config)).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return _config_from_dict(json.loads(path.read_text())), path.parent.name if path.name == "config.json" else path.stem
+    source = resolve_llm(str(model_or_config))  # raises ModelNotFoundError saying where it looked
+    if source.is_gguf:
+        converted = gguf_cache_path(source.path) / "config.json"  # LocalLLM loads GGUF through this cache
+        if converted.is_file():
+            return _config_from_dict(json.loads(converted.read_text())), source.path.stem
+        return AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name), source.path.stem
+    if not (source.path / "config.json").is_file():
+        raise ModelNotFoundError(f"{source.path} has no config.json; pass a Hugging Face model directory.")
+    return _config_from_dict(json.loads((source.path / "config.json").read_text())), source.path.name
+
+
+def _config_from_dict(data: dict):
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in data.items() if k != "quantization_config"}  # ragkit re-quantizes from bf16/fp8
+    if "model_type" not in data:
+        raise MemoryPlanError("The config has no 'model_type': pass a transformers config.json.")
+    return AutoConfig.for_model(**data)
+
+
+def _is_experts(module, param) -> bool:
+    """A 3-D routed-experts tensor that ragkit's expert-aware NF4 knows how to quantize."""
+    from ragkit.errors import QuantizationError as Unsupported
+    from ragkit.quant.experts import expert_layout_for
+
+    if param.dim() != 3:
+        return False
+    try:
+        return expert_layout_for(module) is not None
+    except Unsupported:  # a layout ragkit cannot quantize: it stays 16-bit, like any other parameter
+        return False
+
+
+def _walk(config) -> tuple[list[_Tensor], str, Any]:
+    """Instantiate on the meta device and classify every parameter and buffer."""
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from ragkit.models import model_class
+
+    with torch.device("meta"):
+        model = model_class(config).from_config(config)
+    skip = sorted(set(get_keys_to_not_convert(model)) | set(model._keep_in_fp32_modules or []))
+    fp32_keep = list(model._keep_in_fp32_modules or [])
+    no_split = set(model._no_split_modules or [])
+
+    block_of: dict[str, str] = {}
+    for mname, module in model.named_modules():
+        parent = mname.rsplit(".", 1)[0] if "." in mname else ""
+        inherited = block_of.get(parent) if mname else None
+        block_of[mname] = inherited or (mname if type(module).__name__ in no_split else "")
+
+    tensors: list[_Tensor] = []
+    seen: set[int] = set()  # tied parameters (shared objects) are stored once
+    for mname, module in model.named_modules():
+        block = block_of[mname] or mname
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            fp32 = bool(fp32_keep) and not should_convert_module(mname, fp32_keep)
+            if isinstance(module, nn.Embedding):
+                kind = "embedding"
+            elif _is_experts(module, param):
+                kind = "experts"
+            elif (type(module) is nn.Linear or isinstance(module, Conv1D)) and pname == "weight":
+                kind = "linear" if should_convert_module(mname, skip) else "linear_skipped"
+            else:
+                kind = "other"
+            tensors.append(_Tensor(f"{mname}.{pname}", param.numel(), tuple(param.shape), kind, block, fp32))
+        for bname, buf in module.named_buffers(recurse=False):
+            tensors.append(_Tensor(f"{mname}.{bname}", buf.numel(), tuple(buf.shape), "buffer", block,
+                                   buf.dtype == torch.float32))
+    return tensors, type(model).__name__, model
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _dtype_name(config, quant: str, dtype: str | None, compute_dtype: str) -> str:
+    if quant != "none":
+        return compute_dtype
+    if dtype:
+        return dtype
+    found = getattr(config, "dtype", None) or getattr(_text_config(config), "dtype", None)
+    return str(found).removeprefix("torch.") if found else "float32"
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+@dataclass(frozen=True)
+class KVCache:
+    """KV cache per token and the transient attention workspace, for the cache transformers really keeps."""
+
+    kind: str                    # "GQA" | "MHA" | "MLA (compressed latent)"
+    bytes_per_token: int         # the planning figure: what transformers' cache stores per token (all layers)
+    layers: int
+    alternatives: dict[str, int] = field(default_factory=dict)  # other per-token figures, for comparison
+    workspace_per_token: int = 0  # transient bytes per cached token for one layer during attention
+    formula: str = ""
+
+
+def kv_cache(config, dtype_bytes: int) -> KVCache:
+    """KV cache per token of the text model (all layers), in the dtype of the activations."""
+    tc = _text_config(config)
+    layers = tc.num_hidden_layers
+    heads = tc.num_attention_heads
+    if getattr(tc, "kv_lora_rank", None):
+        latent = tc.kv_lora_rank + tc.qk_rope_head_dim
+        nope_v = tc.qk_nope_head_dim + tc.v_head_dim
+        qk = tc.qk_nope_head_dim + tc.qk_rope_head_dim
+        decompressed = layers * heads * (qk + tc.v_head_dim) * dtype_bytes
+        return KVCache(
+            kind="MLA latent",
+            bytes_per_token=layers * latent * dtype_bytes,
+            layers=layers,
+            alternatives={"decompressed K/V of all heads": decompressed},
+            # expand_kv: kv_b_proj output (heads*(nope+v)) + the new key tensor (heads*qk) for one layer
+            workspace_per_token=heads * (nope_v + qk) * dtype_bytes,
+            formula=f"{layers} layers x (kv_lora_rank {tc.kv_lora_rank} + qk_rope_head_dim "
+                    f"{tc.qk_rope_head_dim}) x {dtype_bytes} B",
+        )
+    kv_heads = getattr(tc, "num_key_value_heads", None) or heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    return KVCache(
+        kind="GQA" if kv_heads < heads else "MHA",
+        bytes_per_token=2 * layers * kv_heads * head_dim * dtype_bytes,
+        layers=layers,
+        formula=f"2 (K,V) x {layers} layers x {kv_heads} kv heads x head_dim {head_dim} x {dtype_bytes} B",
+    )
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class WeightGroup:
+    """One row of the weights table: tensors that share a storage and a reason."""
+
+    name: str
+    params: int
+    storage: str
+    bytes: int
+    footprint: int
+    why: str
+
+
+@dataclass(frozen=True)
+class GPUShare:
+    """What one GPU holds under the plan."""
+
+    index: int
+    capacity: int
+    usable: int
+    weights: int
+    kv_cache: int
+    workspace: int
+    layers: tuple[int, int] | None
+    max_memory: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.workspace
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memory a model needs under one quantization, context and batch, and its split over GPUs."""
+
+    model: str
+    architecture: str
+    quant: str
+    moe_experts: str
+    dtype: str
+    kv_dtype: str
+    params: int
+    params_routed_experts: int
+    params_vision: int
+    groups: tuple[WeightGroup, ...]
+    weights_bytes: int
+    footprint_bytes: int
+    weights_by_precision: dict[str, int]
+    kv: KVCache
+    context: int
+    batch: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    headroom: float
+    gpus: tuple[GPUShare, ...]
+    device_map: dict[str, int]
+    notes: tuple[str, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        """Weights + KV cache for the context + one layer's attention workspace."""
+        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes
+
+    @property
+    def min_gpu_memory(self) -> int:
+        """Smallest single-GPU memory that holds ``total_bytes`` with the headroom left free."""
+        return math.ceil(self.total_bytes / (1 - self.headroom))
+
+    @property
+    def max_memory(self) -> dict[int, int]:
+        """``max_memory`` for ``from_pretrained(device_map="auto", ...)``: weight bytes allowed per GPU."""
+        return {g.index: g.max_memory for g in self.gpus}
+
+    def table(self) -> str:
+        """The plan as a plain-text table."""
+        return _render(self)
+
+
+def plan(
+    model_or_config: Any,
+    context: int | None = None,
+    quant: str = "nf4",
+    gpus: str | Sequence[int | str] | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    batch: int = 1,
+    moe_experts: str = "ragkit",
+    dtype: str | None = None,
+    compute_dtype: str = "bfloat16",
+) -> MemoryPlan:
+    """Plan the memory of ``model_or_config`` (config, dict, config.json, model dir, .gguf or "default").
+
+    ``context`` defaults to the model's ``max_position_embeddings``. ``gpus`` is "3x24GiB", "80GiB,24GiB" or
+    a list of byte counts; without it the plan has no split. ``headroom`` is the fraction of every GPU left
+    free for activations and allocator slack. Raises MemoryPlanError when the model does not fit.
+    """
+    if quant not in QUANTS:
+        raise QuantizationError(f"Unknown quantization {quant!r}: use one of {', '.join(QUANTS)}.")
+    if moe_experts not in MOE_MODES:
+        raise MemoryPlanError(f"Unknown moe_experts {moe_experts!r}: use 'ragkit' (expert-aware NF4) or 'stock'.")
+    if not 0 <= headroom < 1:
+        raise MemoryPlanError(f"headroom must be a fraction in [0, 1), e.g. 0.12; got {headroom}.")
+    if batch < 1 or (context is not None and context < 1):
+        raise MemoryPlanError(f"context and batch must be positive; got context={context}, batch={batch}.")
+    for name in (dtype, compute_dtype):
+        if name is not None and name not in _DTYPE_BYTES:
+            raise MemoryPlanError(f"Unknown dtype {name!r}: use one of {', '.join(_DTYPE_BYTES)}.")
+    sizes = parse_gpus(gpus)
+
+    config, label = _load_config(model_or_config)
+    tensors, arch, model = _walk(config)
+    tc = _text_config(config)
+    context = context or getattr(tc, "max_position_embeddings", None) or 4096
+
+    weight_dtype = _dtype_name(config, quant, dtype, compute_dtype)
+    experts_q = _experts_quantized(quant, moe_experts)
+    groups = _groups(tensors, quant, experts_q, weight_dtype)
+    weights = sum(g.bytes for g in groups)
+    footprint = sum(g.footprint for g in groups)
+
+    kv_dtype = compute_dtype if quant != "none" else weight_dtype
+    kv = kv_cache(config, _DTYPE_BYTES[kv_dtype])
+    kv_bytes = kv.bytes_per_token * context * batch
+    workspace = kv.workspace_per_token * context * batch
+
+    by_precision = {}
+    for q in QUANTS:
+        wd = _DTYPE_BYTES[_dtype_name(config, q, dtype, compute_dtype)]
+        for column, quantized in (("ragkit", _experts_quantized(q, "ragkit")), ("stock", False), ("all", True)):
+            by_precision[f"{q}/{column}"] = sum(_storage(t, q, quantized, wd)[1] for t in tensors)
+
+    n_params = sum(t.numel for t in tensors if t.kind != "buffer")
+    n_experts = sum(t.numel for t in tensors if t.kind == "experts")
+    n_vision = sum(t.numel for t in tensors if t.kind != "buffer" and _is_vision(t.name))
+    notes = _notes(quant, moe_experts, n_experts, kv)
+
+    blocks: dict[str, int] = {}
+    for t in tensors:
+        blocks[t.block] = blocks.get(t.block, 0) + _storage(t, quant, experts_q, _DTYPE_BYTES[weight_dtype])[1]
+    advice = []
+    if quant != "nf4":
+        advice.append(f"quant='nf4' (weights {format_bytes(by_precision['nf4/' + moe_experts])})")
+    if n_experts and not experts_q and _experts_quantized("nf4", "ragkit"):
+        advice.append(f"moe_experts='ragkit' with nf4 (weights {format_bytes(by_precision['nf4/ragkit'])})")
+    advice += ["a shorter context", "more or larger GPUs", "a lower headroom"]
+    shares, device_map = _split(
+        blocks, _decoder_layers(model, blocks), kv_bytes // kv.layers, workspace, sizes, headroom,
+        f"{label} ({quant}, {context:,} tokens x {batch})", weights + kv_bytes + workspace, advice,
+    )
+    return MemoryPlan(
+        model=label, architecture=arch, quant=quant, moe_experts=moe_experts, dtype=weight_dtype,
+        kv_dtype=kv_dtype, params=n_params, params_routed_experts=n_experts, params_vision=n_vision,
+        groups=groups, weights_bytes=weights, footprint_bytes=footprint, weights_by_precision=by_precision,
+        kv=kv, context=context, batch=batch, kv_cache_bytes=kv_bytes, workspace_bytes=workspace,
+        headroom=headroom, gpus=shares, device_map=device_map, notes=notes,
+    )
+
+
+def _is_vision(name: str) -> bool:
+    return any(part in name for part in ("vision_tower", "multi_modal_projector", "visual"))
+
+
+# (tensor kind, storage) -> (row name, why it is stored that way)
+_GROUP_TEXT = {
+    ("experts", "nf4"): ("routed experts (3-D)", "ragkit NF4Experts: one NF4 tensor per expert"),
+    ("experts", "int8"): ("routed experts (3-D)", "ragkit expert-aware int8"),
+    ("experts", "plain"): ("routed experts (3-D)", "3-D nn.Parameter, not nn.Linear: bnb skips it"),
+    ("linear", "nf4"): ("nn.Linear weights", "bnb Linear4bit: NF4, double quant"),
+    ("linear", "int8"): ("nn.Linear weights", "bnb Linear8bitLt: fp32 scale per row"),
+    ("linear", "plain"): ("nn.Linear weights", "unquantized"),
+    ("linear_skipped", "plain"): ("nn.Linear kept 16-bit", "lm_head / tied / last: transformers skips"),
+    ("embedding", "plain"): ("embeddings", "nn.Embedding: never quantized"),
+    ("other", "plain"): ("norms, biases, routers, convs", "not nn.Linear weights"),
+    ("buffer", "buffer"): ("buffers", "rotary tables"),
+}
+
+
+def _groups(tensors: list[_Tensor], quant: str, experts_quantized: bool, dtype: str) -> tuple[WeightGroup, ...]:
+    rows: dict[tuple[str, str], list[int]] = {}
+    for t in tensors:
+        label, size, fp = _storage(t, quant, experts_quantized, _DTYPE_BYTES[dtype])
+        acc = rows.setdefault((t.kind, label), [0, 0, 0])
+        acc[0] += t.numel
+        acc[1] += size
+        acc[2] += fp
+    storage_name = {"nf4": "nf4 + absmax", "int8": "int8 + scale", "buffer": "float32", "plain": dtype}
+    out = [WeightGroup(_GROUP_TEXT[key][0], n, storage_name[key[1]], size, fp, _GROUP_TEXT[key][1])
+           for key, (n, size, fp) in rows.items()]
+    return tuple(sorted(out, key=lambda g: -g.bytes))
+
+
+def _notes(quant: str, moe: str, n_experts: int, kv: KVCache) -> tuple[str, ...]:
+    notes = []
+    if n_experts and quant != "none":
+        if moe == "ragkit" and quant in RAGKIT_EXPERT_QUANTS:
+            notes.append("Routed experts planned with ragkit's expert-aware NF4 (ragkit/quant): stock bitsandbytes "
+                         "converts only nn.Linear and would leave the 3-D expert tensors in 16-bit "
+                         "(use moe_experts='stock' to see that figure).")
+        elif moe == "ragkit":
+            notes.append(f"ragkit quantizes routed experts only in {'/'.join(RAGKIT_EXPERT_QUANTS)}; with "
+                         f"{quant} the 3-D expert tensors stay 16-bit, as with stock bitsandbytes.")
+        else:
+            notes.append("Stock bitsandbytes: only nn.Linear weights are quantized; the routed experts are 3-D "
+                         "nn.Parameters (experts.gate_up_proj, experts.down_proj) and stay 16-bit.")
+    if kv.kind.startswith("MLA"):
+        notes.append("KV cache: transformers' MLA attention caches the compressed latent (kv_lora_rank + "
+                     "qk_rope_head_dim per layer, as vLLM does) and decompresses K/V of one layer at a time "
+                     "during attention; that transient is the 'attention workspace' line.")
+    notes.append("Headroom covers activations, logits and allocator slack; prefill activations of very long "
+                 "prompts are not modelled beyond it.")
+    return tuple(notes)
+
+
+# ------------------------------------------------------------------------------------------ GPU split
+def _decoder_layers(model, blocks: dict[str, int]) -> dict[str, int]:
+    """Placement blocks that are text decoder layers (they hold KV cache) -> layer index."""
+    from torch import nn
+
+    prefix = next((name for name, module in model.named_modules()
+                   if isinstance(module, nn.ModuleList) and name.endswith("layers") and not _is_vision(name)), None)
+    if prefix is None:
+        return {}
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)")
+    return {name: int(m.group(1)) for name in blocks if (m := pattern.fullmatch(name))}
+
+
+def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, workspace: int, sizes: list[int],
+           headroom: float, label: str, total: int, advice: list[str]) -> tuple[tuple[GPUShare, ...], dict[str, int]]:
+    """Split the blocks (no-split modules, in module order) over GPUs.
+
+    Each GPU's ``max_memory`` (the weights accelerate may put there) is chosen so that, whichever decoder
+    layers land on it, weights + their KV cache + one layer's attention workspace stay within
+    capacity x (1 - headroom): max_memory = (usable - workspace) / (1 + r), r the largest KV-to-weights
+    ratio of a decoder layer. The blocks are then placed as ``device_map="auto"`` does: balanced over the
+    GPUs, never past a GPU's max_memory.
+    """
+    if not sizes:
+        return (), {}
+    ratio = max((layer_kv / blocks[name] for name in layers if blocks[name]), default=0.0)
+    usable = [int(c * (1 - headroom)) for c in sizes]
+    max_memory = [max(0, int((u - workspace) / (1 + ratio))) for u in usable]
+    weights_total = sum(blocks.values())
+    budget = sum(max_memory)
+    for targets in ([weights_total * m / budget if budget else 0 for m in max_memory], max_memory):
+        placed = _place(list(blocks.items()), max_memory, targets)
+        if placed is not None:
+            break
+    else:
+        usable_all = sum(usable)
+        raise MemoryPlanError(
+            f"{label} does not fit: it needs {format_bytes(total)} (weights {format_bytes(weights_total)} + KV "
+            f"cache + attention workspace), but {len(sizes)} GPU(s) of {', '.join(format_bytes(c) for c in sizes)} "
+            f"give {format_bytes(usable_all)} after {headroom:.0%} headroom (at least "
+            f"{format_bytes(total / (1 - headroom))} of GPU memory is needed). Try " + ", ".join(advice) + "."
+        )
+    shares = []
+    for index, capacity in enumerate(sizes):
+        names = [n for n, d in placed.items() if d == index]
+        idx = sorted(layers[n] for n in names if n in layers)
+        shares.append(GPUShare(
+            index=index, capacity=capacity, usable=usable[index], weights=sum(blocks[n] for n in names),
+            kv_cache=layer_kv * len(idx), workspace=workspace if idx else 0,
+            layers=(idx[0], idx[-1]) if idx else None, max_memory=max_memory[index],
+        ))
+    return tuple(shares), placed
+
+
+def _place(blocks: list[tuple[str, int]], max_memory: list[int], targets: list[float]) -> dict[str, int] | None:
+    """Fill GPUs in order: a GPU takes blocks while under its target and within its max_memory."""
+    placed: dict[str, int] = {}
+    gpu, used = 0, 0
+    for name, size in blocks:
+        while gpu < len(max_memory) and (used + size > max_memory[gpu] or (used >= targets[gpu] and
+                                                                            gpu < len(max_memory) - 1)):
+            gpu, used = gpu + 1, 0
+        if gpu == len(max_memory):
+            return None
+        placed[name] = gpu
+        used += size
+    return placed
+
+
+# ------------------------------------------------------------------------------------------ rendering
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e7 else f"{n / 1e6:,.3f} MB"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**24 else f"{n / 2**20:,.3f} MiB"
+
+
+def _render(p: MemoryPlan) -> str:
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+        for col in columns:
+            t.add_column(col.lstrip("<"), justify="left" if col.startswith("<") else "right")
+        return t
+
+    out = io.StringIO()
+    console = Console(file=out, width=130, color_system=None, highlight=False, soft_wrap=False)
+    experts = ""
+    if p.params_routed_experts:
+        experts = " | MoE experts: " + ("ragkit expert-aware" if p.moe_experts == "ragkit" else "stock bitsandbytes")
+    console.print(f"Memory plan: {p.model} ({p.architecture}) | quant {p.quant}{experts} | "
+                  f"context {p.context:,} x batch {p.batch} | weights {p.dtype}, KV cache {p.kv_dtype}")
+    line = f"{p.params / 1e9:.2f} B parameters"
+    if p.params_routed_experts:
+        text = p.params - p.params_vision
+        line += (f"; text model {text / 1e9:.2f} B, of which routed experts {p.params_routed_experts / 1e9:.2f} B "
+                 f"({p.params_routed_experts / text:.1%})")
+    if p.params_vision:
+        line += f"; vision tower + projector {p.params_vision / 1e9:.2f} B"
+    console.print(line)
+
+    weights = table("Weights", "<tensors", "params", "<storage", "allocated", "get_memory_footprint", "<why")
+    for g in p.groups:
+        weights.add_row(g.name, f"{g.params / 1e9:.3f} B", g.storage, _gb(g.bytes), _gb(g.footprint), g.why)
+    weights.add_row("total", f"{p.params / 1e9:.3f} B", "", _gb(p.weights_bytes), _gb(p.footprint_bytes),
+                    "allocated incl. absmax / scales")
+    console.print(weights)
+
+    kv = table("KV cache and totals", "<item", "bytes", "<how")
+    kv.add_row(f"KV cache per token ({p.kv.kind})", f"{p.kv.bytes_per_token:,} B",
+               f"{p.kv.formula}: what transformers caches (planning figure)")
+    for name, per_token in p.kv.alternatives.items():
+        kv.add_row(f"  vs {name}", f"{per_token:,} B", "not what LocalLLM stores")
+    kv.add_row(f"KV cache, {p.context:,} tokens x {p.batch}", f"{_gb(p.kv_cache_bytes)} = {_gib(p.kv_cache_bytes)}", "")
+    if p.workspace_bytes:
+        kv.add_row("attention workspace (transient)", f"{_gb(p.workspace_bytes)} = {_gib(p.workspace_bytes)}",
+                   "one layer's K/V decompressed from the latent cache during attention")
+    kv.add_row("weights", f"{_gb(p.weights_bytes)} = {_gib(p.weights_bytes)}", "")
+    kv.add_row("total", f"{_gb(p.total_bytes)} = {_gib(p.total_bytes)}", "weights + KV cache + workspace")
+    kv.add_row(f"one GPU needs (headroom {p.headroom:.0%})", f"{_gb(p.min_gpu_memory)} = {_gib(p.min_gpu_memory)}",
+               "total / (1 - headroom)")
+    console.print(kv)
+
+    columns = ("ragkit", "stock", "all") if p.params_routed_experts else ("ragkit",)
+    prec = table("Weights at each precision", "<quant",
+                 *(("ragkit", "stock bitsandbytes", "experts quantized too") if p.params_routed_experts else ("weights",)))
+    for q in QUANTS:
+        prec.add_row(q, *(_gb(p.weights_by_precision[f"{q}/{c}"]) for c in columns))
+    console.print(prec)
+
+    if p.gpus:
+        split = table(f"Per-GPU split (headroom {p.headroom:.0%})", "GPU", "capacity", "usable", "weights",
+                      "KV cache", "workspace", "<decoder layers", "max_memory")
+        for g in p.gpus:
+            layers = f"{g.layers[0]}-{g.layers[1]}" if g.layers else "-"
+            split.add_row(str(g.index), _gib(g.capacity), _gib(g.usable), _gib(g.weights), _gib(g.kv_cache),
+                          _gib(g.workspace), layers, _gib(g.max_memory))
+        console.print(split)
+        console.print("max_memory=" + repr({g.index: f"{g.max_memory // 2**20}MiB" for g in p.gpus}))
+    for note in p.notes:
+        console.print(f"* {note}")
+    return out.getvalue()
