@@ -138,6 +138,14 @@ def _dropped(el: Tag) -> bool:
     return el.get("role") == "navigation"
 
 
+def _is_label(el: Tag) -> bool:
+    """Sphinx labels read as a prefix of the next paragraph: ``Note: ...``, ``Author: ...``."""
+    if el.name == "p":
+        return "admonition-title" in (el.get("class") or [])
+    parent = el.parent
+    return el.name == "dt" and parent is not None and "field-list" in (parent.get("class") or [])
+
+
 def _walk(el: Tag, out: _Blocks) -> None:
     for child in el.children:
         if isinstance(child, Comment):
@@ -166,7 +174,7 @@ def _walk(el: Tag, out: _Blocks) -> None:
                 out.set_prefix("- ")
             _walk(child, out)
             out.flush()
-        elif name == "p" and "admonition-title" in (child.get("class") or []):
+        elif _is_label(child):
             out.set_prefix(WS.sub(" ", child.get_text()).strip().rstrip(":") + ": ")
         elif name in BLOCK_TAGS:
             out.flush()
