@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
-import sys
 import tempfile
 import unicodedata
 from collections.abc import Iterator
@@ -337,7 +336,7 @@ def build_python(pkg: Package, outdir: Path) -> tuple[int, int]:
         "https://docs.python.org/).\n\n"
         + _python_terms(html_root)
         + "\n\nLicence: the Python Software Foundation License Version 2 (PSF licence). Its text,\n"
-        f"with the history and the earlier licences, copied from the package's copyright file\n"
+        "with the history and the earlier licences, copied from the package's copyright file\n"
         f"({copyright_file.relative_to(pkg.root).as_posix()}), follows.\n\n"
         + _psf_licence(copyright_file.read_text(encoding="utf-8"))
         + "\nThe *.txt files here are plain-text conversions of "
@@ -372,4 +371,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
