@@ -1,0 +1,337 @@
+"""The memory planner against hand-computed formulas and against memory measured on loaded models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ragkit.errors import MemoryPlanError, ModelNotFoundError, QuantizationError
+from ragkit.plan import parse_gpus, plan
+
+MS4 = Path(__file__).parent / "fixtures" / "mistral_small_4_config.json"
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def ms4():
+    """Mistral-Small-4 in ragkit's NF4 at 262,144 tokens on two 80 GiB GPUs."""
+    return plan(MS4, context=262_144, quant="nf4", gpus="2x80GiB")
+
+
+@pytest.fixture(scope="module")
+def ms4_stock():
+    return plan(MS4, context=262_144, quant="nf4", moe_experts="stock")
+
+
+# ------------------------------------------------------------------ Mistral-Small-4 seed figures
+def test_mistral_small_4_parameters_match_the_published_model(ms4):
+    text = ms4.params - ms4.params_vision
+    assert round(text / 1e9, 2) == 118.97
+    assert ms4.params_routed_experts / text == pytest.approx(0.975, abs=0.0005)
+    assert round(ms4.params / 1e9, 1) == 119.4  # with the Pixtral vision tower, as the model card says
+
+
+def test_mistral_small_4_weights_reproduce_the_seed_figures(ms4):
+    w = ms4.weights_by_precision
+    assert 235e9 <= w["none/ragkit"] <= 245e9  # "about 240 GB at 16-bit"
+    assert 115e9 <= w["int8/all"] <= 130e9  # "about 125 GB at 8-bit" (every matmul weight in int8)
+    assert 60e9 <= ms4.weights_bytes == w["nf4/ragkit"] <= 70e9  # "65-70 GB at 4-bit", at most 70 GB
+    assert 225e9 <= w["nf4/stock"] <= 240e9  # what stock bitsandbytes really needs: "about 230 GB"
+    assert w["int8/ragkit"] == w["int8/stock"]  # ragkit's expert-aware path is NF4 only
+
+
+def test_stock_bitsandbytes_plan_says_the_experts_stay_16_bit_and_why(ms4_stock):
+    experts = next(g for g in ms4_stock.groups if g.name.startswith("routed experts"))
+    assert experts.storage == "bfloat16"
+    assert experts.bytes == experts.params * 2
+    assert "not nn.Linear" in experts.why
+    table = ms4_stock.table()
+    assert "MoE experts: stock bitsandbytes" in table
+    assert "stay 16-bit" in table
+
+
+def test_ragkit_plan_quantizes_experts_and_keeps_embeddings_and_lm_head_16_bit(ms4):
+    rows = {g.name: g for g in ms4.groups}
+    assert rows["routed experts (3-D)"].storage == "nf4 + absmax"
+    assert rows["routed experts (3-D)"].bytes / rows["routed experts (3-D)"].params == pytest.approx(0.5159, abs=1e-3)
+    assert rows["embeddings"].storage == rows["nn.Linear kept 16-bit"].storage == "bfloat16"
+    assert rows["nn.Linear kept 16-bit"].params == 131072 * 4096  # lm_head (not tied in Mistral-Small-4)
+
+
+# ------------------------------------------------------------------ KV cache by formula
+def test_mla_kv_cache_is_the_compressed_latent_by_formula(ms4):
+    layers, kv_lora_rank, rope, heads, nope, v = 36, 256, 64, 32, 64, 128
+    assert ms4.kv.kind == "MLA latent"
+    assert ms4.kv.bytes_per_token == layers * (kv_lora_rank + rope) * 2 == 23_040
+    assert ms4.kv_cache_bytes == 23_040 * 262_144
+    assert ms4.kv.alternatives["decompressed K/V of all heads"] == layers * heads * ((nope + rope) + v) * 2
+    assert ms4.workspace_bytes == heads * ((nope + v) + (nope + rope)) * 2 * 262_144
+
+
+def _tiny_mistral_config(**kw) -> dict:
+    from transformers import MistralConfig
+
+    base = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+    return MistralConfig(**{**base, **kw}).to_dict()
+
+
+def test_gqa_kv_cache_by_formula():
+    p = plan(_tiny_mistral_config(), context=1000, batch=3, quant="none", dtype="float32")
+    assert p.kv.kind == "GQA"
+    assert p.kv.bytes_per_token == 2 * 3 * 2 * 16 * 4
+    assert p.kv_cache_bytes == 2 * 3 * 2 * 16 * 4 * 1000 * 3
+    assert p.workspace_bytes == 0
+    assert plan(_tiny_mistral_config(), context=10, quant="nf4").kv.bytes_per_token == 2 * 3 * 2 * 16 * 2  # bf16
+
+
+def _cache_bytes_per_token(model, tokens: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.arange(tokens)[None] + 5, use_cache=True)
+    cache = out.past_key_values
+    total = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return total / tokens
+
+
+def test_planned_kv_per_token_equals_what_transformers_caches(tiny_mistral4_dir, tiny_mistral_dir):
+    from transformers import AutoConfig
+
+    from ragkit.models import model_class
+
+    for directory in (tiny_mistral4_dir, tiny_mistral_dir):
+        config = AutoConfig.from_pretrained(directory)
+        model = model_class(config).from_pretrained(directory, dtype="bfloat16")
+        assert _cache_bytes_per_token(model, 7) == plan(directory, quant="nf4").kv.bytes_per_token
+
+
+# ------------------------------------------------------------------ per-GPU split
+def test_split_over_two_gpus_sums_to_the_plan_and_keeps_headroom(ms4):
+    assert [g.capacity for g in ms4.gpus] == [80 * GiB, 80 * GiB]
+    assert sum(g.weights for g in ms4.gpus) == ms4.weights_bytes
+    assert sum(g.kv_cache for g in ms4.gpus) == ms4.kv_cache_bytes
+    for g in ms4.gpus:
+        assert g.usable == int(80 * GiB * (1 - 0.12))
+        assert g.total <= g.usable
+        assert g.weights <= g.max_memory == ms4.max_memory[g.index]
+    layers = [i for g in ms4.gpus for i in range(g.layers[0], g.layers[1] + 1)]
+    assert layers == list(range(36))  # every decoder layer once, in order
+    assert set(ms4.device_map.values()) == {0, 1}
+
+
+def test_more_headroom_leaves_more_free():
+    small = plan(MS4, context=8192, quant="nf4", gpus="3x40GiB", headroom=0.3)
+    assert all(g.usable == int(40 * GiB * 0.7) and g.total <= g.usable for g in small.gpus)
+    assert sum(g.weights for g in small.gpus) == small.weights_bytes
+
+
+def test_gpu_specs_are_parsed():
+    assert parse_gpus("3x24GiB") == [24 * GiB] * 3
+    assert parse_gpus("80GiB, 24GB") == [80 * GiB, 24 * 10**9]
+    assert parse_gpus([10**9, "1GiB"]) == [10**9, GiB]
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("spec", ["3x", "24 potatoes", "0x24GiB", "x24GiB", "", "-8GiB", "3x24GiB,"])
+def test_malformed_gpus_are_refused_with_an_example(spec):
+    with pytest.raises(MemoryPlanError, match="3x24GiB") as err:
+        parse_gpus(spec)
+    assert repr(spec) in str(err.value)
+
+
+def test_unknown_quantization_names_it_and_the_choices():
+    with pytest.raises(QuantizationError, match=r"'nf3'.*nf4, int8, none"):
+        plan(MS4, quant="nf3")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"moe_experts": "all"}, "moe_experts 'all'"),
+    ({"headroom": 1.0}, "headroom"),
+    ({"context": 0}, "context"),
+    ({"dtype": "float8"}, "float8"),
+])
+def test_bad_options_are_refused(kw, match):
+    with pytest.raises(MemoryPlanError, match=match):
+        plan(MS4, **kw)
+
+
+def test_impossible_fit_says_what_is_needed_and_what_to_change():
+    with pytest.raises(MemoryPlanError) as err:
+        plan(MS4, quant="none", context=262_144, gpus="3x24GiB")
+    msg = str(err.value)
+    assert "does not fit" in msg and "3 GPU(s)" in msg and "quant='nf4'" in msg and "250.21 GB" in msg
+
+
+def test_stock_experts_that_do_not_fit_point_to_ragkit_nf4():
+    with pytest.raises(MemoryPlanError, match="moe_experts='ragkit'"):
+        plan(MS4, quant="nf4", moe_experts="stock", context=32_768, gpus="2x80GiB")
+
+
+def test_unknown_model_and_config_without_model_type(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found offline"):
+        plan(tmp_path / "missing-model")
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(MemoryPlanError, match="model_type"):
+        plan(bad)
+
+
+# ------------------------------------------------------------------ the command
+def _ragkit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ragkit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_plan_command_prints_the_table():
+    run = _ragkit("plan", str(MS4), "--quant", "nf4", "--gpus", "2x80GiB", "--context", "262144")
+    assert run.returncode == 0, run.stderr
+    assert "Per-GPU split (headroom 12%)" in run.stdout
+    assert "23,040 B" in run.stdout and "max_memory={0:" in run.stdout
+
+
+def test_plan_command_fails_cleanly_on_bad_gpus():
+    run = _ragkit("plan", str(MS4), "--gpus", "3x")
+    assert run.returncode == 2
+    assert "Error: Cannot read the GPU list '3x'" in run.stderr and "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------ planned vs measured
+def _measured(model) -> tuple[int, int]:
+    """(get_memory_footprint, bytes really held incl. bitsandbytes quant states and int8 row scales)."""
+    import bitsandbytes as bnb
+
+    from ragkit.quant.footprint import measure_footprint
+
+    scales = sum(m.weight.SCB.nbytes for m in model.modules()
+                 if isinstance(m, bnb.nn.Linear8bitLt) and m.weight.SCB is not None)
+    return model.get_memory_footprint(), measure_footprint(model).nbytes + scales
+
+
+def _assert_plan_matches(model, p) -> None:
+    footprint, held = _measured(model)
+    assert p.footprint_bytes == pytest.approx(footprint, rel=0.03)
+    assert p.weights_bytes == pytest.approx(held, rel=0.03)
+
+
+def _save_tiny(model, directory: Path) -> Path:
+    """Save a random tiny model with SmolLM2's tokenizer, so LocalLLM loads it like a real checkpoint."""
+    from ragkit.models import local_dir, resolve_llm
+
+    model.save_pretrained(directory)
+    smol = local_dir(resolve_llm("default"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smol / name).is_file():
+            shutil.copy(smol / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral_dir(tmp_path_factory):
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**_tiny_mistral_config())).to(torch.bfloat16)
+    return _save_tiny(model, tmp_path_factory.mktemp("tiny-mistral"))
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral4_dir(tmp_path_factory):
+    """Mistral3ForConditionalGeneration with a tiny Mistral-4 MoE text model and a tiny Pixtral tower."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4Config, PixtralVisionConfig
+
+    text = Mistral4Config(vocab_size=49152, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                          num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=16,
+                          qk_nope_head_dim=16, v_head_dim=32, max_position_embeddings=4096,
+                          tie_word_embeddings=False)
+    vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=32, image_size=64, patch_size=16)
+    config = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Mistral3ForConditionalGeneration(config).to(torch.bfloat16)
+    return _save_tiny(model, tmp_path_factory.mktemp("tiny-mistral4"))
+
+
+@pytest.mark.parametrize("quant", [None, "nf4", "int8"])
+def test_tiny_mistral_planned_equals_measured(tiny_mistral_dir, quant):
+    from ragkit import LocalLLM
+
+    llm = LocalLLM(str(tiny_mistral_dir), quantization=quant, device_map="cpu")
+    _assert_plan_matches(llm.model, plan(tiny_mistral_dir, quant=quant or "none"))
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_tiny_mistral4_moe_through_localllm_planned_equals_measured(tiny_mistral4_dir, quant):
+    """LocalLLM's nf4 on a fused-experts model is ragkit's expert-aware NF4: moe_experts='ragkit'."""
+    from ragkit import LocalLLM
+
+    llm = LocalLLM(str(tiny_mistral4_dir), quantization=quant, device_map="cpu")
+    _assert_plan_matches(llm.model, plan(tiny_mistral4_dir, quant=quant or "none", moe_experts="ragkit"))
+
+
+def test_tiny_mistral4_stock_bitsandbytes_planned_equals_measured(tiny_mistral4_dir):
+    """Stock transformers + BitsAndBytesConfig(load_in_4bit) leaves the experts in bf16, as planned."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from ragkit.models import quantization_config
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        tiny_mistral4_dir, quantization_config=quantization_config("nf4"), dtype="bfloat16", device_map="cpu")
+    _assert_plan_matches(model, plan(tiny_mistral4_dir, quant="nf4", moe_experts="stock"))
+    experts = [m for m in model.modules() if type(m).__name__ == "Mistral4Experts"]
+    assert experts and all(m.gate_up_proj.dtype == m.down_proj.dtype == torch.bfloat16 for m in experts)
+
+
+def test_smollm2_fp32_planned_equals_measured():
+    from ragkit import LocalLLM
+
+    llm = LocalLLM("default")
+    p = plan("default", quant="none")
+    assert p.dtype == "float32"
+    _assert_plan_matches(llm.model, p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_smollm2_bitsandbytes_on_cpu_planned_equals_measured(quant):
+    from ragkit import LocalLLM
+
+    llm = LocalLLM("default", quantization=quant, device_map="cpu")
+    _assert_plan_matches(llm.model, plan("default", quant=quant))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [None, "nf4", "int8"])
+def test_smollm2_on_cuda_planned_equals_allocated(quant):
+    import torch
+
+    from ragkit import LocalLLM
+
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    llm = LocalLLM("default", quantization=quant, device_map="cuda")
+    allocated = torch.cuda.memory_allocated() - before
+    assert plan("default", quant=quant or "none").weights_bytes == pytest.approx(allocated, rel=0.03)
+    del llm
+
+
+@pytest.mark.gpu
+def test_tiny_mistral4_ragkit_nf4_on_cuda_planned_equals_allocated(tiny_mistral4_dir):
+    import torch
+
+    from ragkit import LocalLLM
+
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    llm = LocalLLM(str(tiny_mistral4_dir), quantization="nf4", device_map="cuda")
+    allocated = torch.cuda.memory_allocated() - before
+    assert plan(tiny_mistral4_dir, quant="nf4").weights_bytes == pytest.approx(allocated, rel=0.03)
+    del llm
