@@ -64,3 +64,79 @@ def tiny_mistral4_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_mistral4") / "bf16"
     model.save_pretrained(path, max_shard_size="1MB")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct as a LocalLLM (defaults: float32, CPU here), loaded once per session."""
+    from ragkit import LocalLLM
+
+    return LocalLLM("default")
+
+
+def _tiny_chat_tokenizer():
+    """A small byte-level BPE tokenizer trained here, shaped like Mistral's: "<s>" BOS added by the
+    post-processor and written by the chat template too (the double-BOS trap)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["The capital of France is Paris. Tiny random models say odd things."] * 8, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ m['content'] }}[/INST]"
+        "{% elif m['role'] == 'system' %}{{ m['content'] }}\n{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
+    )
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory):
+    """A random tiny MistralForCausalLM + Mistral-like tokenizer, saved with save_pretrained (safetensors)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = _tiny_chat_tokenizer()
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_mistral") / "model"
+    MistralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral3_dir(tmp_path_factory):
+    """A random tiny Mistral3ForConditionalGeneration with a mistral4 (MoE, MLA) text config and a tiny
+    Pixtral vision tower, the shape of Mistral-Small-4, saved with save_pretrained + tokenizer."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4Config, PixtralVisionConfig
+
+    tokenizer = _tiny_chat_tokenizer()
+    text = Mistral4Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=8)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=10)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_mistral3") / "model"
+    Mistral3ForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
