@@ -60,7 +60,7 @@ class GreedyDecoder:
                 self._forward(base[cached:p], cache)
                 cached = p
             elif p < cached:
-                cache.crop(p)
+                _crop_to(cache, p)
                 cached = p
             logits = self._forward(prompts[i][p:], cache)
             new: list[int] = []
@@ -72,5 +72,12 @@ class GreedyDecoder:
                 if len(new) == self.max_new_tokens:
                     break
                 logits = self._forward([tok], cache)
-            cache.crop(cached)
+            _crop_to(cache, cached)
             yield Decoded(i, new, p, len(prompts[i]) - p, time.perf_counter() - t0)
+
+
+def _crop_to(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` positions of the cache (transformers 5 crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)

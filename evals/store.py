@@ -69,7 +69,7 @@ class RunDir:
         except json.JSONDecodeError as e:
             raise RunDirError(f"{self.path / RUN_JSON} is damaged ({e}); start a new run with another --out") from None
 
-    def open(self, suite: str, settings: dict[str, Any], config: str, resume: bool) -> dict[str, str]:
+    def open(self, suite: str, settings: dict[str, Any], config: str, resume: bool) -> dict[str, dict]:
         """Create or re-open the run; returns {cell_id: row} of finished cells (empty for a new run)."""
         exists = (self.path / RUN_JSON).exists()
         if exists and not resume:
@@ -79,8 +79,9 @@ class RunDir:
         if exists:
             old = self.read_run()
             if old.get("suite") != suite or old.get("config") != config:
-                diff = sorted(k for k in set(old.get("settings", {})) | set(settings)
-                              if old.get("settings", {}).get(k) != settings.get(k))
+                new = json.loads(json.dumps(settings, default=str))
+                diff = sorted(k for k in set(old.get("settings", {})) | set(new)
+                              if old.get("settings", {}).get(k) != new.get(k))
                 raise RunDirError(
                     f"{self.path} was made with other settings (differ: {', '.join(diff) or 'suite or code version'}); "
                     "resume it with the same flags, or choose another --out (nothing was changed)")

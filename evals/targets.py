@@ -1,0 +1,112 @@
+"""The one place the suites touch ragkit: the model under test (LocalLLM) and the RAG pipeline (Pipeline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import ragkit
+from evals.errors import SettingsError
+
+QUANTS = ("none", "nf4", "int8")
+
+
+class LLMCodec:
+    """The haystack Codec of a LocalLLM: its chat template and exactly the ids it feeds the model."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+
+    def render(self, user: str, answer_prefix: str = "") -> str:
+        text = self.llm.chat_prompt(user)
+        return text + (answer_prefix if text.endswith((" ", "\n")) or not answer_prefix else " " + answer_prefix)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.llm.encode_prompt(text))
+
+    def encode_piece(self, text: str) -> list[int]:
+        return list(self.llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class Target:
+    """A loaded model under test with what the runner needs from it."""
+
+    llm: Any
+    codec: LLMCodec
+    info: dict[str, Any]
+
+    @property
+    def model(self) -> Any:
+        return self.llm.model
+
+    @property
+    def context_window(self) -> int:
+        return int(self.llm.context_window)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = self.llm.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.llm.tokenizer.eos_token_id is not None:
+            ids.append(self.llm.tokenizer.eos_token_id)
+        return sorted(set(ids))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.llm.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate_naive(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """The plain path: one ``generate`` call on the whole prompt (the reference for decode.py)."""
+        return [t for t in self.llm.generate_ids(list(ids), max_new_tokens=max_new_tokens) if t not in self.eos_ids]
+
+
+def load_target(model: str = "default", quant: str = "none", dtype: str | None = None,
+                device: str | None = None, max_new_tokens: int = 32) -> Target:
+    """Load the model under test through ragkit.LocalLLM (greedy decoding)."""
+    if quant not in QUANTS:
+        raise SettingsError(f"--quant {quant!r} is unknown; choose one of {', '.join(QUANTS)}")
+    quantization = None if quant == "none" else quant
+    kwargs: dict[str, Any] = dict(quantization=quantization, max_new_tokens=max_new_tokens, temperature=0.0)
+    if dtype:
+        kwargs["dtype"] = dtype
+    elif quantization is None:
+        kwargs["dtype"] = "float32"
+    else:
+        kwargs["compute_dtype"] = "float32"
+    if device:
+        kwargs["device_map"] = device
+    llm = ragkit.LocalLLM(model, **kwargs)
+    m = llm.model
+    info = {
+        "name": model,
+        "resolved": str(getattr(m.config, "_name_or_path", "")) or None,
+        "architecture": (getattr(m.config, "architectures", None) or [type(m).__name__])[0],
+        "quant": quant,
+        "dtype": str(next(m.parameters()).dtype).replace("torch.", "") if quantization is None else
+        f"{quant} (compute {kwargs.get('compute_dtype', dtype)})",
+        "device": str(llm.device),
+        "context_window": int(llm.context_window),
+        "parameters": sum(p.numel() for p in m.parameters()),
+    }
+    return Target(llm, LLMCodec(llm), info)
+
+
+class Retriever:
+    """Haystacks ingested through ragkit.Pipeline into FAISS indexes in the run directory; one embedder."""
+
+    def __init__(self, chunk_tokens: int, top_k: int):
+        self.chunk_tokens, self.top_k = chunk_tokens, top_k
+        self._embedder: Any = None
+
+    def top_chunks(self, index_dir: Path, text: str, question: str) -> list[str]:
+        """Ingest ``text`` (once per index_dir) and return the texts of the top-k chunks for ``question``."""
+        index_dir.mkdir(parents=True, exist_ok=True)
+        pipeline = ragkit.Pipeline(index_dir / "index", embed_model=self._embedder, chunk_tokens=self.chunk_tokens,
+                                   top_k=self.top_k)
+        self._embedder = pipeline.embed_model
+        src = index_dir / "haystack.txt"
+        if not src.exists() or src.read_text(encoding="utf-8") != text:
+            src.write_text(text, encoding="utf-8")
+        pipeline.ingest([src], show_progress=False)
+        return [n.node.get_content() for n in pipeline.retrieve(question, top_k=self.top_k)]
