@@ -67,6 +67,22 @@ def tiny_mistral4_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def repo_root():
+    """The checkout's root directory (corpora/, evals/, ...)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded SmolLM2-135M-Instruct tokenizer (from ragkit's GGUF cache), without the model."""
+    from ragkit import models
+
+    return models.load_tokenizer(models.local_dir(models.resolve_llm("default")))
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M-Instruct as a LocalLLM (defaults: float32, CPU here), loaded once per session."""
     from ragkit import LocalLLM
