@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "LocalLLM": "ragkit.llm",
+    "OpenAICompatibleLLM": "ragkit.remote",
     "Pipeline": "ragkit.pipeline",
     "plan": "ragkit.plan",
     "RagkitError": "ragkit.errors",
@@ -25,6 +26,10 @@ _EXPORTS: dict[str, str] = {
     "EmbedderMismatchError": "ragkit.errors",
     "IndexLockedError": "ragkit.errors",
     "IngestError": "ragkit.errors",
+    "ServerError": "ragkit.errors",
+    "ServerUnavailableError": "ragkit.errors",
+    "ServerRequestError": "ragkit.errors",
+    "BadServerResponseError": "ragkit.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -68,3 +68,19 @@ class IngestError(RagkitError):
 
 class EmptyIndexError(IndexError_):
     """A search was asked of an index that holds no chunks yet."""
+
+
+class ServerError(RagkitError):
+    """Base class of errors talking to an OpenAI-compatible model server."""
+
+
+class ServerUnavailableError(ServerError):
+    """The server cannot be reached, or kept failing (5xx, timeouts) after the bounded retries; stop the run."""
+
+
+class ServerRequestError(ServerError):
+    """The server refused a request (4xx: wrong model name, API key, prompt too long for it)."""
+
+
+class BadServerResponseError(ServerError):
+    """The server answered with a malformed or empty response; suites record it per cell as an error."""
