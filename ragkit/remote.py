@@ -220,9 +220,14 @@ class OpenAICompatibleLLM(CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """The answer; the per-call token record is in ``additional_kwargs`` (of the response and its message)."""
         if self._tokenizer is None:
-            return completion_response_to_chat_response(self._chat_endpoint(messages, kwargs))
-        return completion_response_to_chat_response(self.complete(self.chat_prompt(messages), formatted=True, **kwargs))
+            done = self._chat_endpoint(messages, kwargs)
+        else:
+            done = self.complete(self.chat_prompt(messages), formatted=True, **kwargs)
+        response = completion_response_to_chat_response(done)
+        response.additional_kwargs = dict(done.additional_kwargs)
+        return response
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:

@@ -6,7 +6,9 @@ The first ``--times`` POST requests get the fault (500: HTTP 500; slow: sleep ``
 drop: close the connection unanswered; malformed: 200 with a body that is not JSON; empty: 200 with no
 choices); later ones are forwarded to ``--upstream`` (a real server) or, without one, answered with a
 fixed stand-in completion (for transport tests where the model's answer is not what is tested).
-``GET /stats`` returns how many POSTs arrived. It is a test tool, not a model server.
+``GET /stats`` returns how many POSTs arrived. With ``--tokenizer DIR`` it also serves vLLM's ``POST /tokenize``
+(prompt or messages in; tokens, count, max_model_len out) with that real tokenizer. It is a test tool, not a
+model server.
 """
 
 from __future__ import annotations
@@ -31,7 +33,18 @@ def main() -> None:
     p.add_argument("--upstream", default=None, help="http://host:port of a real server to forward to")
     p.add_argument("--model", default="stand-in")
     p.add_argument("--usage-prompt-tokens", type=int, default=None, help="stand-in: usage.prompt_tokens to report")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer directory: serve POST /tokenize like vLLM")
+    p.add_argument("--max-model-len", type=int, default=2048)
     args = p.parse_args()
+    tokenizer = template = None
+    if args.tokenizer:  # tokenizers + jinja2 directly: a light process, as vLLM's endpoint needs no model
+        from pathlib import Path
+
+        import jinja2
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+        template = jinja2.Environment().from_string((Path(args.tokenizer) / "chat_template.jinja").read_text())
     lock = threading.Lock()
     posts = [0]
 
@@ -57,6 +70,16 @@ def main() -> None:
             except urllib.error.HTTPError as e:
                 self._send(e.code, e.read())
 
+        def _tokenize(self, body: dict) -> None:
+            if tokenizer is None:
+                return self._send(404, b'{"detail": "Not Found"}')
+            if "messages" in body:
+                text = template.render(messages=body["messages"], add_generation_prompt=body.get("add_generation_prompt"))
+                ids = tokenizer.encode(text, add_special_tokens=False).ids
+            else:
+                ids = tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True)).ids
+            self._send(200, json.dumps({"count": len(ids), "max_model_len": args.max_model_len, "tokens": ids}).encode())
+
         def do_GET(self) -> None:
             if self.path == "/stats":
                 self._send(200, json.dumps({"posts": posts[0]}).encode())
@@ -69,6 +92,8 @@ def main() -> None:
 
         def do_POST(self) -> None:
             data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path == "/tokenize":
+                return self._tokenize(json.loads(data))
             with lock:
                 posts[0] += 1
                 faulty = args.times < 0 or posts[0] <= args.times
@@ -92,10 +117,12 @@ def main() -> None:
             if args.usage_prompt_tokens is not None:
                 usage.update(prompt_tokens=args.usage_prompt_tokens,
                              total_tokens=args.usage_prompt_tokens + 2)
-            return self._send(200, json.dumps({
-                "id": "x", "object": "text_completion", "created": 0, "model": body.get("model"),
-                "choices": [{"index": 0, "text": STAND_IN_TEXT, "finish_reason": "stop"}], "usage": usage,
-            }).encode())
+            if self.path.endswith("/chat/completions"):
+                choice = {"index": 0, "message": {"role": "assistant", "content": STAND_IN_TEXT}, "finish_reason": "stop"}
+            else:
+                choice = {"index": 0, "text": STAND_IN_TEXT, "finish_reason": "stop"}
+            return self._send(200, json.dumps({"id": "x", "object": "text_completion", "created": 0,
+                                               "model": body.get("model"), "choices": [choice], "usage": usage}).encode())
 
     ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
 

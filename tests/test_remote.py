@@ -20,7 +20,7 @@ import openai  # noqa: F401  (imported here so the fail-fast timings below measu
 import pytest
 from llama_index.core.llms import ChatMessage
 
-from ragkit.errors import BadServerResponseError, ServerRequestError, ServerUnavailableError
+from ragkit.errors import BadServerResponseError, RagkitError, ServerRequestError, ServerUnavailableError
 from ragkit.remote import OpenAICompatibleLLM
 from ragkit.serving import LocalServer, free_port
 
@@ -178,6 +178,26 @@ def test_usage_missing_from_the_response_leaves_the_mismatch_unknown():
     with flaky_server() as (url, _):
         extra = stand_in_llm(url).complete("Hello").additional_kwargs
         assert extra["server_prompt_tokens"] is None and extra["prompt_tokens_mismatch"] is None
+
+
+def test_counts_come_from_the_servers_tokenize_endpoint_when_no_tokenizer_is_local():
+    from ragkit import models
+
+    tok_dir = models.local_dir(models.resolve_llm("default"))
+    with flaky_server("--tokenizer", str(tok_dir), "--max-model-len", "2048") as (url, _):
+        remote = OpenAICompatibleLLM(url, "stand-in", max_new_tokens=8)
+        local = stand_in_llm(url)
+        assert remote.tokenizer is None and remote.tokenizer_source.endswith("/tokenize")
+        assert remote.context_window == 2048  # vLLM reports max_model_len with every /tokenize answer
+        messages = [ChatMessage(role="user", content="Where is the needle?")]
+        assert remote.count_tokens("Where is the needle?") == local.count_tokens("Where is the needle?")
+        assert remote.count_tokens(messages) == local.count_tokens(messages)
+        assert remote.encode_prompt(local.chat_prompt(messages)) == local.encode_prompt(local.chat_prompt(messages))
+        reply = remote.chat(messages)  # templated by the server: /v1/chat/completions
+        assert reply.message.content == STAND_IN
+        assert reply.additional_kwargs["prompt_tokens"] == local.count_tokens(messages)
+        with pytest.raises(RagkitError, match="tokenizer="):
+            remote.chat_prompt("hi")
 
 
 def test_prompt_that_does_not_fit_is_refused_before_sending():
