@@ -35,6 +35,8 @@ MOE_MODES = ("ragkit", "stock")
 # Quantizations for which ragkit/quant stores routed experts in low precision (issue 7: NF4 only).
 RAGKIT_EXPERT_QUANTS = ("nf4",)
 DEFAULT_HEADROOM = 0.12
+# transformers' bitsandbytes quantizers multiply max_memory by this before placing (adjust_max_memory)
+BNB_MAX_MEMORY_SCALE = 0.9
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -309,7 +311,7 @@ class GPUShare:
     kv_cache: int
     workspace: int
     layers: tuple[int, int] | None
-    max_memory: int
+    max_memory: int  # pass as max_memory[index] to LocalLLM / from_pretrained(device_map="auto")
 
     @property
     def total(self) -> int:
@@ -355,7 +357,7 @@ class MemoryPlan:
 
     @property
     def max_memory(self) -> dict[int, int]:
-        """``max_memory`` for ``from_pretrained(device_map="auto", ...)``: weight bytes allowed per GPU."""
+        """``max_memory`` for ``LocalLLM(..., device_map="auto", max_memory=...)``, per GPU index."""
         return {g.index: g.max_memory for g in self.gpus}
 
     def table(self) -> str:
@@ -429,10 +431,17 @@ def plan(
     if n_experts and not experts_q and _experts_quantized("nf4", "ragkit"):
         advice.append(f"moe_experts='ragkit' with nf4 (weights {format_bytes(by_precision['nf4/ragkit'])})")
     advice += ["a shorter context", "more or larger GPUs", "a lower headroom"]
+    # ragkit's expert-aware NF4 loader places the model itself; everything else goes through from_pretrained
+    accelerate = not (experts_q and n_experts)
     shares, device_map = _split(
         blocks, _decoder_layers(model, blocks), kv_bytes // kv.layers, workspace, sizes, headroom,
         f"{label} ({quant}, {context:,} tokens x {batch})", weights + kv_bytes + workspace, advice,
+        accelerate=accelerate, bnb=accelerate and quant != "none",
     )
+    if len(sizes) > 1 and not accelerate:
+        notes = (*notes, "ragkit's expert-aware NF4 loader (ragkit/quant/loader.py) puts the whole model on one "
+                         "device today and ignores max_memory; the split above is what the weights need per GPU, "
+                         "not what LocalLLM does yet.")
     return MemoryPlan(
         model=label, architecture=arch, quant=quant, moe_experts=moe_experts, dtype=weight_dtype,
         kv_dtype=kv_dtype, params=n_params, params_routed_experts=n_experts, params_vision=n_vision,
@@ -511,24 +520,28 @@ def _decoder_layers(model, blocks: dict[str, int]) -> dict[str, int]:
 
 
 def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, workspace: int, sizes: list[int],
-           headroom: float, label: str, total: int, advice: list[str]) -> tuple[tuple[GPUShare, ...], dict[str, int]]:
+           headroom: float, label: str, total: int, advice: list[str], *, accelerate: bool,
+           bnb: bool) -> tuple[tuple[GPUShare, ...], dict[str, int]]:
     """Split the blocks (no-split modules, in module order) over GPUs.
 
-    Each GPU's ``max_memory`` (the weights accelerate may put there) is chosen so that, whichever decoder
-    layers land on it, weights + their KV cache + one layer's attention workspace stay within
-    capacity x (1 - headroom): max_memory = (usable - workspace) / (1 + r), r the largest KV-to-weights
-    ratio of a decoder layer. The blocks are then placed as ``device_map="auto"`` does: balanced over the
-    GPUs, never past a GPU's max_memory.
+    Each GPU's weight budget is chosen so that, whichever decoder layers land on it, weights + their KV
+    cache + one layer's attention workspace stay within capacity x (1 - headroom):
+    budget = (usable - workspace) / (1 + r), r the largest KV-to-weights ratio of a decoder layer.
+    With ``accelerate`` (from_pretrained with device_map="auto") the placement mimics accelerate: GPU 0
+    keeps room for the largest block, and with bitsandbytes transformers scales max_memory by 0.9 before
+    placing, so the published max_memory is budget / 0.9 and the placement budget stays the planned one.
     """
     if not sizes:
         return (), {}
     ratio = max((layer_kv / blocks[name] for name in layers if blocks[name]), default=0.0)
     usable = [int(c * (1 - headroom)) for c in sizes]
-    max_memory = [max(0, int((u - workspace) / (1 + ratio))) for u in usable]
+    budgets = [max(0, int((u - workspace) / (1 + ratio))) for u in usable]
+    room = list(budgets)
+    if accelerate:
+        room[0] = max(0, room[0] - max(blocks.values()))
     weights_total = sum(blocks.values())
-    budget = sum(max_memory)
-    for targets in ([weights_total * m / budget if budget else 0 for m in max_memory], max_memory):
-        placed = _place(list(blocks.items()), max_memory, targets)
+    for targets in ([weights_total * r / sum(room) if sum(room) else 0 for r in room], room):
+        placed = _place(list(blocks.items()), room, targets)
         if placed is not None:
             break
     else:
@@ -546,7 +559,8 @@ def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, worksp
         shares.append(GPUShare(
             index=index, capacity=capacity, usable=usable[index], weights=sum(blocks[n] for n in names),
             kv_cache=layer_kv * len(idx), workspace=workspace if idx else 0,
-            layers=(idx[0], idx[-1]) if idx else None, max_memory=max_memory[index],
+            layers=(idx[0], idx[-1]) if idx else None,
+            max_memory=int(budgets[index] / BNB_MAX_MEMORY_SCALE) if bnb else budgets[index],
         ))
     return tuple(shares), placed
 
@@ -568,11 +582,11 @@ def _place(blocks: list[tuple[str, int]], max_memory: list[int], targets: list[f
 
 # ------------------------------------------------------------------------------------------ rendering
 def _gb(n: float) -> str:
-    return f"{n / 1e9:,.2f} GB" if n >= 1e7 else f"{n / 1e6:,.3f} MB"
+    return f"{n / 1e9:,.2f} GB" if n >= 1e7 else f"{n / 1e6:,.3f} MB" if n >= 1e4 else f"{n:,.0f} B"
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:,.2f} GiB" if n >= 2**24 else f"{n / 2**20:,.3f} MiB"
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**24 else f"{n / 2**20:,.3f} MiB" if n >= 2**14 else f"{n:,.0f} B"
 
 
 def _render(p: MemoryPlan) -> str:
@@ -583,7 +597,7 @@ def _render(p: MemoryPlan) -> str:
     from rich.table import Table
 
     def table(title: str, *columns: str) -> Table:
-        t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+        t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False, min_width=len(title))
         for col in columns:
             t.add_column(col.lstrip("<"), justify="left" if col.startswith("<") else "right")
         return t

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +75,7 @@ def test_mla_kv_cache_is_the_compressed_latent_by_formula(ms4):
 def _tiny_mistral_config(**kw) -> dict:
     from transformers import MistralConfig
 
-    base = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    base = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
     return MistralConfig(**{**base, **kw}).to_dict()
 
@@ -123,6 +122,15 @@ def test_split_over_two_gpus_sums_to_the_plan_and_keeps_headroom(ms4):
     layers = [i for g in ms4.gpus for i in range(g.layers[0], g.layers[1] + 1)]
     assert layers == list(range(36))  # every decoder layer once, in order
     assert set(ms4.device_map.values()) == {0, 1}
+
+
+def test_bitsandbytes_max_memory_accounts_for_transformers_scaling():
+    """transformers scales max_memory by 0.9 under bitsandbytes: the planned weights must fit after that."""
+    p = plan(_tiny_mistral_config(num_hidden_layers=12, hidden_size=512, intermediate_size=2048), quant="int8",
+             context=4096, gpus=["40MiB", "40MiB"])
+    assert sum(g.weights for g in p.gpus) == p.weights_bytes
+    for g in p.gpus:
+        assert g.weights <= g.max_memory * 0.9 <= g.usable - g.kv_cache
 
 
 def test_more_headroom_leaves_more_free():
@@ -218,52 +226,23 @@ def _assert_plan_matches(model, p) -> None:
     assert p.weights_bytes == pytest.approx(held, rel=0.03)
 
 
-def _save_tiny(model, directory: Path) -> Path:
-    """Save a random tiny model with SmolLM2's tokenizer, so LocalLLM loads it like a real checkpoint."""
-    from ragkit.models import local_dir, resolve_llm
-
-    model.save_pretrained(directory)
-    smol = local_dir(resolve_llm("default"))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smol / name).is_file():
-            shutil.copy(smol / name, directory / name)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_mistral_dir(tmp_path_factory):
+    """A random tiny MistralConfig model saved as BF16 safetensors (tiny_mistral4_dir is in conftest)."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(**_tiny_mistral_config())).to(torch.bfloat16)
-    return _save_tiny(model, tmp_path_factory.mktemp("tiny-mistral"))
-
-
-@pytest.fixture(scope="module")
-def tiny_mistral4_dir(tmp_path_factory):
-    """Mistral3ForConditionalGeneration with a tiny Mistral-4 MoE text model and a tiny Pixtral tower."""
-    import torch
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4Config, PixtralVisionConfig
-
-    text = Mistral4Config(vocab_size=49152, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-                          num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=16,
-                          qk_nope_head_dim=16, v_head_dim=32, max_position_embeddings=4096,
-                          tie_word_embeddings=False)
-    vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                                 head_dim=32, image_size=64, patch_size=16)
-    config = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = Mistral3ForConditionalGeneration(config).to(torch.bfloat16)
-    return _save_tiny(model, tmp_path_factory.mktemp("tiny-mistral4"))
+    path = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(MistralConfig(**_tiny_mistral_config())).to(torch.bfloat16).save_pretrained(path)
+    return path
 
 
 @pytest.mark.parametrize("quant", [None, "nf4", "int8"])
 def test_tiny_mistral_planned_equals_measured(tiny_mistral_dir, quant):
     from ragkit import LocalLLM
 
-    llm = LocalLLM(str(tiny_mistral_dir), quantization=quant, device_map="cpu")
+    llm = LocalLLM(str(tiny_mistral_dir), tokenizer="default", quantization=quant, device_map="cpu")
     _assert_plan_matches(llm.model, plan(tiny_mistral_dir, quant=quant or "none"))
 
 
@@ -272,7 +251,7 @@ def test_tiny_mistral4_moe_through_localllm_planned_equals_measured(tiny_mistral
     """LocalLLM's nf4 on a fused-experts model is ragkit's expert-aware NF4: moe_experts='ragkit'."""
     from ragkit import LocalLLM
 
-    llm = LocalLLM(str(tiny_mistral4_dir), quantization=quant, device_map="cpu")
+    llm = LocalLLM(str(tiny_mistral4_dir), tokenizer="default", quantization=quant, device_map="cpu")
     _assert_plan_matches(llm.model, plan(tiny_mistral4_dir, quant=quant or "none", moe_experts="ragkit"))
 
 
@@ -331,7 +310,7 @@ def test_tiny_mistral4_ragkit_nf4_on_cuda_planned_equals_allocated(tiny_mistral4
 
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    llm = LocalLLM(str(tiny_mistral4_dir), quantization="nf4", device_map="cuda")
+    llm = LocalLLM(str(tiny_mistral4_dir), tokenizer="default", quantization="nf4", device_map="cuda")
     allocated = torch.cuda.memory_allocated() - before
     assert plan(tiny_mistral4_dir, quant="nf4").weights_bytes == pytest.approx(allocated, rel=0.03)
     del llm
