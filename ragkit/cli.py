@@ -41,6 +41,42 @@ def plan_command(
     typer.echo(result.table(), nl=False)
 
 
+@app.command("generate")
+def generate_command(
+    prompt: str = typer.Argument(..., help="The user message to answer."),
+    model: str = typer.Option("default", "--model", help="'default' (SmolLM2-135M-Instruct), a directory, a .gguf file or a cached hub id."),
+    quant: str = typer.Option("none", "--quant", help="none, nf4 or int8 (bitsandbytes)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer budget in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)."),
+) -> None:
+    """Answer one prompt with the local LLM, streaming the text as it is generated."""
+    import logging
+    import time
+
+    from ragkit.errors import RagkitError
+    from ragkit.llm import LocalLLM
+
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("ragkit").setLevel(logging.INFO)  # says when a GGUF is converted (slow, once)
+    _quiet_model_loading()
+    try:
+        start = time.perf_counter()
+        llm = LocalLLM(model, quantization=None if quant == "none" else quant, temperature=temperature)
+        loaded = time.perf_counter()
+        text = ""
+        for chunk in llm.stream_complete(prompt, max_new_tokens=max_new_tokens):
+            typer.echo(chunk.delta or "", nl=False)
+            text = chunk.text
+    except RagkitError as exc:
+        raise _fail(exc) from None
+    typer.echo("")
+    typer.echo(
+        f"({llm.model_name}: loaded in {loaded - start:.1f} s, {llm.count_tokens(text)} tokens in "
+        f"{time.perf_counter() - loaded:.1f} s)",
+        err=True,
+    )
+
+
 # ---- ingest / query / retrieve / info / delete -------------------------------------------------------
 
 INDEX_HELP = "Index directory (created by ingest; a crash-safe snapshot directory)."
