@@ -1,8 +1,10 @@
 """FaissVectorStore: a LlamaIndex vector store over FAISS with text, ids, upsert, delete and filters.
 
 Vectors live in ``faiss.IndexIDMap2`` (inner product over L2-normalised float32, so scores are
-cosine similarities); node text and metadata live in a LlamaIndex ``SimpleDocumentStore`` beside it,
-so ``query`` returns full nodes. Each node id maps to a fresh int64 FAISS id on every (re-)add.
+cosine similarities); nodes (text, metadata, relationships; no embedding) live in a LlamaIndex
+``SimpleKVStore`` beside it, serialised as LlamaIndex's docstores do, so ``query`` returns full nodes.
+(``SimpleDocumentStore`` itself re-serialises a document's whole node list on every insert, which is
+quadratic in the chunks per document.) Each node id maps to a fresh int64 FAISS id on every (re-)add.
 
 Deletion: the flat index removes vectors at once. HNSW graphs cannot remove vectors and
 ``IndexIDMap2.remove_ids`` is wrong for IVF (it assumes the sub-index renumbers like a flat index), so
@@ -17,9 +19,10 @@ fewer than ``min(top_k, matches)`` hits (selective filters), the matches are sco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +31,8 @@ import faiss
 import numpy as np
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.schema import BaseNode
-from llama_index.core.storage.docstore import SimpleDocumentStore
+from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
+from llama_index.core.storage.kvstore import SimpleKVStore
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
     FilterCondition,
@@ -46,11 +50,8 @@ from ragkit.store.index_dir import IndexDirectory, Snapshot, SnapshotWriter
 IndexKind = Literal["flat", "hnsw", "ivf"]
 FAISS_FILE = "vectors.faiss"
 STATE_FILE = "store.json"
-DOCSTORE_FILE = "docstore.json"
+NODES_FILE = "nodes.json"
 STORE_FORMAT = 1
-# Filters matching at most this many nodes are scored exactly (cheaper and exact; HNSW/IVF searches
-# with very selective selectors return too few hits).
-EXACT_FILTER_BELOW = 2048
 
 
 def build_faiss_index(kind: IndexKind, dimension: int, *, hnsw_m: int = 32, hnsw_ef_construction: int = 100,
@@ -88,6 +89,20 @@ def _meta_key(key: str, value: Any) -> tuple[str, Hashable] | None:
     return None
 
 
+@contextlib.contextmanager
+def _faiss_threads(n: int | None) -> Iterator[None]:
+    """Run FAISS with ``n`` OpenMP threads for the duration (None: leave the global setting)."""
+    if n is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 @dataclass
 class _Record:
     fid: int
@@ -113,9 +128,15 @@ class FaissVectorStore(BasePydanticVectorStore):
     ivf_nlist: int | None = Field(default=None, description="IVF lists; None: about 4*sqrt(n) of the first batch")
     ivf_nprobe: int = 16
     compact_ratio: float = Field(default=0.25, gt=0, le=1, description="tombstone fraction that triggers a rebuild")
+    exact_filter_below: int = Field(
+        default=2048, ge=0, description="filters matching at most this many nodes are scored exactly (HNSW/IVF "
+        "searches with very selective filters return too few hits)")
+    query_threads: int | None = Field(
+        default=1, description="FAISS threads for one query; None keeps FAISS's global setting. One HNSW/IVF query "
+        "uses one thread anyway, and waking an idle OpenMP team costs ~25 ms on a busy machine (see docs/store.md)")
 
     _index: faiss.IndexIDMap2 | None = PrivateAttr(default=None)
-    _docstore: SimpleDocumentStore = PrivateAttr(default_factory=SimpleDocumentStore)
+    _nodes: SimpleKVStore = PrivateAttr(default_factory=SimpleKVStore)
     _records: dict[str, _Record] = PrivateAttr(default_factory=dict)
     _node_of_fid: dict[int, str] = PrivateAttr(default_factory=dict)
     _ref_docs: dict[str, set[str]] = PrivateAttr(default_factory=dict)
@@ -142,11 +163,9 @@ class FaissVectorStore(BasePydanticVectorStore):
         return self._index
 
     @property
-    def docstore(self) -> SimpleDocumentStore:
-        """The docstore holding the nodes' text and metadata (embeddings are not kept there)."""
-        return self._docstore
-
-    def __len__(self) -> int:
+    def node_count(self) -> int:
+        """Number of live nodes. (No ``__len__``: an empty store must stay truthy, as LlamaIndex tests
+        ``vector_store or SimpleVectorStore()``.)"""
         return len(self._records)
 
     @property
@@ -173,13 +192,11 @@ class FaissVectorStore(BasePydanticVectorStore):
         fids = np.arange(self._next_fid, self._next_fid + len(batch), dtype=np.int64)
         self._index.add_with_ids(vectors, fids)
         self._next_fid += len(batch)
-        stored = []
         for node, fid in zip(batch, fids.tolist()):
             copy = node.model_copy()
             copy.embedding = None
-            stored.append(copy)
+            self._nodes.put(node.node_id, doc_to_json(copy))
             self._index_record(node.node_id, _Record(fid, node.ref_doc_id, self._scalar_metadata(node.metadata)))
-        self._docstore.add_documents(stored, allow_update=True)
         return list(latest)
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
@@ -251,7 +268,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         if n_candidates == 0:
             return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
         want = min(k, n_candidates)
-        if allowed is not None and (self.kind == "flat" or n_candidates <= EXACT_FILTER_BELOW):
+        if allowed is not None and (self.kind == "flat" or n_candidates <= self.exact_filter_below):
             fids, scores = (self._search(x, want, allowed) if self.kind == "flat" else self._exact(x, want, allowed))
         else:
             fids, scores = self._search(x, want, allowed)
@@ -259,7 +276,7 @@ class FaissVectorStore(BasePydanticVectorStore):
                 fids, scores = self._exact(x, want, allowed if allowed is not None else
                                            {r.fid for r in self._records.values()})
         node_ids = [self._node_of_fid[f] for f in fids]
-        nodes = self._docstore.get_nodes(node_ids)
+        nodes = [json_to_doc(self._nodes.get(n)) for n in node_ids]
         return VectorStoreQueryResult(nodes=nodes, similarities=[float(s) for s in scores], ids=node_ids)
 
     def get_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None) -> list[BaseNode]:
@@ -268,7 +285,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         if filters is not None:
             matching = self._filter_fids(filters)
             ids = [n for n in ids if self._records[n].fid in matching]
-        return self._docstore.get_nodes(ids)
+        return [json_to_doc(self._nodes.get(n)) for n in ids]
 
     def _search(self, x: np.ndarray, k: int, allowed: set[int] | None) -> tuple[list[int], list[float]]:
         if allowed is not None:
@@ -284,7 +301,8 @@ class FaissVectorStore(BasePydanticVectorStore):
             params = faiss.SearchParametersIVF(nprobe=self.ivf_nprobe, sel=sel)
         else:
             params = faiss.SearchParameters(sel=sel)
-        scores, labels = self._index.search(x, k, params=params)
+        with _faiss_threads(self.query_threads):
+            scores, labels = self._index.search(x, k, params=params)
         hit = labels[0] >= 0
         return labels[0][hit].tolist(), scores[0][hit].tolist()
 
@@ -296,11 +314,13 @@ class FaissVectorStore(BasePydanticVectorStore):
         return ids[top].tolist(), scores[top].tolist()
 
     def _allowed_fids(self, query: VectorStoreQuery) -> set[int] | None:
+        # empty doc_ids / node_ids lists mean "no restriction", as in LlamaIndex's own stores (its
+        # retriever passes node_ids=[] for stores that keep text)
         allowed = None if query.filters is None else self._filter_fids(query.filters)
-        if query.doc_ids is not None:
+        if query.doc_ids:
             in_docs = {self._records[n].fid for d in query.doc_ids for n in self._ref_docs.get(d, ())}
             allowed = in_docs if allowed is None else allowed & in_docs
-        if query.node_ids is not None:
+        if query.node_ids:
             by_id = {self._records[n].fid for n in query.node_ids if n in self._records}
             allowed = by_id if allowed is None else allowed & by_id
         return allowed
@@ -354,10 +374,11 @@ class FaissVectorStore(BasePydanticVectorStore):
         faiss.extract_index_ivf(index).make_direct_map()  # reconstruct() for exact scoring and compaction
         return index
 
-    @staticmethod
-    def _embedding_of(node: BaseNode) -> list[float]:
+    def _embedding_of(self, node: BaseNode) -> list[float]:
         if node.embedding is None:
             raise InvalidQueryError(f"node {node.node_id!r} has no embedding; embed nodes before adding them")
+        if len(node.embedding) != self.dimension:
+            self._checked_vectors([node.embedding], what=f"node {node.node_id!r}'s embedding")
         return node.embedding
 
     def _checked_vectors(self, rows: Any, *, what: str) -> np.ndarray:
@@ -365,7 +386,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         if x.ndim != 2 or x.shape[1] != self.dimension:
             got = x.shape[-1] if x.ndim >= 1 else 0
             raise EmbedderMismatchError(
-                f"{what} have dimension {got}, but this index was built by {self.embedder_name!r} with dimension "
+                f"{what} has dimension {got}, but this index was built by {self.embedder_name!r} with dimension "
                 f"{self.dimension}. Embed with {self.embedder_name!r}, or build a new index for the other embedder."
             )
         return normalize_rows(x)
@@ -379,8 +400,9 @@ class FaissVectorStore(BasePydanticVectorStore):
         self._node_of_fid[rec.fid] = node_id
         if rec.ref_doc_id is not None:
             self._ref_docs.setdefault(rec.ref_doc_id, set()).add(node_id)
+        meta_index = self._meta_index  # private attributes of a pydantic model are slow to look up
         for k, v in rec.metadata.items():
-            self._meta_index.setdefault(_meta_key(k, v), set()).add(rec.fid)
+            meta_index.setdefault(_meta_key(k, v), set()).add(rec.fid)
 
     def _remove(self, node_ids: list[str]) -> None:
         """Forget these nodes everywhere; flat removes vectors, HNSW/IVF tombstone them."""
@@ -401,7 +423,7 @@ class FaissVectorStore(BasePydanticVectorStore):
                 self._meta_index[key].discard(rec.fid)
                 if not self._meta_index[key]:
                     del self._meta_index[key]
-            self._docstore.delete_document(nid, raise_error=False)
+            self._nodes.delete(nid)
         if self.kind == "flat":
             self._index.remove_ids(np.array(fids, dtype=np.int64))
         else:
@@ -422,7 +444,7 @@ class FaissVectorStore(BasePydanticVectorStore):
             if self._index is not None:
                 faiss.write_index(self._index, str(w.path(FAISS_FILE)))
             w.write_bytes(STATE_FILE, json.dumps(self._state()).encode())
-            w.write_bytes(DOCSTORE_FILE, json.dumps(self._docstore.to_dict()).encode())
+            w.write_bytes(NODES_FILE, json.dumps(self._nodes.to_dict()).encode())
             if extra is not None:
                 extra(w)
 
@@ -462,7 +484,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         try:
             state = json.loads(snap.read_bytes(STATE_FILE))
             store = cls(embedder_name=built_by, dimension=built_dim, **index_meta["params"], kind=index_meta["kind"])
-            store._docstore = SimpleDocumentStore.from_dict(json.loads(snap.read_bytes(DOCSTORE_FILE)))
+            store._nodes = SimpleKVStore.from_dict(json.loads(snap.read_bytes(NODES_FILE)))
             store._index = faiss.read_index(str(snap.file(FAISS_FILE))) if snap.has(FAISS_FILE) else None
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise IndexCorruptError(f"snapshot {snap.path} cannot be read ({type(e).__name__}: {e}); rebuild the index "
@@ -472,7 +494,8 @@ class FaissVectorStore(BasePydanticVectorStore):
 
     def _manifest_meta(self) -> dict[str, Any]:
         params = {name: getattr(self, name) for name in
-                  ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe", "compact_ratio")}
+                  ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe", "compact_ratio",
+                   "exact_filter_below", "query_threads")}
         return {
             "embedder": {"name": self.embedder_name, "dimension": self.dimension},
             "index": {"kind": self.kind, "params": params, "faiss_version": faiss.__version__},
@@ -500,8 +523,9 @@ class FaissVectorStore(BasePydanticVectorStore):
         except (KeyError, TypeError, ValueError) as e:
             raise IndexCorruptError(f"{where / STATE_FILE} is not a valid store state ({e}); rebuild the index") from None
         ntotal = 0 if self._index is None else self._index.ntotal
-        if ntotal != len(self._records) + len(self._tombstones) or len(self._docstore.docs) != len(self._records):
+        n_stored = len(self._nodes.get_all())
+        if ntotal != len(self._records) + len(self._tombstones) or n_stored != len(self._records):
             raise IndexCorruptError(
                 f"snapshot {where} is inconsistent: {ntotal} vectors, {len(self._records)} nodes + "
-                f"{len(self._tombstones)} tombstones, {len(self._docstore.docs)} docstore entries; rebuild the index"
+                f"{len(self._tombstones)} tombstones, {n_stored} stored nodes; rebuild the index"
             )
