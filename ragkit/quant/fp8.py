@@ -107,41 +107,65 @@ def _scale_to_float(scale: torch.Tensor, name: str) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
+def _scale_grid(
+    rows: int, cols: int, scale: torch.Tensor, block_size: tuple[int, int] | None, name: str, weight_desc: str
+) -> tuple[torch.Tensor, int, int] | None:
+    """(grid, block rows, block cols) of a block-wise scale, None for a per-tensor one; raises for anything else."""
+    if scale.numel() == 1:
+        return None
+    grid = scale.reshape(-1, 1) if scale.dim() == 1 else scale
+    if grid.dim() == 2:
+        s_rows, s_cols = grid.shape
+        if block_size is not None and (s_rows, s_cols) == (_cdiv(rows, block_size[0]), _cdiv(cols, block_size[1])):
+            return grid, block_size[0], block_size[1]
+        if rows % s_rows == 0 and cols % s_cols == 0:
+            return grid, rows // s_rows, cols // s_cols
+    raise QuantizationError(
+        f"Unsupported FP8 layout for {name!r}: weight {weight_desc} [{rows}, {cols}] with scale "
+        f"{list(scale.shape)} (weight_block_size={list(block_size) if block_size else None}). ragkit reads "
+        "per-tensor scales and block grids [ceil(rows/bm), ceil(cols/bn)] as transformers' finegrained_fp8 "
+        "does; re-export the checkpoint in one of those layouts or use its BF16 release."
+    )
+
+
+def check_layout(
+    name: str, is_fp8: bool, shape: list[int], scale: torch.Tensor | None, block_size: tuple[int, int] | None
+) -> None:
+    """Validate one checkpoint tensor against its scale before anything is loaded (cheap: shapes only)."""
+    if scale is None:
+        if is_fp8:
+            raise QuantizationError(
+                f"FP8 tensor {name!r} has no {scale_key(name)!r}; ragkit cannot dequantize FP8 weights without "
+                "their inverse scale (the layout transformers' finegrained_fp8 uses)."
+            )
+        return
+    if not is_fp8:
+        raise QuantizationError(
+            f"Tensor {name!r} has a scale but is not float8_e4m3fn/e5m2; ragkit dequantizes FP8 weights only "
+            "(packed FP4/INT8 experts are not supported)."
+        )
+    if len(shape) == 3:
+        _scale_grid(shape[1], shape[2], expert_scale(scale, 0, shape[0], name), block_size, name, "fp8 expert")
+    elif len(shape) == 2:
+        _scale_grid(shape[0], shape[1], scale, block_size, name, "fp8")
+    else:
+        raise QuantizationError(f"FP8 tensor {name!r} has shape {shape}; ragkit reads 2-D weights and 3-D experts.")
+
+
 def dequantize_fp8(
     weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int] | None, name: str
 ) -> torch.Tensor:
     """Dequantize one 2-D FP8 matrix ``[rows, cols]`` with its per-tensor or block-grid inverse scale (float32)."""
     if weight.dtype not in FP8_DTYPES:
-        raise QuantizationError(
-            f"Tensor {name!r} has a scale but dtype {weight.dtype}; ragkit dequantizes float8_e4m3fn/e5m2 "
-            "weights only (packed FP4/INT8 experts are not supported)."
-        )
+        check_layout(name, False, list(weight.shape), scale_inv, block_size)
     rows, cols = weight.shape
     scale = _scale_to_float(scale_inv, name)
     w = weight.to(torch.float32)
-    if scale.numel() == 1:
+    blocks = _scale_grid(rows, cols, scale, block_size, name, str(weight.dtype))
+    if blocks is None:
         return w.mul_(scale.reshape(()))
-    grid = scale.reshape(-1, 1) if scale.dim() == 1 else scale
-    if grid.dim() != 2:
-        raise QuantizationError(_layout_message(name, weight, scale_inv, block_size))
-    s_rows, s_cols = grid.shape
-    if block_size is not None and (s_rows, s_cols) == (_cdiv(rows, block_size[0]), _cdiv(cols, block_size[1])):
-        bm, bn = block_size
-    elif rows % s_rows == 0 and cols % s_cols == 0:
-        bm, bn = rows // s_rows, cols // s_cols
-    else:
-        raise QuantizationError(_layout_message(name, weight, scale_inv, block_size))
-    full = grid.repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]
-    return w.mul_(full)
-
-
-def _layout_message(name: str, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> str:
-    return (
-        f"Unsupported FP8 layout for {name!r}: weight {weight.dtype} {list(weight.shape)} with scale "
-        f"{list(scale.shape)} (weight_block_size={list(block) if block else None}). ragkit reads per-tensor "
-        "scales and block grids [ceil(rows/bm), ceil(cols/bn)] as transformers' finegrained_fp8 does; "
-        "re-export the checkpoint in one of those layouts or use its BF16 release."
-    )
+    grid, bm, bn = blocks
+    return w.mul_(grid.repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols])
 
 
 def expert_scale(scale_inv: torch.Tensor, expert: int, num_experts: int, name: str) -> torch.Tensor:
@@ -189,6 +213,33 @@ def quantize_fp8(
 _KEEP_BF16 = re.compile(r"embed_tokens|lm_head|norm|\.gate\.weight$|vision_tower|multi_modal_projector")
 
 
+def stored_as_fp8(key: str, tensor: torch.Tensor) -> bool:
+    """Whether an FP8 release stores this checkpoint tensor in FP8 (Linear weights and fused experts)."""
+    return tensor.dim() in (2, 3) and tensor.is_floating_point() and not _KEEP_BF16.search(key)
+
+
+def fp8_tensors(key: str, tensor: torch.Tensor, block_size: tuple[int, int] | None, activation_scheme: str) -> dict:
+    """The checkpoint entries an FP8 release holds for one tensor: weight, inverse scale, activation scale."""
+    if not stored_as_fp8(key, tensor):
+        return {key: tensor}
+    groups = 2 if tensor.dim() == 3 and key.endswith("gate_up_proj") else 1
+    out = dict(zip((key, scale_key(key)), quantize_fp8(tensor, block_size, groups)))
+    if activation_scheme == "static":
+        act = key[: -len("weight")] + "activation_scale" if key.endswith(".weight") else key + "_activation_scale"
+        out[act] = torch.ones(tensor.shape[0] if tensor.dim() == 3 else 1)
+    return out
+
+
+def fp8_config(block_size: tuple[int, int] | None, activation_scheme: str) -> dict:
+    """The ``quantization_config`` entry of an FP8 release written by :func:`fp8_tensors`."""
+    return {
+        "quant_method": "fp8",
+        "activation_scheme": activation_scheme,
+        "weight_block_size": list(block_size) if block_size else None,
+        "modules_to_not_convert": ["embed_tokens", "lm_head", "norm", "gate", "vision_tower", "multi_modal_projector"],
+    }
+
+
 def write_fp8_checkpoint(
     src: str | Path, dst: str | Path, block_size: tuple[int, int] | None, activation_scheme: str = "dynamic"
 ) -> Path:
@@ -206,26 +257,13 @@ def write_fp8_checkpoint(
         out = {}
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
-                t = f.get_tensor(key)
-                if t.dim() in (2, 3) and t.is_floating_point() and not _KEEP_BF16.search(key):
-                    groups = 2 if t.dim() == 3 and key.endswith("gate_up_proj") else 1
-                    out[key], out[scale_key(key)] = quantize_fp8(t, block_size, groups)
-                    if activation_scheme == "static":
-                        act = key[: -len("weight")] + "activation_scale" if key.endswith(".weight") else key + "_activation_scale"
-                        out[act] = torch.ones(t.shape[0] if t.dim() == 3 else 1)
-                else:
-                    out[key] = t
+                out.update(fp8_tensors(key, f.get_tensor(key), block_size, activation_scheme))
         save_file(out, str(dst / shard.name), metadata={"format": "pt"})
         weight_map.update({k: shard.name for k in out})
     index = {"metadata": {"total_size": sum((dst / s.name).stat().st_size for s in shards)}, "weight_map": weight_map}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "activation_scheme": activation_scheme,
-        "weight_block_size": list(block_size) if block_size else None,
-        "modules_to_not_convert": ["embed_tokens", "lm_head", "norm", "gate", "vision_tower", "multi_modal_projector"],
-    }
+    config["quantization_config"] = fp8_config(block_size, activation_scheme)
     (dst / "config.json").write_text(json.dumps(config, indent=1))
     for extra in src.iterdir():
         if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in ("config.json", "model.safetensors.index.json"):

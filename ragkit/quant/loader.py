@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import accelerate
 import bitsandbytes as bnb
 import torch
-import transformers
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,6 +33,7 @@ from ragkit.quant.experts import NF4Experts, expert_layout_for, replace_fused_ex
 from ragkit.quant.fp8 import (
     CheckpointFormat,
     check_known_key,
+    check_layout,
     checkpoint_format,
     dequantize_fp8,
     expert_scale,
@@ -50,18 +49,15 @@ _PER_EXPERT = re.compile(r"^(?P<module>.+)\.(?P<expert>\d+)\.(?P<proj>gate_proj|
 _HALF = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": None, "w2": None}
 
 
-def _model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
-    for name in config.architectures or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM._model_mapping[type(config)]
-
-
 def build_empty_model(config: PretrainedConfig, compute_dtype: torch.dtype) -> PreTrainedModel:
-    """The model for ``config`` with its parameters on the meta device (buffers stay real)."""
+    """The text-generation model for ``config`` with its parameters on the meta device (buffers stay real)."""
+    from ragkit.models import model_class
+
+    cls = model_class(config)
     with accelerate.init_empty_weights():
-        return _model_class(config)._from_config(config, dtype=compute_dtype)
+        if hasattr(cls, "from_config"):  # an Auto class
+            return cls.from_config(config, dtype=compute_dtype)
+        return cls._from_config(config, dtype=compute_dtype)
 
 
 def has_fused_experts(model_or_config: PreTrainedModel | PretrainedConfig | str | Path) -> bool:
@@ -114,11 +110,6 @@ class _Stream:
 
     def _dequant(self, key: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         if scale is None:
-            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                raise QuantizationError(
-                    f"{self.where}: FP8 tensor {key!r} has no {scale_key(key)!r}; ragkit cannot dequantize "
-                    "FP8 weights without their inverse scale (the layout transformers' finegrained_fp8 uses)."
-                )
             return tensor
         return dequantize_fp8(tensor, scale.to(tensor.device), self.fmt.block_size, key)
 
@@ -127,9 +118,10 @@ class _Stream:
         module = self.model.get_submodule(module_name)
         if attr in module._parameters:
             old = module._parameters[attr]
-            module._parameters[attr] = nn.Parameter(tensor.to(self.device, old.dtype), requires_grad=False)
+            # copy=True: a tensor read from a shard is a view of the whole mapped shard, which must not stay alive
+            module._parameters[attr] = nn.Parameter(tensor.to(self.device, old.dtype, copy=True), requires_grad=False)
         else:
-            module._buffers[attr] = tensor.to(self.device, module._buffers[attr].dtype)
+            module._buffers[attr] = tensor.to(self.device, module._buffers[attr].dtype, copy=True)
 
     def load_fused(self, key: str, module_name: str, proj: str, reader) -> None:
         module = self.experts[module_name]
@@ -184,11 +176,37 @@ class _Stream:
         self.loaded.add(name)
 
 
-def _iter_keys(shards: list[Path]) -> Iterator[tuple[Path, list[str]]]:
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            keys = list(f.keys())
-        yield shard, keys
+def _with_shard(shard: Path, fn, *args):
+    """Run ``fn(reader, *args)`` on an open shard; the shard's mapping dies when this returns."""
+    with safe_open(str(shard), framework="pt") as f:
+        return fn(f, *args)
+
+
+def _survey(shards: list[Path], fmt: CheckpointFormat, where: str) -> tuple[list[tuple[Path, list[str]]], dict]:
+    """List every shard's keys, read all FP8 scales (small) and validate every layout before loading."""
+    listing = [(shard, _with_shard(shard, lambda f: list(f.keys()))) for shard in shards]
+    scales: dict[str, torch.Tensor] = {}
+    for shard, keys in listing:
+        for key in keys:
+            check_known_key(key, where)
+        scale_keys = [k for k in keys if k.endswith("_scale_inv")]
+        if scale_keys and not fmt.fp8:
+            raise QuantizationError(
+                f"{where}: tensor {scale_keys[0]!r} is an FP8 scale but config.json has no FP8 "
+                "quantization_config; the checkpoint is incomplete or mislabelled."
+            )
+        scales.update(_with_shard(shard, lambda f, ks: {k: f.get_tensor(k).clone() for k in ks}, scale_keys))
+
+    def validate(f, keys: list[str]) -> None:
+        for key in keys:
+            if not is_scale_key(key):
+                info = f.get_slice(key)
+                check_layout(key, info.get_dtype().startswith("F8"), info.get_shape(),
+                             scales.get(scale_key(key)), fmt.block_size)
+
+    for shard, keys in listing:
+        _with_shard(shard, validate, keys)
+    return listing, scales
 
 
 def load_nf4(
@@ -219,31 +237,21 @@ def load_nf4(
     for module in experts.values():
         module.materialize(device)
 
-    shards = _shards(path)
+    listing, scales = _survey(_shards(path), fmt, str(path))
     stream = _Stream(model, experts, fmt, device, str(path))
-    listing = list(_iter_keys(shards))
-    for shard, keys in listing:
-        for key in keys:
-            check_known_key(key, str(path))
-        scale_keys = [k for k in keys if k.endswith("_scale_inv")]
-        if scale_keys and not fmt.fp8:
-            raise QuantizationError(
-                f"{path}: tensor {scale_keys[0]!r} is an FP8 scale but config.json has no FP8 "
-                "quantization_config; the checkpoint is incomplete or mislabelled."
-            )
-        with safe_open(str(shard), framework="pt") as f:
-            stream.scales.update({k: f.get_tensor(k) for k in scale_keys})
+    stream.scales = scales
 
-    total = sum(len([k for k in keys if not is_scale_key(k)]) for _, keys in listing)
-    bar = tqdm(total=total, desc=f"NF4 {path.name}", unit="tensor", disable=not progress)
-    for shard, keys in listing:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in keys:
-                if is_scale_key(key):
-                    continue
+    def load_shard(f, keys: list[str]) -> None:
+        for key in keys:
+            if not is_scale_key(key):
                 name, _ = rename_source_key(key, renamings, [], model.base_model_prefix, expected)
                 stream.load_tensor(key, name, f)
                 bar.update()
+
+    total = sum(not is_scale_key(k) for _, keys in listing for k in keys)
+    bar = tqdm(total=total, desc=f"NF4 {path.name}", unit="tensor", disable=not progress)
+    for shard, keys in listing:
+        _with_shard(shard, load_shard, keys)
     bar.close()
     if stream.halves:
         (module, expert), _ = next(iter(stream.halves.items()))
