@@ -44,3 +44,23 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_APOSTROPHES = re.compile("['\u2018\u2019\u02bc]")
+
+
+def normalize_squad(text: str) -> str:
+    """SQuAD answer normalization: NFKC, lower case, apostrophes dropped, other punctuation and symbols -> space,
+    articles (a, an, the) dropped."""
+    t = unicodedata.normalize("NFKC", text).lower()
+    t = _APOSTROPHES.sub("", t)
+    t = "".join(" " if unicodedata.category(c).startswith(("P", "S")) else c for c in t)
+    return " ".join(_ARTICLES.sub(" ", t).split())
+
+
+def answer_match(answer: str, golds: Iterable[str]) -> bool:
+    """True when any gold answer occurs in ``answer`` as whole words after SQuAD normalization (the
+    lost-in-the-middle metric; word-bounded, so '10' is not found in '100')."""
+    a = f" {normalize_squad(answer)} "
+    return any(g and f" {g} " in a for g in (normalize_squad(x) for x in golds))

@@ -1,0 +1,29 @@
+"""Paired significance tests for suites that score the same items under two conditions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact McNemar test of two conditions on the same items (correct / wrong per item)."""
+
+    n: int  # items scored under both conditions
+    a_only: int  # right under A, wrong under B
+    b_only: int  # wrong under A, right under B
+    p_value: float  # two-sided exact binomial p of the discordant pairs
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
+    """Exact (binomial) McNemar test: under H0 each discordant item is equally likely to favour A or B."""
+    from scipy.stats import binomtest
+
+    if len(a) != len(b):
+        raise ValueError(f"paired test needs the same items under both conditions ({len(a)} != {len(b)})")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    discordant = a_only + b_only
+    p = 1.0 if discordant == 0 else float(binomtest(a_only, discordant, 0.5).pvalue)
+    return McNemar(len(a), a_only, b_only, min(1.0, p))
