@@ -289,7 +289,7 @@ class LocalLLM(CustomLLM):
         if failure:
             raise failure[0]
         final = _cut_at_stop(self._decode(new_ids), stop)
-        if final != sent:
+        if final != sent or not final:  # LlamaIndex needs at least one response, even an empty one
             yield CompletionResponse(text=final, delta=final[len(sent) :] if final.startswith(sent) else final)
 
 
