@@ -293,7 +293,8 @@ class IndexDirectory:
         """Write a new snapshot with ``write(writer)`` and make it live atomically; returns it.
 
         ``meta`` (JSON-serialisable) goes into the manifest beside the checksums. Takes the lock if this
-        process does not hold it. Keeps the live and the previous snapshot; older ones are removed.
+        process does not hold it. Keeps the live and the previous snapshot; older ones are removed
+        (not when ``force=True``: then nothing is removed).
         """
         with self.lock():
             self.check_writable(force=force)
@@ -321,7 +322,8 @@ class IndexDirectory:
             _pause_point("before-switch")
             _write_atomic(self.path / CURRENT, f"{name}\n".encode())
             _pause_point("before-gc")
-            self._collect_garbage(name, previous)
+            if not force:  # a forced write deletes nothing: the damaged snapshots stay for inspection
+                self._collect_garbage(name, previous)
             return Snapshot(self.path / name, manifest)
 
     def _current_name_or_none(self) -> str | None:
