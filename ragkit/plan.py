@@ -438,6 +438,9 @@ def plan(
         f"{label} ({quant}, {context:,} tokens x {batch})", weights + kv_bytes + workspace, advice,
         accelerate=accelerate, bnb=accelerate and quant != "none",
     )
+    if sizes and accelerate and quant != "none":
+        notes = (*notes, "max_memory is each GPU's weight budget / 0.9: transformers' bitsandbytes quantizers "
+                         "multiply max_memory by 0.9 before placing, so accelerate places within the budget.")
     if len(sizes) > 1 and not accelerate:
         notes = (*notes, "ragkit's expert-aware NF4 loader (ragkit/quant/loader.py) puts the whole model on one "
                          "device today and ignores max_memory; the split above is what the weights need per GPU, "
@@ -526,7 +529,8 @@ def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, worksp
 
     Each GPU's weight budget is chosen so that, whichever decoder layers land on it, weights + their KV
     cache + one layer's attention workspace stay within capacity x (1 - headroom):
-    budget = (usable - workspace) / (1 + r), r the largest KV-to-weights ratio of a decoder layer.
+    budget = max((usable - workspace) / (1 + r), usable - workspace - KV of all layers), r the largest
+    KV-to-weights ratio of a decoder layer.
     With ``accelerate`` (from_pretrained with device_map="auto") the placement mimics accelerate: GPU 0
     keeps room for the largest block, and with bitsandbytes transformers scales max_memory by 0.9 before
     placing, so the published max_memory is budget / 0.9 and the placement budget stays the planned one.
@@ -535,7 +539,8 @@ def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, worksp
         return (), {}
     ratio = max((layer_kv / blocks[name] for name in layers if blocks[name]), default=0.0)
     usable = [int(c * (1 - headroom)) for c in sizes]
-    budgets = [max(0, int((u - workspace) / (1 + ratio))) for u in usable]
+    kv_all = layer_kv * len(layers)  # a GPU never holds more KV than all layers'
+    budgets = [max(0, int((u - workspace) / (1 + ratio)), u - workspace - kv_all) for u in usable]
     room = list(budgets)
     if accelerate:
         room[0] = max(0, room[0] - max(blocks.values()))
