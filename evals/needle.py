@@ -21,11 +21,12 @@ from evals.runner import Group, Job, run
 from evals.scoring import contains_value, value_fraction
 from evals.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.store import RunDir, provenance
-from evals.targets import Retriever, load_target
+from evals.targets import Retriever, load_served_target, load_target
 
 SUITE = "needle"
 RECIPE_VERSION = 1  # bump when prompt construction changes: old runs then refuse to resume
 MODES = ("context", "rag", "both")
+BACKENDS = ("local", "openai")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HAYSTACK = ("corpora/sqlite", "corpora/python")  # relative paths are looked up in the cwd, then the repo
 
@@ -54,14 +55,20 @@ class NeedleSettings:
     top_k: int = 4
     chunk_size: int = 256
     controls: bool = True
+    backend: str = "local"
+    tokenizer: str | None = None  # openai backend: the served model's tokenizer
     # run control (not hashed)
     out: str | None = None
     resume: bool = False
     skip_too_long: bool = False
     progress: bool = True
     threads: int | None = None
+    base_url: str | None = None
+    concurrency: int = 1
+    timeout: float = 300.0
 
-    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads")
+    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", "base_url", "concurrency",
+                   "timeout")
 
     def __post_init__(self) -> None:
         self.lengths = parse_lengths(self.lengths)
@@ -78,11 +85,22 @@ class NeedleSettings:
             self.max_new_tokens = 96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
+        if self.backend not in BACKENDS:
+            raise SettingsError(f"--backend {self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+        if self.concurrency < 1:
+            raise SettingsError(f"--concurrency must be >= 1, got {self.concurrency}")
+        if self.backend == "local" and (self.concurrency > 1 or self.base_url or self.tokenizer):
+            raise SettingsError("--concurrency, --base-url and --tokenizer need --backend openai; the in-process "
+                                "backend decodes one cell at a time, sharing each haystack's prefix")
+        if self.backend == "openai" and self.quant != "none":
+            raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
 
     def hashed(self) -> dict[str, Any]:
         d = asdict(self)
         for k in self.RUN_CONTROL:
             d.pop(k)
+        if self.backend == "local":  # runs made before the openai backend existed keep their hash
+            d.pop("backend"), d.pop("tokenizer")
         d["recipe_version"] = RECIPE_VERSION
         return d
 
@@ -204,6 +222,13 @@ def _parser() -> argparse.ArgumentParser:
     a("--skip-too-long", action="store_const", const=True, help="skip lengths above the context window with a warning")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    a("--backend", choices=BACKENDS, help="local: ragkit.LocalLLM in this process (default); openai: an "
+      "OpenAI-compatible server, e.g. vLLM or llama.cpp (docs/serving.md)")
+    a("--base-url", help="openai: the server's API root, e.g. http://127.0.0.1:8000/v1 (default $RAGKIT_BASE_URL)")
+    a("--tokenizer", help="openai: the served model's tokenizer: a directory, .gguf file or cached hub id "
+      "(default: the served model name, if it resolves offline)")
+    a("--concurrency", type=int, help="openai: cells in flight at once (default 1)")
+    a("--timeout", type=float, help="openai: seconds one request may take before it is retried (default 300)")
     a("--config", help="YAML suite file (evals/suites/*.yaml); flags given on the command line win")
     a("--rebuild-prompt", nargs=2, metavar=("RUN", "CELL"),
       help="print the exact prompt of cell CELL of run directory RUN (fails if its token count differs)")
@@ -247,13 +272,16 @@ def execute(s: NeedleSettings) -> Path:
     run_dir = RunDir(out)
     config = config_hash({**s.hashed(), "pool": pool.fingerprint})
     done = run_dir.open(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, s.resume)
-    target = load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
+    if s.backend == "openai":
+        target = load_served_target(s.base_url, s.model, s.tokenizer, s.max_new_tokens, s.timeout)
+    else:
+        target = load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
     lengths = _usable_lengths(s, target.context_window)
     if not (run_dir.path / "run.json").exists():
         run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info),
                            "haystack_files": list(pool.files)})
     suite = NeedleSuite(s, target, pool, run_dir, lengths)
-    stats = run(suite, target, run_dir, done, show_progress=s.progress)
+    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency)
     report.write_needle_report(run_dir)
     print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
     return run_dir.path

@@ -56,8 +56,23 @@ class RunStats:
     rows: list[dict] = field(default_factory=list)
 
 
-def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, show_progress: bool = True) -> RunStats:
-    """Run every cell of ``suite`` not in ``done``; rows are appended to ``run_dir`` as they finish."""
+def progress_columns() -> tuple:
+    """The progress bar of every run: cells done of total, prompt tokens per second, elapsed, ETA."""
+    return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("cells · {task.fields[tps]} tok/s · elapsed"), TimeElapsedColumn(),
+            TextColumn("· ETA"), TimeRemainingColumn())
+
+
+def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, show_progress: bool = True,
+        concurrency: int = 1) -> RunStats:
+    """Run every cell of ``suite`` not in ``done``; rows are appended to ``run_dir`` as they finish.
+
+    A served target (``--backend openai``) goes through evals.concurrent, ``concurrency`` requests at a time.
+    """
+    if target.served:
+        from evals.concurrent import run_concurrent
+
+        return run_concurrent(suite, target, run_dir, done, concurrency=concurrency, show_progress=show_progress)
     todo = [c for c in suite.cells() if c.cell_id not in done]
     groups: dict[Hashable, list[Cell]] = {}
     for c in todo:
@@ -65,10 +80,7 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
     decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens)
     stats = RunStats()
     t_start = time.perf_counter()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("cells · {task.fields[tps]} tok/s · elapsed"), TimeElapsedColumn(),
-               TextColumn("· ETA"), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress, transient=False) as progress:
+    with Progress(*progress_columns(), disable=not show_progress, transient=False) as progress:
         bar = progress.add_task(suite.name, total=len(todo), tps="-")
         for cells in groups.values():
             group = suite.prepare(cells)

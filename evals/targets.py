@@ -36,6 +36,7 @@ class Target:
     llm: Any
     codec: LLMCodec
     info: dict[str, Any]
+    served: bool = False  # True: an OpenAI-compatible server answers (no model in this process)
 
     @property
     def model(self) -> Any:
@@ -90,6 +91,28 @@ def load_target(model: str = "default", quant: str = "none", dtype: str | None =
         "parameters": sum(p.numel() for p in m.parameters()),
     }
     return Target(llm, LLMCodec(llm), info)
+
+
+# A served cell whose response is malformed, empty or refused is recorded as an error, never scored.
+CELL_ERRORS = (ragkit.BadServerResponseError, ragkit.ServerRequestError)
+
+
+def load_served_target(base_url: str | None, model: str = "default", tokenizer: str | None = None,
+                       max_new_tokens: int = 32, timeout: float = 300.0) -> Target:
+    """The model under test behind an OpenAI-compatible server, through ragkit.OpenAICompatibleLLM (greedy).
+
+    Fails fast (ragkit.ServerUnavailableError) when nothing answers at ``base_url``. The suites build
+    token-exact prompts, so the served model's tokenizer must be on this machine (``tokenizer``, or the
+    served model name when it resolves offline).
+    """
+    llm = ragkit.OpenAICompatibleLLM(base_url, None if model == "default" else model, tokenizer=tokenizer,
+                                     max_new_tokens=max_new_tokens, temperature=0.0, timeout=timeout)
+    if llm.tokenizer is None:
+        raise SettingsError(f"the suites build token-exact prompts and need the tokenizer of {llm.model_name!r} on "
+                            "this machine; pass --tokenizer (a model directory, a .gguf file or a cached hub id)")
+    info = {"name": llm.model_name, "backend": "openai", "base_url": llm.base_url,
+            "tokenizer": llm.tokenizer_source, "context_window": int(llm.context_window), "device": "server"}
+    return Target(llm, LLMCodec(llm), info, served=True)
 
 
 class Retriever:

@@ -217,7 +217,7 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "The 
 
 @pytest.fixture(scope="module")
 def served_smollm2() -> Iterator[LocalServer]:
-    with LocalServer("default", startup_timeout=300) as server:
+    with LocalServer("default", threads=1, startup_timeout=300) as server:
         yield server
 
 
