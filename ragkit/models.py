@@ -207,7 +207,13 @@ def cached_gguf_dir(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         logger.info("Loading %s from its converted cache %s", gguf.name, target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"Cannot create ragkit's cache directory {target.parent} ({exc}); set RAGKIT_CACHE_DIR to a writable "
+            f"directory (the converted {gguf.name} needs about 4x the GGUF's size)."
+        ) from exc
     with FileLock(f"{target}.lock"):
         if (target / "config.json").is_file():
             return target

@@ -218,3 +218,11 @@ def test_max_memory_keeps_headroom_on_every_device():
 
     budgets = models.max_memory_with_headroom(0.5)
     assert 0 < budgets["cpu"] <= psutil.virtual_memory().total * 0.5
+
+
+def test_unwritable_cache_dir_says_how_to_fix_it(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("RAGKIT_CACHE_DIR", str(blocker))
+    with pytest.raises(ModelLoadError, match="Cannot create ragkit's cache directory .*set RAGKIT_CACHE_DIR"):
+        models.cached_gguf_dir(models.default_llm_path())
