@@ -51,7 +51,11 @@ def nf4_model(tiny_mistral4_dir):
     return load_nf4(tiny_mistral4_dir, device="cpu", progress=False)
 
 
-@pytest.fixture(scope="module", params=[(32, 32), None], ids=["fp8-block32", "fp8-per-tensor"])
+@pytest.fixture(
+    scope="module",
+    params=[(32, 32), pytest.param(None, marks=pytest.mark.slow)],
+    ids=["fp8-block32", "fp8-per-tensor"],
+)
 def fp8_dir(request, tiny_mistral4_dir, tmp_path_factory):
     scheme = "dynamic" if request.param else "static"
     return write_fp8_checkpoint(tiny_mistral4_dir, tmp_path_factory.mktemp("fp8") / "ckpt", request.param, scheme)

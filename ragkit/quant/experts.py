@@ -24,6 +24,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
+from transformers.integrations.moe import _grouped_mm
 
 from ragkit.errors import QuantizationError
 from ragkit.quant.nf4 import NESTED_BLOCKSIZE, NF4_BLOCKSIZE, quantize_nf4
@@ -106,6 +107,7 @@ class NF4Experts(nn.Module):
         self.layout = layout
         self.gate_fn = gate_fn
         self.compute_dtype = compute_dtype
+        self.group_size = max(1, -(-num_experts // 8))  # prefill dequantizes at most 1/8 of the experts at once
         code = bnbf.get_4bit_type("nf4", device="cpu")
         self.register_buffer("nf4_code", code.to(device))
         self.register_buffer("nested_code", bnbf.create_dynamic_map(signed=True).to(device))
@@ -182,39 +184,80 @@ class NF4Experts(nn.Module):
         )
 
     def dequantize_expert(self, name: str, expert: int) -> torch.Tensor:
-        """One expert's ``[out, in]`` weight in the compute dtype (for checks; the forward never calls it)."""
+        """One expert's ``[out, in]`` weight in the compute dtype, exactly as bitsandbytes dequantizes it."""
         codes = getattr(self, f"{name}_codes")[expert].view(-1, 1)
         return bnbf.dequantize_4bit(codes, self.quant_state(name, expert))
+
+    def dequantize_experts(self, name: str, experts: torch.Tensor) -> torch.Tensor:
+        """``[G, out, in]`` weights of the experts listed in ``experts``, dequantized in one bitsandbytes call.
+
+        The nested absmax is expanded here (code[absmax] * absmax2 + offset, as bitsandbytes does), so
+        the G experts' codes form one NF4 tensor with float32 absmax. Needs ``out * in % 64 == 0``.
+        """
+        rows, cols = self.shapes[name]
+        absmax = self.nested_code[getattr(self, f"{name}_absmax")[experts].long()]
+        scale = getattr(self, f"{name}_absmax2")[experts].repeat_interleave(NESTED_BLOCKSIZE, dim=1)
+        absmax = absmax * scale[:, : absmax.shape[1]] + getattr(self, f"{name}_offset")[experts, None]
+        state = bnbf.QuantState(
+            absmax=absmax.reshape(-1), shape=torch.Size((len(experts) * rows, cols)), code=self.nf4_code,
+            blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=self.compute_dtype,
+        )
+        codes = getattr(self, f"{name}_codes")[experts].reshape(-1, 1)
+        return bnbf.dequantize_4bit(codes, state).view(len(experts), rows, cols)
 
     def _project(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         codes = getattr(self, f"{name}_codes")[expert].view(-1, 1)
         bias = getattr(self, f"{name}_bias")[expert] if self.layout.bias else None
         return bnb.matmul_4bit(x, codes.t(), quant_state=self.quant_state(name, expert), bias=bias)
 
+    def _project_group(self, name: str, experts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        y = _grouped_mm(x, self.dequantize_experts(name, experts).transpose(-2, -1), offsets)
+        if self.layout.bias:
+            y = y + getattr(self, f"{name}_bias")[experts].repeat_interleave(counts, dim=0)
+        return y
+
+    def _groupable(self, assignments: int) -> bool:
+        """Prefill-sized batches (>= one token per expert on average) dequantize experts in groups."""
+        return assignments >= self.num_experts and all(r * c % NF4_BLOCKSIZE == 0 for r, c in self.shapes.values())
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Same contract as the replaced module: ``[T, H]`` states, ``[T, k]`` expert ids and weights."""
-        out = torch.zeros_like(hidden_states)
+        """Same contract as the replaced module: ``[T, H]`` states, ``[T, k]`` expert ids and weights.
+
+        Few tokens (decode): one ``bnb.matmul_4bit`` per routed expert and projection (4-bit GEMV on
+        CUDA). Many tokens (prefill): routed experts are dequantized ``group_size`` at a time and run
+        as one grouped matmul, so at most ``group_size`` experts exist in the compute dtype at once.
+        """
         k = top_k_index.shape[-1]
         expert_ids = top_k_index.reshape(-1)
-        token_ids = torch.arange(hidden_states.shape[0], device=hidden_states.device).repeat_interleave(k)
-        weights = top_k_weights.reshape(-1)
         valid = expert_ids < self.num_experts  # expert-parallel sentinels point past the last expert
-        order = torch.argsort(torch.where(valid, expert_ids, self.num_experts), stable=True)
-        counts = torch.bincount(expert_ids[valid], minlength=self.num_experts).tolist()
-        x_all = hidden_states.to(self.compute_dtype)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            pick = order[start : start + count]
-            start += count
-            tokens = token_ids[pick]
-            h = self._project(self.layout.first, expert, x_all[tokens])
-            h = self.gate_fn(h)
-            y = self._project(self.layout.second, expert, h)
-            y = y * weights[pick, None].to(y.dtype)
-            out.index_add_(0, tokens, y.to(out.dtype))
-        return out
+        n = int(valid.sum())
+        order = torch.argsort(torch.where(valid, expert_ids, self.num_experts), stable=True)[:n]
+        counts_all = torch.bincount(expert_ids[valid], minlength=self.num_experts)
+        tokens = order // k
+        x = hidden_states.to(self.compute_dtype)[tokens]
+        first, second = self.layout.first, self.layout.second
+        if self._groupable(n):
+            hit = counts_all.nonzero().flatten()
+            counts = counts_all[hit]
+            bounds = [0, *torch.cumsum(counts, 0).tolist()]
+            pieces = []
+            for g in range(0, len(hit), self.group_size):
+                ids, cnt = hit[g : g + self.group_size], counts[g : g + self.group_size]
+                xs = x[bounds[g] : bounds[min(g + self.group_size, len(hit))]]
+                pieces.append(self._project_group(second, ids, cnt, self.gate_fn(self._project_group(first, ids, cnt, xs))))
+            y = torch.cat(pieces)
+        else:
+            pieces, start = [], 0
+            for expert, count in enumerate(counts_all.tolist()):
+                if count:
+                    xs = x[start : start + count]
+                    pieces.append(self._project(second, expert, self.gate_fn(self._project(first, expert, xs))))
+                    start += count
+            y = torch.cat(pieces) if pieces else x.new_zeros(0, hidden_states.shape[-1])
+        y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
+        out = torch.zeros_like(hidden_states)
+        return out.index_add_(0, tokens, y.to(out.dtype))
 
 
 def replace_fused_experts(model: nn.Module, compute_dtype: torch.dtype) -> dict[str, NF4Experts]:
