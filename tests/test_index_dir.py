@@ -264,4 +264,5 @@ def test_manifest_without_store_entries_is_corrupt(tmp_path):
         FaissVectorStore.load(directory)
     with pytest.raises(ValueError, match="invalid snapshot file name 'manifest.json'"):
         directory.commit(lambda w: w.write_bytes("manifest.json", b"{}"), meta={})
+    assert not list((tmp_path / "idx").glob(".tmp-*"))  # a failed write leaves no temp directory
     assert directory.current_name() == "v000001"

@@ -304,13 +304,17 @@ class IndexDirectory:
             self._remove_stale_temps()
             tmp = self.path / f".tmp-{name}-{os.getpid()}"
             tmp.mkdir()
-            write(SnapshotWriter(tmp))
-            files = {}
-            for f in sorted(tmp.iterdir()):
-                if not f.is_file():
-                    raise ValueError(f"snapshot writers may only create plain files; {f} is not one")
-                _fsync_path(f)
-                files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            try:
+                write(SnapshotWriter(tmp))
+                files = {}
+                for f in sorted(tmp.iterdir()):
+                    if not f.is_file():
+                        raise ValueError(f"snapshot writers may only create plain files; {f} is not one")
+                    _fsync_path(f)
+                    files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing was published; leave no debris
+                raise
             manifest = {"format": "ragkit-index", "format_version": FORMAT_VERSION, "snapshot": name,
                         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "previous": previous, "files": files, "meta": meta}
@@ -337,6 +341,8 @@ class IndexDirectory:
         for p in self.path.iterdir():
             if p.name.startswith(".tmp-") and p.is_dir():
                 shutil.rmtree(p)
+            elif p.name.startswith(f".{CURRENT}.tmp-"):
+                p.unlink()
 
     def _collect_garbage(self, live: str, previous: str | None) -> None:
         """Remove snapshots other than the live and the previous one (none when there was no previous)."""
