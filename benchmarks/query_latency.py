@@ -85,12 +85,17 @@ def summary(timed: tuple[np.ndarray, np.ndarray, np.ndarray], truth: np.ndarray)
             "recall_at_10": round(recall_at_10(labels, truth), 4), "queries": len(labels)}
 
 
-def add_in_chunks(index: faiss.Index, data: np.ndarray, desc: str, chunk: int = 20_000) -> float:
+def add_in_chunks(index: faiss.Index, data: np.ndarray, desc: str, chunk: int = 20_000,
+                  budget_s: float | None = None) -> tuple[float, int]:
+    """Add ``data`` chunk by chunk with a progress bar; stop early past ``budget_s``. Returns (s, added)."""
     t0 = time.perf_counter()
+    end = 0
     for start in tqdm(range(0, len(data), chunk), desc=desc, unit="chunk", mininterval=5):
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            break
         end = min(start + chunk, len(data))
         index.add_with_ids(data[start:end], np.arange(start, end, dtype=np.int64))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, end
 
 
 def measure(rows: list[dict], search, queries: np.ndarray, truth: np.ndarray, threads: list[int], **what) -> None:
@@ -134,7 +139,13 @@ def run_size(n: int, gen: ClusteredVectors, queries: np.ndarray, args: argparse.
 
     faiss.omp_set_num_threads(args.threads[0])
     hnsw = build_faiss_index("hnsw", args.dim, hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction)
-    build_s = round(add_in_chunks(hnsw, data, f"hnsw {n:,} (M={args.hnsw_m}, efC={args.ef_construction})"), 1)
+    build_s, added = add_in_chunks(hnsw, data, f"hnsw {n:,} (M={args.hnsw_m}, efC={args.ef_construction})",
+                                   budget_s=args.build_budget_s)
+    build_s = round(build_s, 1)
+    if added < n:
+        rows.append({"n": n, "layer": "faiss", "index": "hnsw", "incomplete": True, "added": added, "build_s": build_s})
+        print(f"HNSW build stopped after {build_s} s with {added:,} of {n:,} vectors", flush=True)
+        return
     for ef in args.ef_search:
         params = faiss.SearchParametersHNSW(efSearch=ef)
         measure(rows, lambda q: hnsw.search(q, 10, params=params)[1][0], queries, truth, args.threads,
@@ -153,7 +164,7 @@ def run_size(n: int, gen: ClusteredVectors, queries: np.ndarray, args: argparse.
 def pick_ef(rows: list[dict], n: int, target: float) -> int | None:
     """Smallest efSearch whose raw-FAISS recall@10 reaches the target at size n."""
     ok = [r["ef_search"] for r in rows if r["n"] == n and r["layer"] == "faiss" and r["index"] == "hnsw"
-          and r["recall_at_10"] >= target]
+          and not r.get("incomplete") and r["recall_at_10"] >= target]
     return min(ok) if ok else None
 
 
@@ -188,6 +199,10 @@ def write_markdown(result: dict, path: Path) -> None:
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        if r.get("incomplete"):
+            lines.append(f"| {r['n']:,} | faiss | hnsw | - | - | build stopped at the time budget: {r['added']:,} vectors "
+                         f"in {r['build_s']} s | | | | |")
+            continue
         lines.append(f"| {r['n']:,} | {r['layer']} | {r['index']} | {r['ef_search'] or '-'} | {r['threads']} | "
                      f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['cpu_p50_ms']:.3f} | {r['recall_at_10']:.3f} | "
                      f"{r['build_s'] if r['build_s'] is not None else '-'} |")
@@ -197,7 +212,7 @@ def write_markdown(result: dict, path: Path) -> None:
         if ef is None:
             lines.append(f"- {n:,}: no efSearch tried reaches recall@10 >= {a['target_recall']}.")
             continue
-        hits = [r for r in result["rows"] if r["n"] == n and r["layer"] == "faiss" and r["ef_search"] == ef]
+        hits = [r for r in result["rows"] if r["n"] == n and r["layer"] == "faiss" and r.get("ef_search") == ef]
         flats = [r for r in result["rows"] if r["n"] == n and r["layer"] == "faiss" and r["index"] == "flat"]
         desc = "; ".join(f"{r['threads']} thread(s): p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms "
                          f"(recall {r['recall_at_10']:.3f})" for r in hits)
@@ -222,6 +237,7 @@ def main() -> None:
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=80)
     p.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
+    p.add_argument("--build-budget-s", type=float, default=None, help="stop an HNSW build after this many seconds")
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--out", type=Path, default=RESULTS / "query_latency.json")
     args = p.parse_args()
