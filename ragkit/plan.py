@@ -185,7 +185,7 @@ def _is_experts(module, param) -> bool:
         return False
 
 
-def _walk(config) -> tuple[list[_Tensor], str, Any]:
+def _walk(config) -> tuple[list[_Tensor], dict[str, str], str, Any]:
     """Instantiate on the meta device and classify every parameter and buffer."""
     import torch
     from torch import nn
@@ -208,13 +208,15 @@ def _walk(config) -> tuple[list[_Tensor], str, Any]:
         block_of[mname] = inherited or (mname if type(module).__name__ in no_split else "")
 
     tensors: list[_Tensor] = []
-    seen: set[int] = set()  # tied parameters (shared objects) are stored once
+    seen: dict[int, str] = {}  # tied parameters (shared objects) are stored once, by their first owner
+    tied: dict[str, str] = {}  # block holding only a tied copy -> block of the stored parameter
     for mname, module in model.named_modules():
         block = block_of[mname] or mname
         for pname, param in module.named_parameters(recurse=False):
             if id(param) in seen:
+                tied[block] = seen[id(param)]
                 continue
-            seen.add(id(param))
+            seen[id(param)] = block
             fp32 = bool(fp32_keep) and not should_convert_module(mname, fp32_keep)
             if isinstance(module, nn.Embedding):
                 kind = "embedding"
@@ -228,7 +230,7 @@ def _walk(config) -> tuple[list[_Tensor], str, Any]:
         for bname, buf in module.named_buffers(recurse=False):
             tensors.append(_Tensor(f"{mname}.{bname}", buf.numel(), tuple(buf.shape), "buffer", block,
                                    buf.dtype == torch.float32))
-    return tensors, type(model).__name__, model
+    return tensors, tied, type(model).__name__, model
 
 
 def _text_config(config):
@@ -396,7 +398,7 @@ def plan(
     sizes = parse_gpus(gpus)
 
     config, label = _load_config(model_or_config)
-    tensors, arch, model = _walk(config)
+    tensors, tied, arch, model = _walk(config)
     tc = _text_config(config)
     context = context or getattr(tc, "max_position_embeddings", None) or 4096
 
@@ -428,19 +430,25 @@ def plan(
     advice = []
     if quant != "nf4":
         advice.append(f"quant='nf4' (weights {format_bytes(by_precision['nf4/' + moe_experts])})")
-    if n_experts and not experts_q and _experts_quantized("nf4", "ragkit"):
+    if n_experts and moe_experts == "stock":
         advice.append(f"moe_experts='ragkit' with nf4 (weights {format_bytes(by_precision['nf4/ragkit'])})")
     advice += ["a shorter context", "more or larger GPUs", "a lower headroom"]
     # ragkit's expert-aware NF4 loader places the model itself; everything else goes through from_pretrained
     accelerate = not (experts_q and n_experts)
     shares, device_map = _split(
         blocks, _decoder_layers(model, blocks), kv_bytes // kv.layers, workspace, sizes, headroom,
-        f"{label} ({quant}, {context:,} tokens x {batch})", weights + kv_bytes + workspace, advice,
+        f"{label} ({quant}, {context:,} tokens x {batch})", advice,
         accelerate=accelerate, bnb=accelerate and quant != "none",
     )
+    for block, source in tied.items():  # tied weights live with the tensor they share
+        if source in device_map:
+            device_map.setdefault(block, device_map[source])
     if sizes and accelerate and quant != "none":
         notes = (*notes, "max_memory is each GPU's weight budget / 0.9: transformers' bitsandbytes quantizers "
                          "multiply max_memory by 0.9 before placing, so accelerate places within the budget.")
+    if len(sizes) > 1 and accelerate:
+        notes = (*notes, "device_map='auto' balances GPUs 0..N-2 at about total/N + 1.25 x the largest layer and "
+                         "can spill to CPU on a tight fit; pass device_map=plan.device_map to use this split exactly.")
     if len(sizes) > 1 and not accelerate:
         notes = (*notes, "ragkit's expert-aware NF4 loader (ragkit/quant/loader.py) puts the whole model on one "
                          "device today and ignores max_memory; the split above is what the weights need per GPU, "
@@ -523,7 +531,7 @@ def _decoder_layers(model, blocks: dict[str, int]) -> dict[str, int]:
 
 
 def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, workspace: int, sizes: list[int],
-           headroom: float, label: str, total: int, advice: list[str], *, accelerate: bool,
+           headroom: float, label: str, advice: list[str], *, accelerate: bool,
            bnb: bool) -> tuple[tuple[GPUShare, ...], dict[str, int]]:
     """Split the blocks (no-split modules, in module order) over GPUs.
 
@@ -550,12 +558,14 @@ def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, worksp
         if placed is not None:
             break
     else:
-        usable_all = sum(usable)
+        reserve = (f"; accelerate also keeps {format_bytes(max(blocks.values()))} free on GPU 0 for the largest "
+                   f"block" if accelerate and len(sizes) > 1 else "")
+        workspace_note = f" + {format_bytes(workspace)} attention workspace on each GPU with layers" if workspace else ""
         raise MemoryPlanError(
-            f"{label} does not fit: it needs {format_bytes(total)} (weights {format_bytes(weights_total)} + KV "
-            f"cache + attention workspace), but {len(sizes)} GPU(s) of {', '.join(format_bytes(c) for c in sizes)} "
-            f"give {format_bytes(usable_all)} after {headroom:.0%} headroom (at least "
-            f"{format_bytes(total / (1 - headroom))} of GPU memory is needed). Try " + ", ".join(advice) + "."
+            f"{label} does not fit on {len(sizes)} GPU(s) of {', '.join(format_bytes(c) for c in sizes)}: it needs "
+            f"weights {format_bytes(weights_total)} + KV cache {format_bytes(kv_all)}{workspace_note}, in whole "
+            f"decoder layers, and the GPUs give {format_bytes(sum(usable))} after {headroom:.0%} headroom{reserve}. "
+            f"Try " + ", ".join(advice) + "."
         )
     shares = []
     for index, capacity in enumerate(sizes):

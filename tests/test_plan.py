@@ -133,6 +133,56 @@ def test_bitsandbytes_max_memory_accounts_for_transformers_scaling():
         assert g.weights <= g.max_memory * 0.9 <= g.usable - g.kv_cache
 
 
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_transformers_device_map_auto_keeps_every_module_on_the_planned_gpus(quant):
+    """transformers' own device_map="auto" placement, given the planned max_memory, needs no CPU or disk."""
+    import torch
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations import replace_with_bnb_linear
+    from transformers.integrations.accelerate import _get_device_map
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+
+    from ragkit.models import model_class
+    from ragkit.plan import _load_config
+
+    p = plan(MS4, quant=quant, context=262_144, gpus="4x80GiB")
+    config, _ = _load_config(MS4)
+    with torch.device("meta"):
+        model = model_class(config).from_config(config, dtype=torch.bfloat16)
+    quantizer = None
+    if quant == "int8":
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+        replace_with_bnb_linear(model, modules_to_not_convert=get_keys_to_not_convert(model), quantization_config=bnb)
+        quantizer = Bnb8BitHfQuantizer(bnb)
+    device_map = _get_device_map(model, "auto", dict(p.max_memory), quantizer)
+    assert set(device_map.values()) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("model, gpus", [(MS4, "4x77GiB"), ("default", "2x1GiB")])
+def test_planned_device_map_places_every_parameter_within_budget(model, gpus):
+    """plan.device_map can be passed as from_pretrained(device_map=...): it covers every parameter (tied ones on
+    their source's GPU) and no GPU gets more weights than its budget (4x76GiB would not fit Mistral-Small-4)."""
+    import torch
+
+    from ragkit.models import model_class
+    from ragkit.plan import _load_config
+
+    p = plan(model, quant="int8", context=262_144 if model == MS4 else 8192, gpus=gpus)
+    config, _ = _load_config(model)
+    with torch.device("meta"):
+        meta = model_class(config).from_config(config)
+    for name, _param in meta.named_parameters(remove_duplicate=False):
+        owners = [key for key in p.device_map if name.startswith(key + ".")]
+        assert len(owners) == 1, name
+    if meta.get_output_embeddings() is not None and config.get_text_config().tie_word_embeddings:
+        out = next(n for n, m in meta.named_modules() if m is meta.get_output_embeddings())
+        inp = next(n for n, m in meta.named_modules() if m is meta.get_input_embeddings())
+        assert p.device_map[out] == p.device_map[inp]
+    for g in p.gpus:
+        assert g.weights <= 0.9 * g.max_memory and g.total <= g.usable
+
+
 def test_more_headroom_leaves_more_free():
     small = plan(MS4, context=8192, quant="nf4", gpus="3x40GiB", headroom=0.3)
     assert all(g.usable == int(40 * GiB * 0.7) and g.total <= g.usable for g in small.gpus)
@@ -173,7 +223,8 @@ def test_impossible_fit_says_what_is_needed_and_what_to_change():
     with pytest.raises(MemoryPlanError) as err:
         plan(MS4, quant="none", context=262_144, gpus="3x24GiB")
     msg = str(err.value)
-    assert "does not fit" in msg and "3 GPU(s)" in msg and "quant='nf4'" in msg and "250.21 GB" in msg
+    assert "does not fit on 3 GPU(s)" in msg and "weights 238.80 GB" in msg and "KV cache 6.04 GB" in msg
+    assert "quant='nf4' (weights 63.22 GB" in msg
 
 
 def test_stock_experts_that_do_not_fit_point_to_ragkit_nf4():
