@@ -261,8 +261,8 @@ def _usable_lengths(s: NeedleSettings, window: int) -> dict[str, tuple[int, ...]
     return {"context": context, "rag": s.lengths}
 
 
-def execute(s: NeedleSettings) -> Path:
-    """Run (or resume) a needle run; returns its directory."""
+def execute(s: NeedleSettings, target: Any = None) -> Path:
+    """Run (or resume) a needle run; returns its directory. ``target``: an already loaded model (tests)."""
     if s.threads:
         import torch
 
@@ -272,10 +272,9 @@ def execute(s: NeedleSettings) -> Path:
     run_dir = RunDir(out)
     config = config_hash({**s.hashed(), "pool": pool.fingerprint})
     done = run_dir.open(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, s.resume)
-    if s.backend == "openai":
+    if target is None and s.backend == "openai":
         target = load_served_target(s.base_url, s.model, s.tokenizer, s.max_new_tokens, s.timeout)
-    else:
-        target = load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
+    target = target or load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
     lengths = _usable_lengths(s, target.context_window)
     if not (run_dir.path / "run.json").exists():
         run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info),

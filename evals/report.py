@@ -28,7 +28,7 @@ def needle_summary(rows: list[dict]) -> pd.DataFrame:
     df["depth"] = df["depth"].astype(float)
     by = ["mode", "kind", "length", "depth"]
     out = rate_table(df, by)
-    extra = {"prompt_tokens": "mean", "actual_tokens": "mean", "target_tokens": "first", "seconds": "mean"}
+    extra = {"prompt_tokens": "mean", "actual_tokens": "mean", "target_tokens": "first"}
     if "needle_depth_actual" in df:
         extra["needle_depth_actual"] = "mean"
     if "retrieved" in df:

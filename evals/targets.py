@@ -69,23 +69,24 @@ def load_target(model: str = "default", quant: str = "none", dtype: str | None =
         raise SettingsError(f"--quant {quant!r} is unknown; choose one of {', '.join(QUANTS)}")
     quantization = None if quant == "none" else quant
     kwargs: dict[str, Any] = dict(quantization=quantization, max_new_tokens=max_new_tokens, temperature=0.0)
-    if dtype:
-        kwargs["dtype"] = dtype
-    elif quantization is None:
-        kwargs["dtype"] = "float32"
+    if quantization is None:
+        kwargs["dtype"] = dtype or "float32"
     else:
-        kwargs["compute_dtype"] = "float32"
+        kwargs["compute_dtype"] = dtype or "float32"
     if device:
         kwargs["device_map"] = device
-    llm = ragkit.LocalLLM(model, **kwargs)
+    return wrap(ragkit.LocalLLM(model, **kwargs), model, quant)
+
+
+def wrap(llm: Any, name: str = "default", quant: str = "none") -> Target:
+    """A Target over an already loaded LocalLLM (tests share one model this way)."""
     m = llm.model
     info = {
-        "name": model,
-        "resolved": str(getattr(m.config, "_name_or_path", "")) or None,
+        "name": name,
+        "loaded_from": getattr(llm, "model_name", None),
         "architecture": (getattr(m.config, "architectures", None) or [type(m).__name__])[0],
         "quant": quant,
-        "dtype": str(next(m.parameters()).dtype).replace("torch.", "") if quantization is None else
-        f"{quant} (compute {kwargs.get('compute_dtype', dtype)})",
+        "dtype": str(getattr(m, "dtype", "")).replace("torch.", ""),
         "device": str(llm.device),
         "context_window": int(llm.context_window),
         "parameters": sum(p.numel() for p in m.parameters()),

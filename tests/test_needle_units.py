@@ -158,8 +158,8 @@ def test_prompts_are_token_exact(codec, pool, kind):
     needle = make_needle(kind, 2)
     frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
     est = Estimator(codec, pool)
-    for length in (700, 1024, 3000, 4096):
-        for depth in (0, 10, 50, 90, 100):
+    for length in (700, 3000):
+        for depth in (0, 35, 100):
             built = fit_prompt(codec, pool, frame, needle.sentences, (depth, *needle.extra_depths), length, 32, est)
             assert len(codec.encode(built.text)) == len(built.ids) == length - 32, (length, depth)
             assert built.text.count(needle.sentences[0]) == 1
