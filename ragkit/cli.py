@@ -114,7 +114,10 @@ def ingest_command(
     """Add or update documents in an index; unchanged files are not embedded again."""
     from ragkit.errors import RagkitError
 
+    from ragkit.readers import discover
+
     try:
+        discover(paths)  # a missing path or a symlink loop fails here, before any model is loaded
         pipeline = _open(index, must_exist=False, force=force, embed_model=embed_model, chunk_tokens=chunk_tokens)
         summary = pipeline.ingest(paths, show_progress=not quiet)
     except RagkitError as exc:

@@ -26,7 +26,7 @@ from ragkit.chunking import TokenSentenceSplitter
 from ragkit.errors import IngestError
 from ragkit.readers import DEFAULT_PART_CHARS, Skipped, SkipFile, discover, read_parts
 
-BATCH_CHARS = 1 << 20  # text handed to one IngestionPipeline.run (about a thousand chunks)
+BATCH_CHARS = 1 << 18  # text handed to one IngestionPipeline.run (about 250 chunks; the progress bar moves per batch)
 
 
 @dataclass

@@ -11,6 +11,7 @@ server then persists the vectors and ``index_dir`` (optional) keeps only the has
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -192,8 +193,6 @@ class Pipeline:
 
     def _writing(self) -> Any:
         """Context for a read-modify-write: holds the directory lock and picks up others' commits."""
-        import contextlib
-
         if self.directory is None:
             return contextlib.nullcontext()
         return self.directory.lock()
@@ -243,7 +242,7 @@ class Pipeline:
         if not isinstance(query, str) or not query.strip():
             raise InvalidQueryError("the query is empty; pass the question or text to search for")
         self._reload_if_changed()
-        if isinstance(self.vector_store, FaissVectorStore) and len(self.vector_store) == 0:
+        if isinstance(self.vector_store, FaissVectorStore) and self.vector_store.node_count == 0:
             where = f" at {self.directory.path}" if self.directory is not None else ""
             raise EmptyIndexError(
                 f"the index{where} is empty: nothing to search. Ingest documents first "
@@ -281,11 +280,12 @@ class Pipeline:
         ctx = self.assemble(question, nodes, ordering)
         response = self.llm.chat(ctx.messages)
         text = (response.message.content or "").strip()
+        usage = _usage(response)
         return Answer(
             text=text,
             sources=[_to_source(n) for n in ctx.nodes],
-            prompt_tokens=ctx.prompt_tokens,
-            completion_tokens=_completion_tokens(self.llm, response, text),
+            prompt_tokens=int(usage.get("prompt_tokens", ctx.prompt_tokens)),
+            completion_tokens=int(usage.get("completion_tokens", self.llm.count_tokens(text))),
             dropped=[_to_source(n) for n in ctx.dropped],
             ordering=ctx.ordering,
         )
@@ -306,7 +306,7 @@ class Pipeline:
             "documents": sum(len(v) for v in self.ingestor.sources.values()),
         }
         if isinstance(store, FaissVectorStore):
-            info.update(chunks=len(store), store_kind=store.kind)
+            info.update(chunks=store.node_count, store_kind=store.kind)
         info["files"] = sorted(self.ingestor.sources)
         return info
 
@@ -328,9 +328,12 @@ def _as_filters(filters: Any) -> MetadataFilters | None:
     raise InvalidQueryError(f"filters must be MetadataFilters or a dict, got {type(filters).__name__}")
 
 
-def _completion_tokens(llm: Any, response: Any, text: str) -> int:
-    """Tokens generated: from the LLM's response when it reports them, else counted."""
-    for source in (getattr(response, "additional_kwargs", None) or {}, getattr(response, "raw", None) or {}):
-        if isinstance(source, dict) and isinstance(source.get("completion_tokens"), int):
-            return source["completion_tokens"]
-    return int(llm.count_tokens(text))
+def _usage(response: Any) -> dict[str, Any]:
+    """Token usage an LLM reported with its response (LocalLLM: prompt_tokens, completion_tokens)."""
+    usage: dict[str, Any] = {}
+    message = getattr(response, "message", None)
+    for source in (getattr(response, "raw", None), getattr(response, "additional_kwargs", None),
+                   getattr(message, "additional_kwargs", None)):
+        if isinstance(source, dict):
+            usage.update({k: v for k, v in source.items() if k in ("prompt_tokens", "completion_tokens")})
+    return usage

@@ -155,10 +155,10 @@ def test_discover_skips_unsupported_hidden_and_broken_with_reasons(tmp_path):
 def test_missing_path_raises_before_anything_changes(tmp_path, ingestor):
     good = _write(tmp_path / "good.txt", "SQLite is a library.")
     ingestor.ingest([good], show_progress=False)
-    before = len(ingestor.vector_store)
+    before = ingestor.vector_store.node_count
     with pytest.raises(IngestError, match=r"no-such\.txt: no such file or directory"):
         ingestor.ingest([good, tmp_path / "no-such.txt"], show_progress=False)
-    assert len(ingestor.vector_store) == before
+    assert ingestor.vector_store.node_count == before
 
 
 def test_symlink_loop_given_explicitly_is_an_error(tmp_path, ingestor):
@@ -263,7 +263,7 @@ def test_reingest_unchanged_embeds_nothing_changed_replaces_removed_deletes(tmp_
     assert changed.updated == [str(b)] and changed.unchanged == [str(a)] and changed.chunks_embedded == 1
     (node,) = _chunks_of(ingestor.vector_store, b)
     assert node.text.startswith("Checkpoints")
-    assert len(ingestor.vector_store) == 2, "the old chunk of b was replaced, not kept beside the new one"
+    assert ingestor.vector_store.node_count == 2, "the old chunk of b was replaced, not kept beside the new one"
 
     assert ingestor.delete(str(a)) == [str(a)]
     assert _chunks_of(ingestor.vector_store, a) == [] and str(a) not in ingestor.sources
