@@ -242,13 +242,13 @@ class LocalLLM(CustomLLM):
             config.eos_token_id = self._tokenizer.eos_token_id
         if config.pad_token_id is None:
             config.pad_token_id = self._tokenizer.pad_token_id or config.eos_token_id
-        stop = gen.get("stop")
-        if stop:
-            config.stop_strings = [stop] if isinstance(stop, str) else list(stop)
+        stops = _stops(gen.get("stop"))
+        if stops:
+            config.stop_strings = stops
         ids = torch.tensor([list(input_ids)], device=self.device)
         args: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "generation_config": config}
-        if stop:
-            args["tokenizer"] = self._tokenizer
+        if stops:
+            args["tokenizer"] = self._tokenizer  # generate needs it to match stop strings
         return args
 
     def _decode(self, ids: Sequence[int]) -> str:

@@ -127,10 +127,17 @@ def test_hub_id_resolves_from_the_local_hub_cache(tiny_mistral_dir, tmp_path, mo
     assert source.path == repo / "snapshots" / commit
 
 
-def test_importing_ragkit_models_forces_hub_offline():
-    import huggingface_hub.constants
+def test_importing_ragkit_models_forces_hub_offline_even_after_the_hub_was_imported():
+    import subprocess
+    import sys
 
-    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE is True
+    code = (
+        "import huggingface_hub.constants as c; assert c.HF_HUB_OFFLINE is False; "
+        "import ragkit.models, os; print(c.HF_HUB_OFFLINE, os.environ['HF_HUB_OFFLINE'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "1"]
 
 
 # ---------------------------------------------------------------- GGUF cache
