@@ -54,7 +54,7 @@ NODES_FILE = "nodes.json"
 STORE_FORMAT = 1
 
 
-def build_faiss_index(kind: IndexKind, dimension: int, *, hnsw_m: int = 32, hnsw_ef_construction: int = 100,
+def build_faiss_index(kind: IndexKind, dimension: int, *, hnsw_m: int = 32, hnsw_ef_construction: int = 80,
                       ivf_nlist: int = 1) -> faiss.IndexIDMap2:
     """An empty ``IndexIDMap2`` over an inner-product index of ``kind`` (IVF still needs training)."""
     if kind == "flat":
@@ -123,7 +123,7 @@ class FaissVectorStore(BasePydanticVectorStore):
     dimension: int = Field(gt=0, description="embedding dimension")
     kind: IndexKind = Field(default="flat", description="'flat' (exact), 'hnsw' or 'ivf'")
     hnsw_m: int = 32
-    hnsw_ef_construction: int = 100
+    hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 64
     ivf_nlist: int | None = Field(default=None, description="IVF lists; None: about 4*sqrt(n) of the first batch")
     ivf_nprobe: int = 16
