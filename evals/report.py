@@ -46,8 +46,12 @@ def write_needle_report(run_dir: RunDir) -> pd.DataFrame:
     summary = needle_summary(rows)
     summary.to_csv(run_dir.path / "summary.csv", index=False)
     df = pd.DataFrame(rows)
-    heatmap(df, run_dir.path / "heatmap.png", run_dir.path.name)
-    (run_dir.path / "report.md").write_text(needle_markdown(df, run_dir.read_run(), run_dir.path.name))
+    run = run_dir.read_run()
+    m, st = run.get("model", {}), run.get("settings", {})
+    title = (f"{run_dir.path.name}: {m.get('loaded_from') or m.get('name')}, quant {m.get('quant')}, "
+             f"{m.get('dtype')} · needle {st.get('needle')}, seeds {st.get('seeds')}")
+    heatmap(df, run_dir.path / "heatmap.png", title)
+    (run_dir.path / "report.md").write_text(needle_markdown(df, run, run_dir.path.name))
     return summary
 
 
@@ -105,7 +109,7 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
     git = run.get("git", {})
     lines = [f"# Needle in a haystack: {name}", ""]
     lines += [
-        f"- **Model**: {m.get('name')} ({m.get('architecture')}, {m.get('parameters', 0) / 1e6:.0f}M parameters), "
+        f"- **Model**: {m.get('loaded_from') or m.get('name')} ({m.get('architecture')}, {m.get('parameters', 0) / 1e6:.0f}M parameters), "
         f"quantization **{m.get('quant')}**, dtype {m.get('dtype')}, device {m.get('device')}, "
         f"context window {m.get('context_window')} tokens",
         f"- **Needle**: `{st.get('needle')}`, seeds {st.get('seeds')}; depths {st.get('depths')}; "

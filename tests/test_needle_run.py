@@ -97,6 +97,7 @@ def test_length_above_the_context_window_fails_before_any_work(target, tmp_path,
     assert {json.loads(x)["length"] for x in (out / "results.jsonl").read_text().splitlines()} == {384}
 
 
+@pytest.mark.slow
 def test_rag_mode_records_retrieval_ranks(target, tmp_path):
     out = execute(_settings(tmp_path, lengths="1k", depths="10,90", mode="both", top_k=3, chunk_size=128), target)
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -137,6 +138,7 @@ def _cli(args: list[str]) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_summary(tmp_path):
     """Kill a real run mid-way (SIGKILL, a torn line appended), resume it, compare with an uninterrupted run."""
     args = ["--lengths", "320,448", "--depths", "0,100", "--haystack", "corpora/sqlite", "--threads", "1",
