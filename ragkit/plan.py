@@ -174,14 +174,13 @@ def _config_from_dict(data: dict):
 
 def _is_experts(module, param) -> bool:
     """A 3-D routed-experts tensor that ragkit's expert-aware NF4 knows how to quantize."""
-    from ragkit.errors import QuantizationError as Unsupported
     from ragkit.quant.experts import expert_layout_for
 
     if param.dim() != 3:
         return False
     try:
         return expert_layout_for(module) is not None
-    except Unsupported:  # a layout ragkit cannot quantize: it stays 16-bit, like any other parameter
+    except QuantizationError:  # a layout ragkit cannot quantize: it stays 16-bit, like any other parameter
         return False
 
 
