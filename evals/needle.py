@@ -21,12 +21,12 @@ from evals.runner import Group, Job, run
 from evals.scoring import contains_value, value_fraction
 from evals.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.store import RunDir, provenance
-from evals.targets import Retriever, load_served_target, load_target
+from evals import backend as backends  # (the settings field is named backend)
+from evals.targets import Retriever, load_target
 
 SUITE = "needle"
 RECIPE_VERSION = 1  # bump when prompt construction changes: old runs then refuse to resume
 MODES = ("context", "rag", "both")
-BACKENDS = ("local", "openai")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HAYSTACK = ("corpora/sqlite", "corpora/python")  # relative paths are looked up in the cwd, then the repo
 
@@ -67,8 +67,7 @@ class NeedleSettings:
     concurrency: int = 1
     timeout: float = 300.0
 
-    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", "base_url", "concurrency",
-                   "timeout")
+    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", *backends.RUN_CONTROL)
 
     def __post_init__(self) -> None:
         self.lengths = parse_lengths(self.lengths)
@@ -85,24 +84,14 @@ class NeedleSettings:
             self.max_new_tokens = 96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
-        if self.backend not in BACKENDS:
-            raise SettingsError(f"--backend {self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
-        if self.concurrency < 1:
-            raise SettingsError(f"--concurrency must be >= 1, got {self.concurrency}")
-        if self.backend == "local" and (self.concurrency > 1 or self.base_url or self.tokenizer):
-            raise SettingsError("--concurrency, --base-url and --tokenizer need --backend openai; the in-process "
-                                "backend decodes one cell at a time, sharing each haystack's prefix")
-        if self.backend == "openai" and self.quant != "none":
-            raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
+        backends.check(self)
 
     def hashed(self) -> dict[str, Any]:
         d = asdict(self)
         for k in self.RUN_CONTROL:
             d.pop(k)
-        if self.backend == "local":  # runs made before the openai backend existed keep their hash
-            d.pop("backend"), d.pop("tokenizer")
         d["recipe_version"] = RECIPE_VERSION
-        return d
+        return backends.hashed(d)
 
 
 class NeedleSuite:
@@ -222,13 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--skip-too-long", action="store_const", const=True, help="skip lengths above the context window with a warning")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
-    a("--backend", choices=BACKENDS, help="local: ragkit.LocalLLM in this process (default); openai: an "
-      "OpenAI-compatible server, e.g. vLLM or llama.cpp (docs/serving.md)")
-    a("--base-url", help="openai: the server's API root, e.g. http://127.0.0.1:8000/v1 (default $RAGKIT_BASE_URL)")
-    a("--tokenizer", help="openai: the served model's tokenizer: a directory, .gguf file or cached hub id "
-      "(default: the served model name, if it resolves offline)")
-    a("--concurrency", type=int, help="openai: cells in flight at once (default 1)")
-    a("--timeout", type=float, help="openai: seconds one request may take before it is retried (default 300)")
+    backends.add_flags(a)
     a("--config", help="YAML suite file (evals/suites/*.yaml); flags given on the command line win")
     a("--rebuild-prompt", nargs=2, metavar=("RUN", "CELL"),
       help="print the exact prompt of cell CELL of run directory RUN (fails if its token count differs)")
@@ -272,9 +255,7 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
     run_dir = RunDir(out)
     config = config_hash({**s.hashed(), "pool": pool.fingerprint})
     done = run_dir.open(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, s.resume)
-    if target is None and s.backend == "openai":
-        target = load_served_target(s.base_url, s.model, s.tokenizer, s.max_new_tokens, s.timeout)
-    target = target or load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
+    target = target or backends.load(s)
     lengths = _usable_lengths(s, target.context_window)
     if not (run_dir.path / "run.json").exists():
         run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info),

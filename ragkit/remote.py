@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 ENV_BASE_URL = "RAGKIT_BASE_URL"
 ENV_MODEL = "RAGKIT_MODEL"
 ENV_API_KEYS = ("RAGKIT_API_KEY", "OPENAI_API_KEY")
+_warned_mismatch = threading.Event()  # the first mismatch is logged; every one is in the response
 _GENERATION_KWARGS = {"max_new_tokens", "temperature", "top_p", "stop"}
 
 
@@ -330,8 +331,7 @@ def _api_root(base_url: str | None) -> str:
     url = base_url.rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ServerRequestError(f"base_url {base_url!r} is not an http(s) URL; e.g. http://127.0.0.1:8000/v1")
-    scheme, rest = url.split("://", 1)
-    return url if "/" in rest else url + "/v1"
+    return url if "/" in url.split("://", 1)[1] else url + "/v1"
 
 
 @contextmanager
@@ -462,8 +462,12 @@ def _usage_fields(n_local: int, usage: Any, finish_reason: str | None) -> dict[s
     served = getattr(usage, "prompt_tokens", None)
     served = served if isinstance(served, int) else None
     mismatch = None if served is None else served - n_local
-    if mismatch:
-        logger.warning("The server counted %d prompt tokens where ragkit counted %d (%+d)", served, n_local, mismatch)
+    if mismatch and not _warned_mismatch.is_set():
+        _warned_mismatch.set()
+        logger.warning("The server counted %d prompt tokens where ragkit counted %d (%+d); the served tokenizer or "
+                       "its special tokens differ from the local one (see docs/serving.md, 'Exact token counts'). "
+                       "Each response's additional_kwargs['prompt_tokens_mismatch'] records it.", served, n_local,
+                       mismatch)
     completion = getattr(usage, "completion_tokens", None)
     return {"prompt_tokens": n_local, "server_prompt_tokens": served, "prompt_tokens_mismatch": mismatch,
             "completion_tokens": completion if isinstance(completion, int) else None, "finish_reason": finish_reason}

@@ -1,0 +1,56 @@
+"""Which model answers a suite's cells: ragkit.LocalLLM in this process, or an OpenAI-compatible server.
+
+Every suite takes the same flags (``--backend --base-url --tokenizer --concurrency --timeout``) and fields of
+the same names in its settings dataclass. ``backend`` and ``tokenizer`` are configuration (hashed into cell
+ids when the backend is a server); ``base_url``, ``concurrency`` and ``timeout`` are run control, so a run
+resumes against a restarted server at another address or concurrency. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from evals.errors import SettingsError
+from evals.targets import Target, load_served_target, load_target
+
+BACKENDS = ("local", "openai")
+RUN_CONTROL = ("base_url", "concurrency", "timeout")
+
+
+def add_flags(add: Callable[..., Any]) -> None:
+    """The backend flags, on an ``ArgumentParser.add_argument``."""
+    add("--backend", choices=BACKENDS, help="local: ragkit.LocalLLM in this process (default); openai: an "
+        "OpenAI-compatible server, e.g. vLLM or llama.cpp (docs/serving.md)")
+    add("--base-url", help="openai: the server's API root, e.g. http://127.0.0.1:8000/v1 (default $RAGKIT_BASE_URL)")
+    add("--tokenizer", help="openai: the served model's tokenizer: a directory, .gguf file or cached hub id "
+        "(default: the served model name, if it resolves offline)")
+    add("--concurrency", type=int, help="openai: cells in flight at once (default 1)")
+    add("--timeout", type=float, help="openai: seconds one request may take before it is retried (default 300)")
+
+
+def check(s: Any) -> None:
+    """SettingsError for a backend setting that is unknown or contradicts another."""
+    if s.backend not in BACKENDS:
+        raise SettingsError(f"--backend {s.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if s.concurrency < 1:
+        raise SettingsError(f"--concurrency must be >= 1, got {s.concurrency}")
+    if s.backend == "local" and (s.concurrency > 1 or s.base_url or s.tokenizer):
+        raise SettingsError("--concurrency, --base-url and --tokenizer need --backend openai; the in-process "
+                            "backend decodes one cell at a time, sharing each haystack's prefix")
+    if s.backend == "openai" and s.quant != "none":
+        raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
+
+
+def hashed(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` for the configuration hash: without the backend keys when local, so that runs made before
+    the server backend existed keep their cell ids."""
+    if settings.get("backend") == "local":
+        settings = {k: v for k, v in settings.items() if k not in ("backend", "tokenizer")}
+    return settings
+
+
+def load(s: Any) -> Target:
+    """The model under test that ``s`` names (fails fast when a server does not answer)."""
+    if s.backend == "openai":
+        return load_served_target(s.base_url, s.model, s.tokenizer, s.max_new_tokens, s.timeout)
+    return load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
