@@ -354,14 +354,31 @@ def test_smollm2_on_cuda_planned_equals_allocated(quant):
 
 
 @pytest.mark.gpu
-def test_tiny_mistral4_ragkit_nf4_on_cuda_planned_equals_allocated(tiny_mistral4_dir):
+@pytest.mark.parametrize("moe_experts", ["ragkit", "stock"])
+def test_mistral4_moe_nf4_on_cuda_planned_equals_allocated(tmp_path, moe_experts):
+    """A Mistral-4 MoE big enough (~60 M params) that the CUDA allocator's 512-byte rounding stays well under 1%."""
     import torch
+    from transformers import AutoModelForImageTextToText, Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers import Mistral4Config, PixtralVisionConfig
 
     from ragkit import LocalLLM
+    from ragkit.models import quantization_config
 
+    text = Mistral4Config(vocab_size=4096, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=64,
+                          num_experts_per_tok=4, kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=32,
+                          qk_nope_head_dim=32, v_head_dim=64, max_position_embeddings=4096)
+    vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=64, patch_size=8, head_dim=32)
+    config = Mistral3Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    Mistral3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmp_path)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    llm = LocalLLM(str(tiny_mistral4_dir), tokenizer="default", quantization="nf4", device_map="cuda")
+    if moe_experts == "ragkit":
+        model = LocalLLM(str(tmp_path), tokenizer="default", quantization="nf4", device_map="cuda").model
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            tmp_path, quantization_config=quantization_config("nf4"), dtype="bfloat16", device_map="cuda")
     allocated = torch.cuda.memory_allocated() - before
-    assert plan(tiny_mistral4_dir, quant="nf4").weights_bytes == pytest.approx(allocated, rel=0.03)
-    del llm
+    assert plan(tmp_path, quant="nf4", moe_experts=moe_experts).weights_bytes == pytest.approx(allocated, rel=0.03)
+    del model
