@@ -17,6 +17,8 @@ _EXPORTS: dict[str, str] = {
     "OpenAICompatibleLLM": "ragkit.remote",
     "Pipeline": "ragkit.pipeline",
     "plan": "ragkit.plan",
+    "MemoryPlan": "ragkit.plan",
+    "MemoryPlanError": "ragkit.errors",
     "RagkitError": "ragkit.errors",
     "ModelNotFoundError": "ragkit.errors",
     "ModelLoadError": "ragkit.errors",
