@@ -189,6 +189,15 @@ def test_more_headroom_leaves_more_free():
     assert sum(g.weights for g in small.gpus) == small.weights_bytes
 
 
+def test_plan_is_callable_from_the_package_even_after_the_module_was_imported():
+    import ragkit
+    import ragkit.plan  # noqa: F401  (binds ragkit.plan to the module)
+    from ragkit import plan as from_package
+
+    for planner in (from_package, ragkit.plan):
+        assert planner(_tiny_mistral_config(), context=8, quant="none").kv.bytes_per_token == 2 * 3 * 2 * 16 * 4
+
+
 def test_gpu_specs_are_parsed():
     assert parse_gpus("3x24GiB") == [24 * GiB] * 3
     assert parse_gpus("80GiB, 24GB") == [80 * GiB, 24 * 10**9]
