@@ -35,7 +35,7 @@ def test_fp8_checkpoint_loads_on_cuda_like_on_cpu(tiny_mistral4_dir, tmp_path):
 
 
 def test_real_width_experts_never_dequantize_all_at_once():
-    """128 experts of 4096x2048: a 2k-token prefill allocates activations + one expert, not 6 GB of BF16."""
+    """128 experts of 4096x2048: a 2k-token prefill holds one group (1/8) of experts in BF16, not all 6.4 GB."""
     config = Mistral4Config(num_hidden_layers=1)
     with torch.device("meta"):
         source = Mistral4Experts(config)
@@ -56,7 +56,8 @@ def test_real_width_experts_never_dequantize_all_at_once():
     extra = torch.cuda.max_memory_allocated() - base
     all_experts_bf16 = 2 * 128 * 3 * 4096 * 2048
     assert out.shape == hidden.shape and torch.isfinite(out).all()
-    assert extra < all_experts_bf16 / 20, extra
+    assert experts.group_size == 16
+    assert extra < all_experts_bf16 / 6, extra  # measured on an H200: 0.83 GB (16 experts + activations)
     e = int(top_k[0, 0])
     x = hidden[:1]
     h = experts.gate_fn(x @ experts.dequantize_expert("gate_up_proj", e).t())

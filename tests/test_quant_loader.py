@@ -221,3 +221,20 @@ def test_unknown_fp8_layout_is_refused_naming_the_tensor(fp8_dir, tmp_path, key,
     with pytest.raises(QuantizationError, match=message):
         load_nf4(ckpt, device="cpu", progress=False)
     assert _tree_digest(ckpt) == before
+
+
+@pytest.mark.slow  # imports LlamaIndex and loads the model once more (~40 s on 2 cores)
+def test_localllm_nf4_on_a_fused_moe_model_goes_through_ragkit(tiny_mistral4_dir):
+    """The documented way: LocalLLM(path, quantization="nf4") dispatches fused-expert models to load_nf4."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ragkit import LocalLLM
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="w1", eos_token="w2", pad_token="w11")
+    llm = LocalLLM(str(tiny_mistral4_dir), quantization="nf4", device_map="cpu", tokenizer=tokenizer)
+    assert isinstance(llm.model.model.language_model.layers[0].mlp.experts, NF4Experts)
+    assert measure_footprint(llm.model).bytes_per_param <= 0.6
+    assert len(llm.generate_ids([5, 6, 7, 8], max_new_tokens=3)) == 3
