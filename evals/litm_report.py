@@ -57,9 +57,10 @@ def write_report(run_dir: RunDir) -> pd.DataFrame:
     table = summary(df)
     table.to_csv(run_dir.path / "summary.csv", index=False)
     curve(df, run_dir.path / "curve.png", run_dir.path.name)
+    run = run_dir.read_run()
     if (df["task"] == "rag").any():
-        orderings_plot(df, run_dir.path / "orderings.png", run_dir.path.name)
-    (run_dir.path / "report.md").write_text(markdown(df, run_dir.read_run(), run_dir.path.name))
+        orderings_plot(df, run_dir.path / "orderings.png", run_dir.path.name, run["settings"].get("orderings") or [])
+    (run_dir.path / "report.md").write_text(markdown(df, run, run_dir.path.name))
     return table
 
 
@@ -93,6 +94,7 @@ def curve(df: pd.DataFrame, path: Path, title: str) -> None:
                 rate, lo, hi, k, n = _rate_ci(c)
                 ax.axhspan(lo, hi, color=colour, alpha=0.15)
                 ax.axhline(rate, color=colour, linestyle="--", label=f"{kind.replace('_', '-')} {k}/{n}")
+        ax.set_xticks(sorted({int(p) + 1 for p in d["position"].dropna()}))
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("position of the gold document (1 = first)" if task == "qa" else "position of the asked key")
         ax.set_ylabel("accuracy")
@@ -104,7 +106,13 @@ def curve(df: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def orderings_plot(df: pd.DataFrame, path: Path, title: str) -> None:
+def _names(rag: pd.DataFrame, order: list[str]) -> list[str]:
+    """Ordering names in the run's settings order (then any others found in the rows)."""
+    found = set(rag["ordering"])
+    return [o for o in order if o in found] + sorted(found - set(order))
+
+
+def orderings_plot(df: pd.DataFrame, path: Path, title: str, order: list[str]) -> None:
     """Accuracy per ragkit ordering strategy with 95% intervals; oracle and closed-book as reference lines."""
     import matplotlib
 
@@ -112,7 +120,7 @@ def orderings_plot(df: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     d = df[df["task"] == "rag"]
-    names = list(dict.fromkeys(d["ordering"]))
+    names = _names(d, order)
     stats = [_rate_ci(d[d["ordering"] == o]) for o in names]
     fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(names), 3.6))
     ys = [s[0] for s in stats]
@@ -171,7 +179,7 @@ def markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         lines += ["## Key-value retrieval: accuracy by position of the asked key", ""] + _position_table(kv, "pairs")
     rag = df[df["task"] == "rag"]
     if len(rag):
-        lines += _orderings_section(rag)
+        lines += _orderings_section(rag, st.get("orderings") or [])
     lines += ["## How to read this", "",
               "- A **U-shaped** curve (high at the first and last positions, low in the middle) is the "
               "lost-in-the-middle effect; a flat curve means position does not matter for this model.",
@@ -204,9 +212,9 @@ def _position_table(d: pd.DataFrame, what: str) -> list[str]:
     return lines + [""]
 
 
-def _orderings_section(rag: pd.DataFrame) -> list[str]:
+def _orderings_section(rag: pd.DataFrame, order: list[str]) -> list[str]:
     k = int(rag["k"].iloc[0])
-    names = list(dict.fromkeys(rag["ordering"]))
+    names = _names(rag, order)
     lines = [f"## RAG: ragkit's ordering strategies (top-{k} chunks from the corpus index)", "", "![orderings](orderings.png)", "",
              "| ordering | accuracy (95% CI) | answer in retrieved chunks | mean prompt tokens |", "|---|---|---|---|"]
     for o in names:

@@ -37,10 +37,10 @@ def small_pool(repo_root):
 
 
 @pytest.fixture(scope="module")
-def target(smollm2_fp32):
+def target(smollm2):
     from evals.targets import wrap
 
-    return wrap(smollm2_fp32)
+    return wrap(smollm2)
 
 
 # ---------------------------------------------------------------- positions and placement
@@ -89,7 +89,7 @@ def test_suite_prompts_share_the_prefix_up_to_the_gold(qa, small_pool, target):
         assert job.row["recipe"]["docs"][p] == GOLD
         text = tok.decode(job.ids)
         before_gold = text[: text.index(f"Document [{p + 1}]")]
-        shared = next(i for i, (a, b) in enumerate(zip(job.ids + [None], group.base + [None])) if a != b)
+        shared = next((i for i, (a, b) in enumerate(zip(job.ids, group.base)) if a != b), len(job.ids))
         assert len(tok.decode(job.ids[:shared])) >= len(before_gold) - 2
 
 
@@ -237,7 +237,7 @@ def test_too_long_configuration_is_refused_up_front_with_its_length(target, tmp_
 def test_small_real_run_writes_every_output_and_resumes(target, tmp_path, repo_root):
     """SmolLM2, 2 questions, 3 documents, gold first/last, KV with 3 pairs, two orderings over a small corpus."""
     s = LitmSettings(task="both", docs=(3,), positions="first,last", kv_pairs=(3,), orderings="score,reverse",
-                     questions=2, max_new_tokens=24, corpus=tuple(str(repo_root / p) for p in SMALL_CORPUS),
+                     questions=2, max_new_tokens=24, rag_top_k=4, corpus=tuple(str(repo_root / p) for p in SMALL_CORPUS),
                      out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), progress=False)
     out = execute(s, target)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
