@@ -177,7 +177,9 @@ def machine() -> dict:
 
 def write_markdown(result: dict, path: Path) -> None:
     a, m = result["args"], result["machine"]
-    load = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    def load(xs: list[float]) -> str:
+        return ", ".join(f"{x:.1f}" for x in xs)
+
     lines = [
         "# Query latency and recall@10: Flat vs HNSW",
         "",

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +147,8 @@ def test_second_writer_gets_index_locked_error_naming_the_holder(tmp_path):
         store.add(nodes(2, "c", seed=3))
         with pytest.raises(IndexLockedError, match=rf"locked by process {holder.pid} .*Waited 0.3 s"):
             store.save(IndexDirectory(index, lock_timeout=0.3))
-        with pytest.raises(IndexLockedError, match=str(index / ".lock")):
-            with IndexDirectory(index).lock(timeout=0):
-                pass
+        with pytest.raises(IndexLockedError, match=str(index / ".lock")), IndexDirectory(index).lock(timeout=0):
+            pass
     finally:
         holder.kill()
         holder.wait()
@@ -266,3 +266,44 @@ def test_manifest_without_store_entries_is_corrupt(tmp_path):
         directory.commit(lambda w: w.write_bytes("manifest.json", b"{}"), meta={})
     assert not list((tmp_path / "idx").glob(".tmp-*"))  # a failed write leaves no temp directory
     assert directory.current_name() == "v000001"
+
+
+BIG_WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from llama_index.core.schema import TextNode
+    from ragkit.store import FaissVectorStore
+    seed, n = int(sys.argv[2]), 20_000
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, 64)).astype("float32")
+    filler = "lorem ipsum dolor sit amet " * 150  # ~4 KB of text per node: ~80 MB of nodes.json
+    store = FaissVectorStore(embedder_name="test-embedder", dimension=64)
+    store.add([TextNode(id_=f"s{seed}-{i}", text=filler, embedding=vectors[i].tolist()) for i in range(n)])
+    print("SAVING", flush=True)
+    t0 = time.perf_counter()
+    store.save(sys.argv[1])
+    print("SAVED", time.perf_counter() - t0, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_of_a_large_write(tmp_path):
+    """No test hook: kill real writers at random moments of an ~80 MB save; the index always loads whole."""
+    index = tmp_path / "idx"
+    first = subprocess.run([sys.executable, "-c", BIG_WRITER, str(index), "0"], capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    save_s = float(first.stdout.split("SAVED")[1])
+    rng = np.random.default_rng(0)
+    for attempt in range(1, 6):
+        proc = subprocess.Popen([sys.executable, "-c", BIG_WRITER, str(index), str(attempt)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().strip() == "SAVING"
+        time.sleep(rng.uniform(0, save_s))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        store = FaissVectorStore.load(index, embedder_name="test-embedder", dimension=64)  # verifies checksums
+        ids = {n.node_id for n in store.get_nodes(node_ids=[f"s{s}-7" for s in range(attempt + 1)])}
+        assert store.node_count == 20_000 and len(ids) == 1  # exactly one complete writer's nodes
+        live = IndexDirectory(index).current_name()
+        print(f"attempt {attempt}: killed, live snapshot {live}, nodes from {ids}")
