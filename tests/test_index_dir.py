@@ -253,6 +253,8 @@ def test_foreign_directory_is_refused_without_force(tmp_path):
         store.save(tmp_path)
     store.save(tmp_path, force=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(IndexCorruptError, match="notes.txt exists and is not a directory"):
+        store.save(tmp_path / "notes.txt")
     assert FaissVectorStore.load(tmp_path).node_count == 2
 
 

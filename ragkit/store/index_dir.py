@@ -238,6 +238,8 @@ class IndexDirectory:
 
         Hold it across load -> modify -> :meth:`commit`, so that no other writer's commit is lost.
         """
+        if self.path.exists() and not self.path.is_dir():
+            raise IndexCorruptError(f"{self.path} exists and is not a directory; choose another --index path.")
         self.path.mkdir(parents=True, exist_ok=True)
         wait = self.lock_timeout if timeout is None else timeout
         first = not self._lock.is_locked
