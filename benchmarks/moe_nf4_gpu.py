@@ -223,7 +223,7 @@ class RssPeak(threading.Thread):
 
 
 def load(ckpt: Path, out: Path) -> None:
-    from ragkit.plan import plan
+    from ragkit.planner import plan
 
     torch.zeros(1, device=DEVICE)
     shard_sizes = [p.stat().st_size for p in ckpt.glob("*.safetensors")]

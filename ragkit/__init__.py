@@ -16,8 +16,8 @@ _EXPORTS: dict[str, str] = {
     "LocalLLM": "ragkit.llm",
     "OpenAICompatibleLLM": "ragkit.remote",
     "Pipeline": "ragkit.pipeline",
-    "plan": "ragkit.plan",
-    "MemoryPlan": "ragkit.plan",
+    "plan": "ragkit.planner",
+    "MemoryPlan": "ragkit.planner",
     "MemoryPlanError": "ragkit.errors",
     "RagkitError": "ragkit.errors",
     "ModelNotFoundError": "ragkit.errors",
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ragkit.errors import *  # noqa: F401,F403
     from ragkit.llm import LocalLLM  # noqa: F401
     from ragkit.pipeline import Pipeline  # noqa: F401
-    from ragkit.plan import plan  # noqa: F401
+    from ragkit.planner import plan  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

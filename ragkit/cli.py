@@ -30,7 +30,7 @@ def plan_command(
 ) -> None:
     """Plan memory: weights per precision, KV cache per token, and a per-GPU max_memory split."""
     from ragkit.errors import RagkitError
-    from ragkit.plan import plan
+    from ragkit.planner import plan
 
     try:
         result = plan(model, context=context, quant=quant, gpus=gpus, headroom=headroom, batch=batch,

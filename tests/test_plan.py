@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ragkit.errors import MemoryPlanError, ModelNotFoundError, QuantizationError
-from ragkit.plan import parse_gpus, plan
+from ragkit.planner import parse_gpus, plan
 
 MS4 = Path(__file__).parent / "fixtures" / "mistral_small_4_config.json"
 GiB = 2**30
@@ -144,7 +144,7 @@ def test_transformers_device_map_auto_keeps_every_module_on_the_planned_gpus(qua
     from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
     from ragkit.models import model_class
-    from ragkit.plan import _load_config
+    from ragkit.planner import _load_config
 
     p = plan(MS4, quant=quant, context=262_144, gpus="4x80GiB")
     config, _ = _load_config(MS4)
@@ -166,7 +166,7 @@ def test_planned_device_map_places_every_parameter_within_budget(model, gpus):
     import torch
 
     from ragkit.models import model_class
-    from ragkit.plan import _load_config
+    from ragkit.planner import _load_config
 
     p = plan(model, quant="int8", context=262_144 if model == MS4 else 8192, gpus=gpus)
     config, _ = _load_config(model)
@@ -189,13 +189,13 @@ def test_more_headroom_leaves_more_free():
     assert sum(g.weights for g in small.gpus) == small.weights_bytes
 
 
-def test_plan_is_callable_from_the_package_even_after_the_module_was_imported():
+def test_plan_from_the_package_is_the_function_even_after_the_module_was_imported():
     import ragkit
-    import ragkit.plan  # noqa: F401  (binds ragkit.plan to the module)
+    import ragkit.planner  # noqa: F401
     from ragkit import plan as from_package
 
-    for planner in (from_package, ragkit.plan):
-        assert planner(_tiny_mistral_config(), context=8, quant="none").kv.bytes_per_token == 2 * 3 * 2 * 16 * 4
+    assert from_package is ragkit.planner.plan
+    assert from_package(_tiny_mistral_config(), context=8, quant="none").kv.bytes_per_token == 2 * 3 * 2 * 16 * 4
 
 
 def test_gpu_specs_are_parsed():

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -594,17 +592,6 @@ def _place(blocks: list[tuple[str, int]], max_memory: list[int], targets: list[f
         placed[name] = gpu
         used += size
     return placed
-
-
-class _CallableModule(types.ModuleType):
-    """``ragkit.plan`` names both this module and its function. Importing the submodule binds the package
-    attribute to the module, so ``from ragkit import plan`` can yield the module; calling it plans anyway."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> MemoryPlan:
-        return plan(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 # ------------------------------------------------------------------------------------------ rendering
