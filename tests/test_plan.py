@@ -364,7 +364,7 @@ def test_smollm2_on_cuda_planned_equals_allocated(quant):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("moe_experts", ["ragkit", "stock"])
-def test_mistral4_moe_nf4_on_cuda_planned_equals_allocated(tmp_path, moe_experts):
+def test_mistral4_moe_nf4_on_cuda_planned_equals_allocated(tmp_path, tiny_mistral_dir, moe_experts):
     """A Mistral-4 MoE big enough (~60 M params) that the CUDA allocator's 512-byte rounding stays well under 1%."""
     import torch
     from transformers import AutoModelForImageTextToText, Mistral3Config, Mistral3ForConditionalGeneration
@@ -384,7 +384,7 @@ def test_mistral4_moe_nf4_on_cuda_planned_equals_allocated(tmp_path, moe_experts
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     if moe_experts == "ragkit":
-        model = LocalLLM(str(tmp_path), tokenizer="default", quantization="nf4", device_map="cuda").model
+        model = LocalLLM(str(tmp_path), tokenizer=str(tiny_mistral_dir), quantization="nf4", device_map="cuda").model
     else:
         model = AutoModelForImageTextToText.from_pretrained(
             tmp_path, quantization_config=quantization_config("nf4"), dtype="bfloat16", device_map="cuda")
