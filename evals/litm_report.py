@@ -126,13 +126,11 @@ def orderings_plot(df: pd.DataFrame, path: Path, title: str, order: list[str]) -
     ys = [s[0] for s in stats]
     ax.bar(range(len(names)), ys, yerr=[[y - s[1] for y, s in zip(ys, stats)], [s[2] - y for y, s in zip(ys, stats)]],
            capsize=4, color="tab:blue", alpha=0.8)
-    for i, s in enumerate(stats):
-        ax.text(i, 0.02, f"{s[3]}/{s[4]}", ha="center", color="white", fontsize=9)
     for kind, colour in (("oracle", "tab:green"), ("closed_book", "tab:gray")):
         c = df[(df["task"] == "qa") & (df["kind"] == kind)]
         if len(c):
             ax.axhline(_rate_ci(c)[0], color=colour, linestyle="--", label=kind.replace("_", "-"))
-    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_xticks(range(len(names)), [f"{o}\n{s[3]}/{s[4]}" for o, s in zip(names, stats)])
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")
     ax.set_title(f"RAG top-{int(d['k'].iloc[0])}: ragkit ordering strategies", fontsize=10)
