@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,6 +12,14 @@ import ragkit
 from evals.errors import SettingsError
 
 QUANTS = ("none", "nf4", "int8")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of a tokenizer's vocabulary, special tokens and chat template (recorded in run.json so a
+    comparison of two runs can tell that their prompts were the same tokens)."""
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
+                       getattr(tokenizer, "chat_template", None)], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class LLMCodec:
@@ -90,6 +100,7 @@ def wrap(llm: Any, name: str = "default", quant: str = "none") -> Target:
         "device": str(llm.device),
         "context_window": int(llm.context_window),
         "parameters": sum(p.numel() for p in m.parameters()),
+        "tokenizer_fingerprint": tokenizer_fingerprint(llm.tokenizer),
     }
     return Target(llm, LLMCodec(llm), info)
 
@@ -112,7 +123,8 @@ def load_served_target(base_url: str | None, model: str = "default", tokenizer: 
         raise SettingsError(f"the suites build token-exact prompts and need the tokenizer of {llm.model_name!r} on "
                             "this machine; pass --tokenizer (a model directory, a .gguf file or a cached hub id)")
     info = {"name": llm.model_name, "backend": "openai", "base_url": llm.base_url,
-            "tokenizer": llm.tokenizer_source, "context_window": int(llm.context_window), "device": "server"}
+            "tokenizer": llm.tokenizer_source, "context_window": int(llm.context_window), "device": "server",
+            "tokenizer_fingerprint": tokenizer_fingerprint(llm.tokenizer)}
     return Target(llm, LLMCodec(llm), info, served=True)
 
 
