@@ -169,3 +169,17 @@ def test_fp8_ue8m0_exponent_scales():
     q = (w.reshape(2, 128, 2, 128) / torch.exp2(exponent)[:, None, :, None]).reshape(256, 256).to(torch.float8_e4m3fn)
     as_bytes = (exponent + 127).to(torch.uint8)
     assert rel(dequantize_fp8(q, as_bytes, (128, 128), "w"), w) < 0.05
+
+
+def test_nf4_dispatch_covers_fused_experts_and_fp8_but_not_dense_bf16_models():
+    from transformers import LlamaConfig
+
+    from ragkit.quant import needs_ragkit_nf4
+
+    dense = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=2, architectures=["LlamaForCausalLM"])
+    assert not needs_ragkit_nf4(dense)  # stock bitsandbytes already gives it 4 bits
+    dense.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    assert needs_ragkit_nf4(dense)  # transformers refuses bitsandbytes on FP8 checkpoints
+    assert needs_ragkit_nf4(MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, num_local_experts=4))

@@ -73,7 +73,7 @@ def needs_ragkit_nf4(config: PretrainedConfig) -> bool:
     """True when stock bitsandbytes cannot give this model 4 bits: fused experts, or an FP8 checkpoint."""
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return str(method) in ("fp8", "QuantizationMethod.FP8") or has_fused_experts(config)
+    return method == "fp8" or has_fused_experts(config)
 
 
 def _device(device: str | torch.device | dict | None) -> torch.device:
