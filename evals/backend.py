@@ -8,6 +8,7 @@ resumes against a restarted server at another address or concurrency. See docs/s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from evals.errors import SettingsError
@@ -15,6 +16,17 @@ from evals.targets import Target, load_served_target, load_target
 
 BACKENDS = ("local", "openai")
 RUN_CONTROL = ("base_url", "concurrency", "timeout")
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """The backend fields every suite's settings dataclass inherits (keyword-only, after the suite's own)."""
+
+    backend: str = "local"
+    tokenizer: str | None = None  # openai: the served model's tokenizer
+    base_url: str | None = None  # run control from here on
+    concurrency: int = 1
+    timeout: float = 300.0
 
 
 def add_flags(add: Callable[..., Any]) -> None:

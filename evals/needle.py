@@ -38,7 +38,7 @@ def haystack_paths(paths: Sequence[str]) -> list[Path]:
 
 
 @dataclass
-class NeedleSettings:
+class NeedleSettings(backends.Settings):
     """Every setting of a needle run; all but the run-control ones go into the configuration hash."""
 
     lengths: tuple[int, ...]
@@ -55,17 +55,12 @@ class NeedleSettings:
     top_k: int = 4
     chunk_size: int = 256
     controls: bool = True
-    backend: str = "local"
-    tokenizer: str | None = None  # openai backend: the served model's tokenizer
     # run control (not hashed)
     out: str | None = None
     resume: bool = False
     skip_too_long: bool = False
     progress: bool = True
     threads: int | None = None
-    base_url: str | None = None
-    concurrency: int = 1
-    timeout: float = 300.0
 
     RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", *backends.RUN_CONTROL)
 

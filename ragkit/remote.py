@@ -367,16 +367,24 @@ def _served_models(client: Any, url: str, connect_timeout: float) -> dict[str, d
     """GET /v1/models once, no retries, short timeouts: the fail-fast check of a server's presence."""
     import openai
 
-    probe = client.with_options(max_retries=0, timeout=openai.Timeout(max(10.0, connect_timeout), connect=connect_timeout))
+    read_timeout = max(10.0, connect_timeout)
+    probe = client.with_options(max_retries=0, timeout=openai.Timeout(read_timeout, connect=connect_timeout))
     try:
-        with _translate(url, "GET /models", max(10.0, connect_timeout), 0):
-            listed = probe.models.list()
-    except ServerRequestError as exc:
-        if "HTTP 404" in str(exc):
+        with _translate(url, "GET /models", read_timeout, 0):
+            try:
+                listed = probe.models.list()
+            except openai.NotFoundError as exc:
+                raise ServerUnavailableError(
+                    f"{url} answers but has no /models endpoint: it is not an OpenAI-compatible API root. The base "
+                    f"URL usually ends in /v1 (vLLM, llama.cpp, transformers serve: http://HOST:PORT/v1)."
+                ) from exc
+    except ServerUnavailableError as exc:
+        if isinstance(exc.__cause__, openai.APIConnectionError):
             raise ServerUnavailableError(
-                f"{url} answers but has no /models endpoint: it is not an OpenAI-compatible API root. "
-                f"The base URL usually ends in /v1 (vLLM, llama.cpp, transformers serve: http://HOST:PORT/v1)."
-            ) from exc
+                f"No OpenAI-compatible server answers at {url} ({exc.__cause__.__cause__ or exc.__cause__}; "
+                f"one try, {connect_timeout:g} s to connect). Start the server (docs/serving.md), or fix base_url "
+                f"(${ENV_BASE_URL}, --base-url)."
+            ) from exc.__cause__
         raise
     served = {m.id: (m.model_dump() if hasattr(m, "model_dump") else dict(m)) for m in getattr(listed, "data", None) or []}
     if not served:
