@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "EmbedderMismatchError": "ragkit.errors",
     "IndexLockedError": "ragkit.errors",
     "IngestError": "ragkit.errors",
+    "EmptyIndexError": "ragkit.errors",
     "IndexNotFoundError": "ragkit.errors",
     "InvalidQueryError": "ragkit.errors",
     "FaissVectorStore": "ragkit.store",
