@@ -238,3 +238,12 @@ def test_localllm_nf4_on_a_fused_moe_model_goes_through_ragkit(tiny_mistral4_dir
     assert isinstance(llm.model.model.language_model.layers[0].mlp.experts, NF4Experts)
     assert measure_footprint(llm.model).bytes_per_param <= 0.6
     assert len(llm.generate_ids([5, 6, 7, 8], max_new_tokens=3)) == 3
+
+
+def test_planner_predicts_the_loaded_nf4_footprint(tiny_mistral4_dir, nf4_model):
+    """ragkit.plan(moe_experts="ragkit") assumes exactly the storage NF4Experts and Linear4bit allocate."""
+    from ragkit import plan
+
+    planned = plan(str(tiny_mistral4_dir), quant="nf4", moe_experts="ragkit", context=256).weights_bytes
+    measured = measure_footprint(nf4_model).nbytes
+    assert abs(planned - measured) <= 0.03 * measured, (planned, measured)
