@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
+from evals import backend as backends  # (the settings field is named backend)
 from evals import litm_report
 from evals.errors import EvalError, SettingsError, TooLongError
 from evals.kv import KVObject, kv_user_text, make_kv
@@ -24,7 +25,7 @@ from evals.runner import Group, Job, run
 from evals.scoring import answer_match
 from evals.spec import Cell, config_hash, load_suite_file, merge_settings, parse_ints
 from evals.store import RunDir, provenance
-from evals.targets import CorpusRAG, Target, cache_dir, load_embedder, load_target, orderings
+from evals.targets import CorpusRAG, Target, cache_dir, load_embedder, orderings
 
 SUITE = "lost_in_middle"
 RECIPE_VERSION = 1  # bump when prompt construction changes: old runs then refuse to resume
@@ -76,7 +77,7 @@ def _fingerprint(path: Path) -> str:
 
 
 @dataclass
-class LitmSettings:
+class LitmSettings(backends.Settings):
     """Every setting of a lost-in-the-middle run; all but the run-control ones go into the configuration hash."""
 
     task: str = "both"
@@ -103,7 +104,7 @@ class LitmSettings:
     progress: bool = True
     cache_dir: str | None = None
 
-    RUN_CONTROL = ("out", "resume", "progress", "cache_dir", "device")
+    RUN_CONTROL = ("out", "resume", "progress", "cache_dir", "device", *backends.RUN_CONTROL)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -136,6 +137,7 @@ class LitmSettings:
             raise SettingsError("--questions and --rag-top-k must be >= 1, --chunk-tokens >= 32")
         if self.max_new_tokens is None:
             self.max_new_tokens = 48 if self.kv else 32
+        backends.check(self)
 
     @property
     def qa(self) -> bool:
@@ -150,7 +152,7 @@ class LitmSettings:
         for k in self.RUN_CONTROL:
             d.pop(k)
         d["recipe_version"] = RECIPE_VERSION
-        return d
+        return backends.hashed(d)
 
 
 class LitmSuite:
@@ -317,7 +319,7 @@ def execute(s: LitmSettings, target: Target | None = None) -> Path:
     config = config_hash(hashed)
     run_dir = RunDir(out)
     done = run_dir.open(SUITE, hashed, config, s.resume)
-    target = target or load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
+    target = target or backends.load(s)
     cache = Path(s.cache_dir) if s.cache_dir else cache_dir()
     need_embedder = s.qa and (s.distractors == "hard" or s.orderings)
     embedder = load_embedder() if need_embedder else None
@@ -333,7 +335,7 @@ def execute(s: LitmSettings, target: Target | None = None) -> Path:
         run_dir.write_run({**provenance(SUITE, hashed, config, target.info), "longest_prompts": longest,
                            "qa_file": str(qa_path), "corpus_files": len(set(pool.sources)),
                            "pool_passages": len(pool.passages)})
-    stats = run(suite, target, run_dir, done, show_progress=s.progress)
+    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency)
     litm_report.write_report(run_dir)
     print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
     return run_dir.path
@@ -369,6 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--resume", action="store_const", const=True, help="continue a killed run in --out without redoing finished cells")
     a("--cache-dir", help="where passage embeddings and the corpus index are kept across runs (default ~/.cache/ragkit/evals)")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    backends.add_flags(a)
     a("--config", help="YAML suite file (evals/suites/litm*.yaml); flags given on the command line win")
     return p
 
