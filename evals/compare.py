@@ -50,18 +50,29 @@ def _litm_groups(row: dict) -> list[str]:
     return [f"qa docs={row['k']}", f"qa position {row['position']} of {row['k']}"]
 
 
+def _needle_expected(meta: dict) -> set[tuple]:
+    """The needle cells a finished run holds: modes x lengths (context: those within the window) x seeds x depths."""
+    s = meta.get("settings", {})
+    window = (meta.get("model") or {}).get("context_window") or float("inf")
+    modes = ("context", "rag") if s.get("mode") == "both" else (s.get("mode"),)
+    return {(m, n, seed, float(d), s.get("needle"), "needle") for m in modes for n in s.get("lengths", ())
+            if m == "rag" or n <= window for seed in s.get("seeds", ()) for d in s.get("depths", ())}
+
+
 @dataclass(frozen=True)
 class Layout:
-    """How a suite's rows are compared: the coordinate fields of a cell, which rows count, their groups."""
+    """How a suite's rows are compared: the coordinate fields of a cell, which rows count, their groups, and
+    (when the settings determine it) the scored cells a finished run must hold."""
 
     coords: tuple[str, ...]
     scored: Callable[[dict], bool]
     groups: Callable[[dict], list[str]]
+    expected: Callable[[dict], set[tuple]] | None = None
 
 
 LAYOUTS: dict[str, Layout] = {
     "needle": Layout(("mode", "length", "seed", "depth", "needle", "kind"),
-                     lambda r: r.get("kind") == "needle", _needle_groups),  # controls have no needle to find
+                     lambda r: r.get("kind") == "needle", _needle_groups, _needle_expected),  # controls: no needle
     "lost_in_middle": Layout(("task", "qid", "item", "seed", "kind", "k", "position", "ordering"),
                              lambda r: True, _litm_groups),
 }
@@ -198,8 +209,10 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout
     base, base_unscored = _scored_rows(base_run, layout)
     cand, cand_unscored = _scored_rows(cand_run, layout)
     problems = []
-    for name, rows, unscored, other in (("baseline", base, base_unscored, cand), ("candidate", cand, cand_unscored, base)):
-        missing = sorted((k for k in other if k not in rows), key=str)
+    for name, rows, unscored, other, meta in (("baseline", base, base_unscored, cand, result.base_meta),
+                                              ("candidate", cand, cand_unscored, base, result.cand_meta)):
+        want = set(other) | (layout.expected(meta) if layout.expected else set())
+        missing = sorted((k for k in want if k not in rows), key=str)
         if missing:
             problems.append(f"the {name} lacks {len(missing)} cell(s), e.g. {_describe(missing[0], layout)} "
                             f"(unfinished run? resume it)")

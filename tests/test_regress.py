@@ -116,6 +116,15 @@ def test_mechanics_invalid_comparison_exit_2(tmp_path, baseline, capsys, kind, m
     assert ET.parse(junit).getroot().find("testsuite/testcase/error").get("message").count(message) == 1
 
 
+def test_mechanics_both_runs_unfinished_in_the_same_cells_exit_2(tmp_path, capsys):
+    unfinished = {(7168, d, s) for d in DEPTHS for s in SEEDS}  # both killed before 7k: the settings say 60 cells
+    base = make_run(tmp_path / "base", skip=unfinished)
+    candidate = make_run(tmp_path / "cand", quant="nf4", skip=unfinished)
+    assert regress(tmp_path, base, candidate) == 2
+    err = capsys.readouterr().err
+    assert "the baseline lacks 15 cell(s)" in err and "the candidate lacks 15 cell(s)" in err
+
+
 def test_mechanics_no_baseline_exit_2_says_how(tmp_path, capsys):
     candidate = make_run(tmp_path / "cand")
     assert regress(tmp_path, tmp_path / "nope", candidate) == 2
