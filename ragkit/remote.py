@@ -45,6 +45,7 @@ from ragkit import models
 from ragkit.errors import (
     BadServerResponseError,
     ContextWindowExceededError,
+    ModelLoadError,
     ModelNotFoundError,
     RagkitError,
     ServerError,
@@ -413,8 +414,20 @@ def _local_tokenizer(tokenizer: Any, served_name: str, trust_remote_code: bool) 
             return None, ""
     else:
         source = models.resolve_llm(tokenizer)
+    if source.is_gguf and not (models.gguf_cache_path(source.path) / "config.json").is_file():
+        return _gguf_tokenizer(source.path), str(source.path)  # never dequantize a served model just to count
     directory = models.local_dir(source)
     return models.load_tokenizer(directory, trust_remote_code=trust_remote_code), str(directory)
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer stored in a GGUF file's metadata (the weights are not read)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"Could not read a tokenizer from the GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
 
 
 def _local_context(source: str, tokenizer: Any, trust_remote_code: bool) -> int | None:

@@ -200,6 +200,22 @@ def test_counts_come_from_the_servers_tokenize_endpoint_when_no_tokenizer_is_loc
             remote.chat_prompt("hi")
 
 
+@pytest.mark.slow  # transformers parses a GGUF tokenizer slowly (minutes on the shared CPU)
+def test_a_gguf_tokenizer_is_read_from_the_file_without_converting_the_model(tmp_path, monkeypatch):
+    from ragkit import models
+
+    converted_dir = models.local_dir(models.resolve_llm("default"))
+    with flaky_server() as (url, _):
+        converted = OpenAICompatibleLLM(url, "stand-in", tokenizer=str(converted_dir))
+        monkeypatch.setenv("RAGKIT_CACHE_DIR", str(tmp_path / "empty-cache"))  # no converted copy to fall back on
+        from_gguf = OpenAICompatibleLLM(url, "stand-in", tokenizer=str(models.default_llm_path()), context_window=2048)
+        assert from_gguf.tokenizer_source.endswith(".gguf")
+        text = "The passcode is 4417. What is the passcode?"
+        assert from_gguf.count_tokens(text) == converted.count_tokens(text)
+        assert from_gguf.encode_prompt(converted.chat_prompt(text)) == converted.encode_prompt(converted.chat_prompt(text))
+    assert not (tmp_path / "empty-cache").exists()  # nothing was dequantized
+
+
 def test_prompt_that_does_not_fit_is_refused_before_sending():
     from ragkit.errors import ContextWindowExceededError
 
