@@ -94,7 +94,37 @@ def main() -> None:
     tokens = sum(len(e.ids) for e in ingestor.splitter.chunker.backend.encode_batch(texts))
     model = embedder.model
 
+    li_splitter = SentenceSplitter(chunk_size=254, chunk_overlap=0,
+                                   tokenizer=lambda t: embedder.tokenizer.encode(t, add_special_tokens=False))
+    li_nodes, w4, c4 = timed(lambda: li_splitter.get_nodes_from_documents(docs))
     runs: dict[str, list[tuple[float, float]]] = {"pipeline": [], "raw_encode": [], "split_ragkit": []}
+
+    def write(runs: dict[str, list[tuple[float, float]]]) -> None:
+        med = {k: {"wall_s": statistics.median(x[0] for x in v), "cpu_s": statistics.median(x[1] for x in v),
+                   "runs": [{"wall_s": round(a, 3), "cpu_s": round(b, 3)} for a, b in v]} for k, v in runs.items()}
+        med["split_llamaindex_sentence_splitter"] = {"wall_s": w4, "cpu_s": c4, "chunks": len(li_nodes), "runs": 1}
+        n = len(texts)
+        result = {
+            "benchmark": "ingest_throughput",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": info, "load_avg_at_end": os.getloadavg(),
+            "corpus": {"files": len(files), "chars": chars, "chunks": n, "tokens_incl_special": tokens,
+                       "chunk_tokens_max": ingestor.splitter.chunker.max_tokens},
+            "repeats": len(runs["pipeline"]), "timings_median": med,
+            "pipeline_chunks_per_s": n / med["pipeline"]["wall_s"], "pipeline_tokens_per_s": tokens / med["pipeline"]["wall_s"],
+            "raw_chunks_per_s": n / med["raw_encode"]["wall_s"], "raw_tokens_per_s": tokens / med["raw_encode"]["wall_s"],
+            "ratio_pipeline_vs_raw_wall": med["raw_encode"]["wall_s"] / med["pipeline"]["wall_s"],
+            "ratio_pipeline_vs_raw_cpu": med["raw_encode"]["cpu_s"] / med["pipeline"]["cpu_s"],
+            "split_over_embed_wall": med["split_ragkit"]["wall_s"] / med["raw_encode"]["wall_s"],
+            "split_over_embed_cpu": med["split_ragkit"]["cpu_s"] / med["raw_encode"]["cpu_s"],
+            "llamaindex_split_over_embed_wall": w4 / med["raw_encode"]["wall_s"],
+            "llamaindex_split_over_embed_cpu": c4 / med["raw_encode"]["cpu_s"],
+            "targets": {"ratio_pipeline_vs_raw": ">= 0.9", "split_over_embed": "< 0.2"},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "timings_median")}, indent=1))
+
     for r in range(args.repeats):
         _, w, c = timed(ingest_once)
         runs["pipeline"].append((w, c))
@@ -105,33 +135,8 @@ def main() -> None:
         runs["split_ragkit"].append((w3, c3))
         print(f"repeat {r + 1}: pipeline {w:.1f} s wall / {c:.1f} s cpu; raw encode {w2:.1f} / {c2:.1f}; "
               f"split {w3:.2f} / {c3:.2f}; load {os.getloadavg()[0]:.1f}")
-    li_splitter = SentenceSplitter(chunk_size=254, chunk_overlap=0,
-                                   tokenizer=lambda t: embedder.tokenizer.encode(t, add_special_tokens=False))
-    li_nodes, w4, c4 = timed(lambda: li_splitter.get_nodes_from_documents(docs))
+        write(runs)  # after every repeat: an interrupted run still leaves its results
 
-    med = {k: {"wall_s": statistics.median(x[0] for x in v), "cpu_s": statistics.median(x[1] for x in v),
-               "runs": [{"wall_s": round(a, 3), "cpu_s": round(b, 3)} for a, b in v]} for k, v in runs.items()}
-    med["split_llamaindex_sentence_splitter"] = {"wall_s": w4, "cpu_s": c4, "chunks": len(li_nodes), "runs": 1}
-    n = len(texts)
-    result = {
-        "benchmark": "ingest_throughput",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": info, "load_avg_at_end": os.getloadavg(),
-        "corpus": {"files": len(files), "chars": chars, "chunks": n, "tokens_incl_special": tokens,
-                   "chunk_tokens_max": ingestor.splitter.chunker.max_tokens},
-        "repeats": args.repeats, "timings_median": med,
-        "pipeline_chunks_per_s": n / med["pipeline"]["wall_s"], "pipeline_tokens_per_s": tokens / med["pipeline"]["wall_s"],
-        "raw_chunks_per_s": n / med["raw_encode"]["wall_s"], "raw_tokens_per_s": tokens / med["raw_encode"]["wall_s"],
-        "ratio_pipeline_vs_raw_wall": med["raw_encode"]["wall_s"] / med["pipeline"]["wall_s"],
-        "ratio_pipeline_vs_raw_cpu": med["raw_encode"]["cpu_s"] / med["pipeline"]["cpu_s"],
-        "split_over_embed_wall": med["split_ragkit"]["wall_s"] / med["raw_encode"]["wall_s"],
-        "split_over_embed_cpu": med["split_ragkit"]["cpu_s"] / med["raw_encode"]["cpu_s"],
-        "llamaindex_split_over_embed_wall": w4 / med["raw_encode"]["wall_s"],
-        "targets": {"ratio_pipeline_vs_raw": ">= 0.9", "split_over_embed": "< 0.2"},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "timings_median")}, indent=1))
     print(f"wrote {args.out}")
 
 
