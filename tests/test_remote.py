@@ -280,3 +280,20 @@ def test_killing_the_real_server_raises_unavailable(served_smollm2):  # last: it
     served_smollm2.kill()
     with pytest.raises(ServerUnavailableError, match="Lost the server"):
         llm.complete("Hi again")
+
+
+def test_pipeline_query_runs_on_the_served_llm(tmp_path, embedder):
+    """Pipeline's context assembly counts with the served model's tokenizer; the answer comes from the server."""
+    from ragkit.pipeline import Pipeline
+
+    doc = tmp_path / "vacuum.txt"
+    doc.write_text("The VACUUM command rebuilds the database file, repacking it into a minimal amount of disk space.")
+    with flaky_server("--usage-prompt-tokens", "7") as (url, _):
+        llm = stand_in_llm(url, context_window=512)
+        pipeline = Pipeline(tmp_path / "index", llm=llm, embed_model=embedder)
+        pipeline.ingest([doc], show_progress=False)
+        answer = pipeline.query("What does VACUUM do?")
+        assert answer.text == STAND_IN and answer.completion_tokens == 2
+        assert answer.prompt_tokens == llm.count_tokens(pipeline.assemble("What does VACUUM do?",
+                                                                          pipeline.retrieve("What does VACUUM do?")).messages)
+        assert posts(url) == 1
