@@ -45,7 +45,8 @@ class GreedyDecoder:
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], cache: DynamicCache) -> torch.Tensor:
         x = torch.tensor([list(ids)], device=self.device)
-        return self.model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1]
+        # logits of the last position only: the full-vocabulary head over every prompt token is wasted work
+        return self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
 
     @torch.inference_mode()
     def run_group(self, prompts: Sequence[Sequence[int]], base: Sequence[int] | None = None) -> Iterator[Decoded]:

@@ -119,6 +119,11 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         f"created {run.get('created')}; config {run.get('config')}", "",
         "## Result", "",
     ]
+    planned = (len(st.get("lengths", [])) * len(st.get("seeds", [])) * (len(st.get("depths", [])) + bool(st.get("controls")))
+               * (2 if st.get("mode") == "both" else 1))
+    if planned and len(df) < planned:
+        lines += [f"**Incomplete run: {len(df)} of {planned} planned cells finished** (lengths without rows below were "
+                  "not reached, or skipped as too long); continue it with the same flags and `--resume`.", ""]
     for mode in [x for x in ("context", "rag") if x in set(df["mode"])]:
         d = df[df["mode"] == mode]
         nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
