@@ -12,14 +12,14 @@ import time
 
 import pytest
 
-QUESTIONS = 6
+QUESTIONS = 12
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_and_oracle_beats_closed_book(tmp_path, repo_root):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "evals.lost_in_middle", "--task", "qa", "--docs", "10", "--positions", "first",
-           "--orderings", "none", "--distractors", "random", "--questions", str(QUESTIONS), "--max-new-tokens", "24",
+           "--orderings", "none", "--distractors", "random", "--questions", str(QUESTIONS),
            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
