@@ -152,7 +152,8 @@ def _scored_rows(run: RunDir, layout: Layout) -> tuple[dict[tuple, dict], int]:
 
 def _check_settings(base: dict, cand: dict) -> None:
     if base.get("suite") != cand.get("suite"):
-        raise InvalidComparison(f"the baseline is a {base.get('suite')!r} run, the candidate a {cand.get('suite')!r} run")
+        raise InvalidComparison(f"the baseline is a {base.get('suite')!r} run, "
+                                f"the candidate a {cand.get('suite')!r} run")
     bs, cs = base.get("settings", {}), cand.get("settings", {})
     differ = sorted(k for k in set(bs) | set(cs) if k not in UNDER_TEST and bs.get(k) != cs.get(k))
     if differ:
@@ -262,8 +263,9 @@ def _rate(k: int, n: int) -> str:
 
 
 def _who(meta: dict) -> str:
-    s = meta.get("settings", {})
-    return f"model {s.get('model')} · quant {s.get('quant')} · dtype {s.get('dtype') or 'default'}"
+    s, git = meta.get("settings", {}), meta.get("git") or {}
+    return (f"model {s.get('model')} · quant {s.get('quant')} · dtype {s.get('dtype') or 'default'}; "
+            f"git {git.get('commit', '?')}")
 
 
 def markdown(results: list[Comparison], alpha: float, min_drop: float, correction: str, exit_code: int) -> str:
@@ -274,8 +276,8 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
              f"min drop {min_drop:.0%}, correction {correction}. Rates: passed/n [95% Wilson interval].", ""]
     for r in results:
         lines += [f"## {r.entry} ({r.suite}): {r.status}", "",
-                  f"- baseline: `{r.baseline}` ({_who(r.base_meta)}; git {(r.base_meta.get('git') or {}).get('commit', '?')})",
-                  f"- candidate: `{r.candidate}` ({_who(r.cand_meta)}; git {(r.cand_meta.get('git') or {}).get('commit', '?')})"]
+                  f"- baseline: `{r.baseline}` ({_who(r.base_meta)})",
+                  f"- candidate: `{r.candidate}` ({_who(r.cand_meta)})"]
         lines += [f"- note: {n}" for n in r.notes]
         if r.invalid:
             lines += ["", f"**Invalid comparison:** {r.invalid}", ""]

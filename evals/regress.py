@@ -83,7 +83,8 @@ def load_entries(path: str | Path, model: str | None = None, quant: str | None =
         raw = [{"suite": "needle", "settings": data}]
     else:
         if set(data) != {"runs"}:
-            raise SettingsError(f"{path}: a file with 'runs:' holds nothing else (found {sorted(set(data) - {'runs'})})")
+            extra = sorted(set(data) - {"runs"})
+            raise SettingsError(f"{path}: a file with 'runs:' holds nothing else (found {extra})")
         raw = data["runs"]
         if not isinstance(raw, list) or not raw:
             raise SettingsError(f"{path}: 'runs' must be a non-empty list of {{suite: ..., settings: {{...}}}}")
