@@ -288,7 +288,7 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
             verdict_g = "**regression**" if g.regression else "improvement" if g.improvement else ""
             p = f"{g.p_value:.3g}" + (f" (adj {g.p_adjusted:.3g})" if correction != "none" else "")
             lines.append(f"| {g.name} | {g.n} | {_rate(g.base_pass, g.n)} | {_rate(g.cand_pass, g.n)} | "
-                         f"{-g.drop:+.0%} | {g.b} | {g.c} | {p} | {verdict_g} |")
+                         f"{(g.cand_pass - g.base_pass) / max(g.n, 1):+.0%} | {g.b} | {g.c} | {p} | {verdict_g} |")
         worse = [g.name for g in r.groups if g.regression]
         if worse:
             lines += ["", f"**Got worse in:** {', '.join(worse)}."]

@@ -85,6 +85,9 @@ def plot(table: pd.DataFrame, out: str | Path) -> Path:
         ax.scatter(x[bad], y[bad], color="red", marker="X", s=90, zorder=5)
     if data["regression"].astype(bool).any():
         ax.scatter([], [], color="red", marker="X", s=90, label="regression")
+    dates = pd.to_datetime(data["date"])
+    if not dates.empty:
+        ax.set_xlim(dates.min() - pd.Timedelta(days=2), dates.max() + pd.Timedelta(days=2))
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("pass rate (95% Wilson)")
     ax.set_title("evals.regress history")
