@@ -99,12 +99,12 @@ def _cache_bytes_per_token(model, tokens: int) -> float:
     return total / tokens
 
 
-def test_planned_kv_per_token_equals_what_transformers_caches(tiny_mistral4_dir, tiny_mistral_dir):
+def test_planned_kv_per_token_equals_what_transformers_caches(tiny_mistral4_dir, tiny_mistral_bf16_dir):
     from transformers import AutoConfig
 
     from ragkit.models import model_class
 
-    for directory in (tiny_mistral4_dir, tiny_mistral_dir):
+    for directory in (tiny_mistral4_dir, tiny_mistral_bf16_dir):
         config = AutoConfig.from_pretrained(directory)
         model = model_class(config).from_pretrained(directory, dtype="bfloat16")
         assert _cache_bytes_per_token(model, 7) == plan(directory, quant="nf4").kv.bytes_per_token
@@ -287,7 +287,7 @@ def _assert_plan_matches(model, p) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_mistral_dir(tmp_path_factory):
+def tiny_mistral_bf16_dir(tmp_path_factory):
     """A random tiny MistralConfig model saved as BF16 safetensors (tiny_mistral4_dir is in conftest)."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
@@ -299,11 +299,11 @@ def tiny_mistral_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("quant", [None, "nf4", "int8"])
-def test_tiny_mistral_planned_equals_measured(tiny_mistral_dir, quant):
+def test_tiny_mistral_planned_equals_measured(tiny_mistral_bf16_dir, quant):
     from ragkit import LocalLLM
 
-    llm = LocalLLM(str(tiny_mistral_dir), tokenizer="default", quantization=quant, device_map="cpu")
-    _assert_plan_matches(llm.model, plan(tiny_mistral_dir, quant=quant or "none"))
+    llm = LocalLLM(str(tiny_mistral_bf16_dir), tokenizer="default", quantization=quant, device_map="cpu")
+    _assert_plan_matches(llm.model, plan(tiny_mistral_bf16_dir, quant=quant or "none"))
 
 
 @pytest.mark.parametrize("quant", [None, "nf4"])
