@@ -31,6 +31,10 @@ QA_TEMPLATE = (
     "Question: {question}\nAnswer:"
 )
 
+# Chunks are laid out as "[n] file (chunk k)"; a small model tends to continue that layout after its
+# answer, so generation stops where a new "[n]" line would begin.
+STOP_SEQUENCES = ("\n[",)
+
 
 class TokenCounter(Protocol):
     """What context assembly needs from an LLM (``LocalLLM`` provides it)."""

@@ -28,7 +28,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 
-from ragkit.context import AssembledContext, assemble_context, get_ordering, source_label
+from ragkit.context import STOP_SEQUENCES, AssembledContext, assemble_context, get_ordering
 from ragkit.errors import EmbedderMismatchError, EmptyIndexError, IndexCorruptError, InvalidQueryError, RagkitError
 from ragkit.ingest import Ingestor, IngestSummary
 from ragkit.store import FaissVectorStore, IndexDirectory, SnapshotWriter
@@ -278,7 +278,7 @@ class Pipeline:
         """Retrieve, fit the chunks into the LLM's context window, and answer."""
         nodes = self.retrieve(question, top_k=top_k, filters=filters)
         ctx = self.assemble(question, nodes, ordering)
-        response = self.llm.chat(ctx.messages)
+        response = self.llm.chat(ctx.messages, stop=list(STOP_SEQUENCES))
         text = (response.message.content or "").strip()
         usage = _usage(response)
         return Answer(
