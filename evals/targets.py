@@ -146,3 +146,45 @@ class Retriever:
             src.write_text(text, encoding="utf-8")
         pipeline.ingest([src], show_progress=False)
         return [n.node.get_content() for n in pipeline.retrieve(question, top_k=self.top_k)]
+
+
+def cache_dir() -> Path:
+    """Where suites keep reusable derived data (passage embeddings, corpus indexes): ragkit's cache + evals/."""
+    from ragkit import models
+
+    return models.cache_dir() / "evals"
+
+
+def load_embedder(name: str = "default") -> Any:
+    """The embedder ragkit retrieves with (SentenceTransformerEmbedding; all-MiniLM-L6-v2 by default)."""
+    from ragkit.embed import SentenceTransformerEmbedding
+
+    return SentenceTransformerEmbedding(name)
+
+
+def orderings() -> tuple[str, ...]:
+    """Names of ragkit's chunk-ordering strategies (``ragkit.context.ORDERINGS``)."""
+    from ragkit.context import ORDERINGS
+
+    return tuple(ORDERINGS)
+
+
+class CorpusRAG:
+    """ragkit.Pipeline over corpus files in a persistent index (reused across runs): the top-k chunks of a
+    question, and the exact prompt ragkit assembles from them with an ordering strategy."""
+
+    def __init__(self, index_dir: Path, paths: Sequence[Path], llm: Any, chunk_tokens: int, embedder: Any = None):
+        self.paths = list(paths)
+        self.pipeline = ragkit.Pipeline(index_dir, llm=llm, embed_model=embedder, chunk_tokens=chunk_tokens)
+
+    def ingest(self, show_progress: bool = True) -> Any:
+        """Add what the index lacks (files already ingested are skipped by their hashes)."""
+        return self.pipeline.ingest(self.paths, show_progress=show_progress)
+
+    def retrieve(self, question: str, top_k: int) -> list[Any]:
+        return self.pipeline.retrieve(question, top_k=top_k)
+
+    def prompt(self, question: str, nodes: list[Any], ordering: str) -> tuple[str, Any]:
+        """The chat prompt text ``Pipeline.query`` would send, and ragkit's AssembledContext (chunks in prompt order)."""
+        ctx = self.pipeline.assemble(question, nodes, ordering)
+        return self.pipeline.llm.chat_prompt(ctx.messages), ctx
