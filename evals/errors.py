@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class EvalError(Exception):
     """Base class of every error the suites raise on purpose (the CLI prints it and exits 2)."""
@@ -21,3 +24,18 @@ class TooLongError(EvalError):
 
 class RebuildError(EvalError):
     """A stored prompt recipe no longer rebuilds the exact prompt (corpus, tokenizer or code changed)."""
+
+
+def cli_exit(command: Callable[[], int | None]) -> int:
+    """Run a suite's command: an error the user can fix (ours or ragkit's) is printed without a traceback
+    and gives exit code 2; anything else is a bug and propagates."""
+    try:
+        return command() or 0
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # ragkit errors carry their own advice
+        if type(e).__module__.startswith("ragkit"):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise

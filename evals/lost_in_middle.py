@@ -18,7 +18,7 @@ from typing import Any, Hashable, Sequence
 
 from evals import backend as backends  # (the settings field is named backend)
 from evals import litm_report
-from evals.errors import EvalError, SettingsError, TooLongError
+from evals.errors import SettingsError, TooLongError, cli_exit
 from evals.kv import KVObject, kv_user_text, make_kv
 from evals.passages import DISTRACTORS, Distractors, PassagePool, QAItem, load_qa, place_gold, select_questions
 from evals.runner import Group, Job, run
@@ -384,17 +384,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> LitmSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    def command() -> None:
         execute(settings_from_args(argv))
-        return 0
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # ragkit errors carry their own advice
-        if type(e).__module__.startswith("ragkit"):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+    return cli_exit(command)
 
 
 if __name__ == "__main__":

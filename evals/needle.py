@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Hashable, Sequence
 
 from evals import report
-from evals.errors import EvalError, RebuildError, SettingsError, TooLongError
+from evals.errors import RebuildError, SettingsError, TooLongError, cli_exit
 from evals.haystack import Estimator, Frame, Recipe, SentencePool, fit_prompt, measure
 from evals.needles import NEEDLE_TYPES, Needle, make_needle
 from evals.runner import Group, Job, run
@@ -290,25 +290,20 @@ def rebuild_prompt(run: str, cell_id: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        settings, args = settings_from_args(argv)
-        if args.report:
-            report.write_needle_report(RunDir(args.report))
-            print(f"report: {Path(args.report) / 'report.md'}")
-            return 0
-        if settings is None:
-            sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))
-            return 0
-        execute(settings)
+    return cli_exit(lambda: _command(argv))
+
+
+def _command(argv: Sequence[str] | None) -> int:
+    settings, args = settings_from_args(argv)
+    if args.report:
+        report.write_needle_report(RunDir(args.report))
+        print(f"report: {Path(args.report) / 'report.md'}")
         return 0
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # ragkit errors carry their own advice
-        if type(e).__module__.startswith("ragkit"):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    if settings is None:
+        sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))
+        return 0
+    execute(settings)
+    return 0
 
 
 if __name__ == "__main__":
