@@ -8,8 +8,8 @@ resumes against a restarted server at another address or concurrency. See docs/s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar
 
 from evals.errors import SettingsError
 from evals.targets import Target, load_served_target, load_target
@@ -27,6 +27,17 @@ class Settings:
     base_url: str | None = None  # run control from here on
     concurrency: int = 1
     timeout: float = 300.0
+
+    RUN_CONTROL: ClassVar[tuple[str, ...]] = RUN_CONTROL  # fields that do not change what a cell measures
+    RECIPE_VERSION: ClassVar[int] = 1  # bump when prompt construction changes: old runs then refuse to resume
+
+    def hashed(self) -> dict[str, Any]:
+        """The settings that define the cells (run control left out), for the configuration hash."""
+        d = asdict(self)
+        for k in self.RUN_CONTROL:
+            d.pop(k)
+        d["recipe_version"] = self.RECIPE_VERSION
+        return hashed(d)
 
 
 def add_flags(add: Callable[..., Any]) -> None:

@@ -12,7 +12,7 @@ import argparse
 import hashlib
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
@@ -28,7 +28,6 @@ from evals.store import RunDir, provenance
 from evals.targets import CorpusRAG, Target, cache_dir, load_embedder, orderings
 
 SUITE = "lost_in_middle"
-RECIPE_VERSION = 1  # bump when prompt construction changes: old runs then refuse to resume
 TASKS = ("qa", "kv", "both")
 REPO = Path(__file__).resolve().parents[1]
 QA_INSTRUCTION = ("Write a high-quality answer for the given question using only the provided search results "
@@ -146,13 +145,6 @@ class LitmSettings(backends.Settings):
     @property
     def kv(self) -> bool:
         return self.task in ("kv", "both")
-
-    def hashed(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in self.RUN_CONTROL:
-            d.pop(k)
-        d["recipe_version"] = RECIPE_VERSION
-        return backends.hashed(d)
 
 
 class LitmSuite:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
@@ -25,7 +25,6 @@ from evals import backend as backends  # (the settings field is named backend)
 from evals.targets import Retriever, load_target
 
 SUITE = "needle"
-RECIPE_VERSION = 1  # bump when prompt construction changes: old runs then refuse to resume
 MODES = ("context", "rag", "both")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HAYSTACK = ("corpora/sqlite", "corpora/python")  # relative paths are looked up in the cwd, then the repo
@@ -80,13 +79,6 @@ class NeedleSettings(backends.Settings):
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
         backends.check(self)
-
-    def hashed(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in self.RUN_CONTROL:
-            d.pop(k)
-        d["recipe_version"] = RECIPE_VERSION
-        return backends.hashed(d)
 
 
 class NeedleSuite:
