@@ -40,6 +40,14 @@ class Settings:
         return hashed(d)
 
 
+def add_model_flags(add: Callable[..., Any]) -> None:
+    """The flags that name the model under test, on an ``ArgumentParser.add_argument``."""
+    add("--model", help="default (embedded SmolLM2-135M-Instruct), a local HF directory, a .gguf file or a cached hub id")
+    add("--quant", choices=("none", "nf4", "int8"), help="bitsandbytes quantization of the model (default none)")
+    add("--dtype", help="weights dtype for unquantized models (default float32)")
+    add("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
+
+
 def add_flags(add: Callable[..., Any]) -> None:
     """The backend flags, on an ``ArgumentParser.add_argument``."""
     add("--backend", choices=BACKENDS, help="local: ragkit.LocalLLM in this process (default); openai: an "

@@ -181,10 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--lengths", help="total tokens per prompt incl. generation budget: 1k,2k,4k or plain integers (k = 1024)")
     a("--depths", help="needle depths in percent (0,25,50,75,100) or a count N of evenly spaced depths")
-    a("--model", help="default (embedded SmolLM2-135M-Instruct), a local HF directory, a .gguf file or a cached hub id")
-    a("--quant", choices=("none", "nf4", "int8"), help="bitsandbytes quantization of the model (default none)")
-    a("--dtype", help="weights dtype for unquantized models (default float32)")
-    a("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
+    backends.add_model_flags(a)
     a("--mode", choices=MODES, help="context: whole haystack in the prompt; rag: top-k chunks via ragkit.Pipeline; both")
     a("--needle", choices=NEEDLE_TYPES, help="needle type (default passcode)")
     a("--seeds", help="comma list of seeds; each seed is a different needle (default 1)")
