@@ -366,6 +366,56 @@ class MemoryPlan:
         return _render(self)
 
 
+@dataclass(frozen=True)
+class WeightBlocks:
+    """Planned bytes of a model's weights by the module that holds them, and the placement blocks they form.
+
+    A block is the enclosing no-split module (a whole decoder layer) or else the module itself; blocks are
+    what :func:`place` puts on devices, in module order.
+    """
+
+    module_bytes: dict[str, int]  # module holding tensors directly -> bytes allocated for them
+    block_of: dict[str, str]      # that module -> its placement block
+    tied: dict[str, str]          # block holding only a tied copy of a weight -> block holding the weight
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Bytes per block, in module order."""
+        sizes: dict[str, int] = {}
+        for module, size in self.module_bytes.items():
+            block = self.block_of[module]
+            sizes[block] = sizes.get(block, 0) + size
+        return sizes
+
+    def with_tied(self, device_map: dict[str, Any]) -> dict[str, Any]:
+        """``device_map`` plus the blocks holding only tied copies, on the device of the weight they share."""
+        out = dict(device_map)
+        for block, source in self.tied.items():
+            if source in out:
+                out.setdefault(block, out[source])
+        return out
+
+
+def _weight_blocks(tensors: list[_Tensor], tied: dict[str, str], quant: str, experts_quantized: bool,
+                   dtype_bytes: int) -> WeightBlocks:
+    module_bytes: dict[str, int] = {}
+    block_of: dict[str, str] = {}
+    for t in tensors:
+        module = t.name.rsplit(".", 1)[0]
+        module_bytes[module] = module_bytes.get(module, 0) + _storage(t, quant, experts_quantized, dtype_bytes)[1]
+        block_of[module] = t.block
+    return WeightBlocks(module_bytes, block_of, dict(tied))
+
+
+def weight_blocks(model_or_config: Any, quant: str = "nf4", moe_experts: str = "ragkit",
+                  compute_dtype: str = "bfloat16") -> WeightBlocks:
+    """The bytes :func:`plan` counts for each module and placement block of ``model_or_config``."""
+    config, _ = _load_config(model_or_config)
+    tensors, tied, _, _ = _walk(config)
+    dtype_bytes = _DTYPE_BYTES[_dtype_name(config, quant, None, compute_dtype)]
+    return _weight_blocks(tensors, tied, quant, _experts_quantized(quant, moe_experts), dtype_bytes)
+
+
 def plan(
     model_or_config: Any,
     context: int | None = None,
@@ -423,9 +473,8 @@ def plan(
     n_vision = sum(t.numel for t in tensors if t.kind != "buffer" and _is_vision(t.name))
     notes = _notes(quant, moe_experts, n_experts, kv)
 
-    blocks: dict[str, int] = {}
-    for t in tensors:
-        blocks[t.block] = blocks.get(t.block, 0) + _storage(t, quant, experts_q, _DTYPE_BYTES[weight_dtype])[1]
+    units = _weight_blocks(tensors, tied, quant, experts_q, _DTYPE_BYTES[weight_dtype])
+    blocks = units.sizes
     advice = []
     if quant != "nf4":
         advice.append(f"quant='nf4' (weights {format_bytes(by_precision['nf4/' + moe_experts])})")
@@ -439,9 +488,7 @@ def plan(
         f"{label} ({quant}, {context:,} tokens x {batch})", advice,
         accelerate=accelerate, bnb=accelerate and quant != "none",
     )
-    for block, source in tied.items():  # tied weights live with the tensor they share
-        if source in device_map:
-            device_map.setdefault(block, device_map[source])
+    device_map = units.with_tied(device_map)
     if sizes and accelerate and quant != "none":
         notes = (*notes, "max_memory is each GPU's weight budget / 0.9: transformers' bitsandbytes quantizers "
                          "multiply max_memory by 0.9 before placing, so accelerate places within the budget.")
@@ -449,9 +496,8 @@ def plan(
         notes = (*notes, "device_map='auto' balances GPUs 0..N-2 at about total/N + 1.25 x the largest layer and "
                          "can spill to CPU on a tight fit; pass device_map=plan.device_map to use this split exactly.")
     if len(sizes) > 1 and not accelerate:
-        notes = (*notes, "ragkit's expert-aware NF4 loader (ragkit/quant/loader.py) puts the whole model on one "
-                         "device today and ignores max_memory; the split above is what the weights need per GPU, "
-                         "not what LocalLLM does yet.")
+        notes = (*notes, "ragkit's expert-aware NF4 loader places whole blocks exactly as above: pass "
+                         "device_map='auto' with max_memory=plan.max_memory, or device_map=plan.device_map.")
     return MemoryPlan(
         model=label, architecture=arch, quant=quant, moe_experts=moe_experts, dtype=weight_dtype,
         kv_dtype=kv_dtype, params=n_params, params_routed_experts=n_experts, params_vision=n_vision,
@@ -552,11 +598,8 @@ def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, worksp
     if accelerate:
         room[0] = max(0, room[0] - max(blocks.values()))
     weights_total = sum(blocks.values())
-    for targets in ([weights_total * r / sum(room) if sum(room) else 0 for r in room], room):
-        placed = _place(list(blocks.items()), room, targets)
-        if placed is not None:
-            break
-    else:
+    placed = _balanced(blocks, room)
+    if placed is None:
         reserve = (f"; accelerate also keeps {format_bytes(max(blocks.values()))} free on GPU 0 for the largest "
                    f"block" if accelerate and len(sizes) > 1 else "")
         workspace_note = f" + {format_bytes(workspace)} attention workspace on each GPU with layers" if workspace else ""
@@ -577,6 +620,47 @@ def _split(blocks: dict[str, int], layers: dict[str, int], layer_kv: int, worksp
             max_memory=int(budgets[index] / BNB_MAX_MEMORY_SCALE) if bnb else budgets[index],
         ))
     return tuple(shares), placed
+
+
+def _balanced(blocks: dict[str, int], room: list[int]) -> dict[str, int] | None:
+    """Blocks over GPUs with weight budgets ``room``: balanced in proportion to the budgets, else filling in order."""
+    total = sum(blocks.values())
+    for targets in ([total * r / sum(room) if sum(room) else 0 for r in room], room):
+        placed = _place(list(blocks.items()), room, targets)
+        if placed is not None:
+            return placed
+    return None
+
+
+def place(blocks: dict[str, int], max_memory: dict[int | str, int | str]) -> dict[str, int | str]:
+    """Place ``blocks`` (name -> bytes, in module order) on the devices of ``max_memory`` (weight budgets).
+
+    GPUs (int keys) are used in index order and balanced as :func:`plan` balances them (in proportion to
+    their budgets, else filled in order); a ``"cpu"`` entry takes what the GPUs cannot hold. Raises
+    MemoryPlanError with the planned bytes when the blocks do not fit.
+    """
+    unknown = [k for k in max_memory if k != "cpu" and (isinstance(k, bool) or not isinstance(k, int) or k < 0)]
+    if unknown:
+        raise MemoryPlanError(
+            f"max_memory keys are GPU indexes (0, 1, ...) and 'cpu'; got {unknown[0]!r}. Disk offload is not supported."
+        )
+    gpus = sorted(k for k in max_memory if k != "cpu")
+    room = [parse_size(max_memory[g]) for g in gpus]
+    placed = _balanced(blocks, room)
+    devices: list[int | str] = list(gpus)
+    if placed is None and "cpu" in max_memory:
+        room.append(parse_size(max_memory["cpu"]))
+        devices.append("cpu")
+        placed = _place(list(blocks.items()), room, room)
+    if placed is None:
+        largest = max(blocks, key=blocks.get)
+        budgets = ", ".join(f"{d!r}: {format_bytes(r)}" for d, r in zip(devices, room)) or "nothing"
+        raise MemoryPlanError(
+            f"The weights need {format_bytes(sum(blocks.values()))} in whole blocks (the largest, {largest!r}, "
+            f"{format_bytes(blocks[largest])}), and max_memory gives {{{budgets}}}. Raise max_memory, add a GPU "
+            f"or a 'cpu' entry, or use a smaller quantization."
+        )
+    return {name: devices[index] for name, index in placed.items()}
 
 
 def _place(blocks: list[tuple[str, int]], max_memory: list[int], targets: list[float]) -> dict[str, int] | None:
