@@ -418,7 +418,8 @@ def load_model(
         from ragkit.quant import load_nf4, needs_ragkit_nf4
 
         if needs_ragkit_nf4(config):
-            return load_nf4(directory, compute_dtype=getattr(torch, compute_dtype), device=device_map)
+            return load_nf4(directory, compute_dtype=getattr(torch, compute_dtype), device=device_map,
+                            max_memory=max_memory)
     logger.info("Loading %s with %s (quantization=%s, device_map=%s)", directory, cls.__name__, quantization, device_map)
     try:
         return cls.from_pretrained(

@@ -4,9 +4,11 @@ The model is built on the meta device; its ``nn.Linear`` layers become bitsandby
 ``Linear4bit`` exactly as ``BitsAndBytesConfig(load_in_4bit=True)`` would make them, and its
 fused-experts modules become :class:`~ragkit.quant.experts.NF4Experts`. Then the shards are
 read one by one: each tensor is dequantized from FP8 with its scale if needed, quantized to
-NF4 on the target device and dropped, and fused experts are read one expert at a time
+NF4 on the device of its module and dropped, and fused experts are read one expert at a time
 (``safe_open(...).get_slice``). Host memory therefore holds at most one shard's pages plus
-one tensor in float32, never the BF16 model.
+one tensor in float32, never the BF16 model. Where each module goes (one device, a device map,
+or the planner's split of whole decoder layers over GPUs and the CPU) is decided on the meta
+model before the first tensor is read (:mod:`ragkit.quant.placement`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import accelerate
 import bitsandbytes as bnb
@@ -41,6 +44,7 @@ from ragkit.quant.fp8 import (
     scale_key,
 )
 from ragkit.quant.nf4 import bnb_nf4_config, set_linear4bit_weight
+from ragkit.quant.placement import Placement, dispatch, nf4_placement
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +80,6 @@ def needs_ragkit_nf4(config: PretrainedConfig) -> bool:
     return method == "fp8" or has_fused_experts(config)
 
 
-def _device(device: str | torch.device | dict | None) -> torch.device:
-    if isinstance(device, dict):
-        raise QuantizationError(
-            "ragkit's NF4 loader places the whole model on one device; pass device_map='auto', 'cuda', "
-            "'cuda:N' or 'cpu' instead of a per-module map."
-        )
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _shards(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -101,8 +94,9 @@ def _shards(path: Path) -> list[Path]:
 class _Stream:
     """Loads checkpoint tensors into the converted meta model, one at a time."""
 
-    def __init__(self, model: PreTrainedModel, experts: dict[str, NF4Experts], fmt: CheckpointFormat, device, where):
-        self.model, self.experts, self.fmt, self.device, self.where = model, experts, fmt, device, where
+    def __init__(self, model: PreTrainedModel, experts: dict[str, NF4Experts], fmt: CheckpointFormat,
+                 placement: Placement, where: str):
+        self.model, self.experts, self.fmt, self.placement, self.where = model, experts, fmt, placement, where
         self.scales: dict[str, torch.Tensor] = {}
         self.loaded: set[str] = set()
         self.unexpected: list[str] = []
@@ -116,29 +110,32 @@ class _Stream:
     def _set_plain(self, name: str, tensor: torch.Tensor) -> None:
         module_name, _, attr = name.rpartition(".")
         module = self.model.get_submodule(module_name)
+        device = self.placement.torch_device(module_name)
         if attr in module._parameters:
             old = module._parameters[attr]
             # copy=True: a tensor read from a shard is a view of the whole mapped shard, which must not stay alive
-            module._parameters[attr] = nn.Parameter(tensor.to(self.device, old.dtype, copy=True), requires_grad=False)
+            module._parameters[attr] = nn.Parameter(tensor.to(device, old.dtype, copy=True), requires_grad=False)
         else:
-            module._buffers[attr] = tensor.to(self.device, module._buffers[attr].dtype, copy=True)
+            module._buffers[attr] = tensor.to(device, module._buffers[attr].dtype, copy=True)
 
     def load_fused(self, key: str, module_name: str, proj: str, reader) -> None:
         module = self.experts[module_name]
+        device = self.placement.torch_device(module_name)
         if proj.endswith("_bias"):
-            module.set_bias(proj[: -len("_bias")], reader.get_tensor(key).to(self.device))
+            module.set_bias(proj[: -len("_bias")], reader.get_tensor(key).to(device))
             return
         sliced = reader.get_slice(key)
         scale = self.scales.get(scale_key(key))
         for e in range(module.num_experts):
-            w = sliced[e].to(self.device)
+            w = sliced[e].to(device)
             s = None if scale is None else expert_scale(scale, e, module.num_experts, key)
             module.set_expert(proj, e, self._dequant(key, w, s))
 
     def load_per_expert(self, key: str, match: re.Match, tensor: torch.Tensor) -> None:
         module = self.experts[match["module"]]
         expert, half = int(match["expert"]), _HALF[match["proj"]]
-        weight = self._dequant(key, tensor.to(self.device), self.scales.get(scale_key(key)))
+        device = self.placement.torch_device(match["module"])
+        weight = self._dequant(key, tensor.to(device), self.scales.get(scale_key(key)))
         if half is None:
             module.set_expert(module.layout.second, expert, weight)
             return
@@ -164,10 +161,10 @@ class _Stream:
         except AttributeError:
             self.unexpected.append(key)
             return
-        tensor = reader.get_tensor(key).to(self.device)
-        tensor = self._dequant(key, tensor, self.scales.get(scale_key(key)))
+        device = self.placement.torch_device(module_name)
+        tensor = self._dequant(key, reader.get_tensor(key).to(device), self.scales.get(scale_key(key)))
         if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-            set_linear4bit_weight(module, tensor.to(module.compute_dtype), self.device)
+            set_linear4bit_weight(module, tensor.to(module.compute_dtype), device)
         elif attr in module._parameters or attr in module._buffers:
             self._set_plain(name, tensor)
         else:
@@ -213,32 +210,41 @@ def load_nf4(
     path: str | Path,
     *,
     compute_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device | None = "auto",
+    device: str | int | torch.device | dict[str, Any] | None = "auto",
+    max_memory: dict[int | str, int | str] | None = None,
     progress: bool = True,
 ) -> PreTrainedModel:
-    """Load a BF16 or FP8 safetensors checkpoint as an NF4 model on one device, streaming tensor by tensor.
+    """Load a BF16 or FP8 safetensors checkpoint as an NF4 model, streaming tensor by tensor.
 
     Dense ``nn.Linear`` layers become bitsandbytes ``Linear4bit`` (NF4, double quantization,
     ``compute_dtype``); fused MoE experts become :class:`NF4Experts`; embeddings, norms, the router
     and the output head stay in ``compute_dtype`` as bitsandbytes leaves them.
+
+    ``device`` is one device ("cuda:1", "cpu", 0), a device map (module name -> GPU index or "cpu",
+    honoured as given), or "auto": whole blocks spread over the devices of ``max_memory`` as
+    :func:`ragkit.plan` splits them (see :func:`~ragkit.quant.placement.nf4_placement`). With more than
+    one device, accelerate's hooks move activations between them. The model's ``nf4_placement`` says
+    where each block went and the NF4 bytes planned per device; ``hf_device_map`` is set as
+    ``from_pretrained`` sets it.
     """
     path = Path(path)
-    device = _device(device)
     config = AutoConfig.from_pretrained(path)
     fmt = checkpoint_format(config, str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model we build is NF4, not FP8
+    placement = nf4_placement(config, device, max_memory, compute_dtype, str(path))
+    log.info("NF4 placement of %s: %s", path, {d: f"{b / 2**30:.2f} GiB" for d, b in placement.bytes_per_device.items()})
     model = build_empty_model(config, compute_dtype)
     expected = dict.fromkeys(model.state_dict())
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     keep = list({*get_keys_to_not_convert(model), *(model._keep_in_fp32_modules or [])})
     experts = replace_fused_experts(model, compute_dtype)
     replace_with_bnb_linear(model, modules_to_not_convert=keep, quantization_config=bnb_nf4_config(compute_dtype))
-    for module in experts.values():
-        module.materialize(device)
+    for name, module in experts.items():
+        module.materialize(placement.torch_device(name))
 
     listing, scales = _survey(_shards(path), fmt, str(path))
-    stream = _Stream(model, experts, fmt, device, str(path))
+    stream = _Stream(model, experts, fmt, placement, str(path))
     stream.scales = scales
 
     def load_shard(f, keys: list[str]) -> None:
@@ -256,11 +262,13 @@ def load_nf4(
     if stream.halves:
         (module, expert), _ = next(iter(stream.halves.items()))
         raise ModelLoadError(f"{path}: expert {expert} of {module} has only one of its gate/up projections.")
-    _finish(model, expected, stream, experts, device, path)
+    _finish(model, expected, stream, placement, path)
+    dispatch(model, placement)
+    model.nf4_placement = placement
     return model
 
 
-def _finish(model, expected, stream: _Stream, experts, device, path: Path) -> None:
+def _finish(model, expected, stream: _Stream, placement: Placement, path: Path) -> None:
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     done = {n.rsplit(".", 1)[0] for n in stream.loaded if n.endswith(".*")}
     missing = [
@@ -276,9 +284,9 @@ def _finish(model, expected, stream: _Stream, experts, device, path: Path) -> No
         log.warning("%s: ignored %d checkpoint tensors the model has no place for, e.g. %s",
                     path, len(stream.unexpected), stream.unexpected[:3])
     model.tie_weights()
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         for name, buf in module._buffers.items():
-            if buf is not None and buf.device != device:
+            if buf is not None and buf.device != (device := placement.torch_device(module_name)):
                 module._buffers[name] = buf.to(device)
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
