@@ -657,8 +657,8 @@ def place(blocks: dict[str, int], max_memory: dict[int | str, int | str]) -> dic
         budgets = ", ".join(f"{d!r}: {format_bytes(r)}" for d, r in zip(devices, room)) or "nothing"
         raise MemoryPlanError(
             f"The weights need {format_bytes(sum(blocks.values()))} in whole blocks (the largest, {largest!r}, "
-            f"{format_bytes(blocks[largest])}), and max_memory gives {{{budgets}}}. Raise max_memory, add a GPU "
-            f"or a 'cpu' entry, or use a smaller quantization."
+            f"{format_bytes(blocks[largest])}), and max_memory gives {{{budgets}}}. Raise max_memory, or add a GPU "
+            f"or a 'cpu' entry."
         )
     return {name: devices[index] for name, index in placed.items()}
 

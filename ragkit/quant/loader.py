@@ -233,7 +233,8 @@ def load_nf4(
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model we build is NF4, not FP8
     placement = nf4_placement(config, device, max_memory, compute_dtype, str(path))
-    log.info("NF4 placement of %s: %s", path, {d: f"{b / 2**30:.2f} GiB" for d, b in placement.bytes_per_device.items()})
+    log.info("NF4 placement of %s: %s", path,
+             {d: f"{b / 2**30:.2f} GiB" for d, b in placement.bytes_per_device.items()})
     model = build_empty_model(config, compute_dtype)
     expected = dict.fromkeys(model.state_dict())
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
