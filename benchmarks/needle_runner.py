@@ -1,7 +1,7 @@
 """Wall time of the needle runner (prefix-cache reuse) vs a naive loop calling generate() per cell.
 
 Same model, same grid, same prompts; the answers must be identical (greedy). Writes
-benchmarks/results/needle_runner.json and .md with the machine, versions, every timing, medians and ratio.
+benchmarks/results/needle_runner_<lengths>_<quant>.json and .md with the machine, versions, every timing, medians and ratio.
 
     python benchmarks/needle_runner.py --lengths 1k --depths 5 --seeds 1,2 --repeats 1 --threads 1
 """
@@ -97,8 +97,9 @@ def main() -> None:
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     OUT.mkdir(exist_ok=True)
-    (OUT / "needle_runner.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (OUT / "needle_runner.md").write_text(
+    stem = f"needle_runner_{'-'.join(str(n) for n in s.lengths)}_{a.quant}"
+    (OUT / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (OUT / f"{stem}.md").write_text(
         f"# needle runner vs naive generate loop\n\n"
         f"- grid: lengths {list(s.lengths)}, depths {list(s.depths)}, seeds {list(s.seeds)}, "
         f"{len(cells)} cells incl. no-needle controls; needle {s.needle}\n"
