@@ -65,7 +65,7 @@ def test_hooks_that_move_activations_between_blocks_leave_outputs_unchanged(mapp
     assert tokens == reference[1]
 
 
-def test_a_device_map_that_misses_a_module_names_it_before_reading_weights(tiny_mistral3_dir, tmp_path):
+def test_bad_device_maps_are_refused_by_name_before_any_weight_is_read(tiny_mistral3_dir, tmp_path):
     shutil.copy(tiny_mistral3_dir / "config.json", tmp_path)  # no weights: the map must be refused first
     partial = {k: v for k, v in EVERY_LAYER.items() if k != "model.language_model.layers.1"}
     missing = r"no device to 1 block\(s\) that hold weights: 'model\.language_model\.layers\.1'\. Add"
@@ -74,6 +74,9 @@ def test_a_device_map_that_misses_a_module_names_it_before_reading_weights(tiny_
     typo = {**partial, "model.language_model.layer.1": "cpu"}
     with pytest.raises(MemoryPlanError, match=r"names 'model\.language_model\.layer\.1', which the model does not"):
         load_nf4(tmp_path, device=typo, progress=False)
+    with pytest.raises(MemoryPlanError, match=r"puts weights on GPU 99, but torch sees \d+ CUDA device"):
+        load_nf4(tmp_path, device={**EVERY_LAYER, "lm_head": 99, "model.language_model.embed_tokens": 99},
+                 progress=False)
 
 
 def test_tied_weights_on_two_devices_are_refused(tiny_mistral3_dir):

@@ -31,7 +31,7 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 from transformers.quantizers.base import get_keys_to_not_convert
 
-from ragkit.errors import ModelLoadError, QuantizationError
+from ragkit.errors import MemoryPlanError, ModelLoadError, QuantizationError
 from ragkit.quant.experts import NF4Experts, expert_layout_for, replace_fused_experts
 from ragkit.quant.fp8 import (
     CheckpointFormat,
@@ -233,6 +233,12 @@ def load_nf4(
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model we build is NF4, not FP8
     placement = nf4_placement(config, device, max_memory, compute_dtype, str(path))
+    gpus = [d for d in placement.bytes_per_device if d != "cpu"]
+    if gpus and max(gpus) >= torch.cuda.device_count():
+        raise MemoryPlanError(
+            f"{path}: the placement puts weights on GPU {max(gpus)}, but torch sees {torch.cuda.device_count()} "
+            "CUDA device(s); pass devices that exist (or 'cpu')."
+        )
     log.info("NF4 placement of %s: %s", path,
              {d: f"{b / 2**30:.2f} GiB" for d, b in placement.bytes_per_device.items()})
     model = build_empty_model(config, compute_dtype)
