@@ -19,8 +19,12 @@ from evals.scoring import wilson
 KEY = ("run_id", "entry")
 
 
-def rows(results: list[Comparison], run_id: str, date: str) -> list[dict[str, Any]]:
-    """History rows of one regression run (the candidate's overall pass rate and the verdict)."""
+def rows(results: list[Comparison], run_id: str, date: str, first: bool = False) -> list[dict[str, Any]]:
+    """History rows of one regression run (the candidate's overall pass rate and the verdict).
+
+    ``first``: the run that became the first baseline (``results`` compare it with itself): status
+    "baseline", no baseline rate and no test.
+    """
     out = []
     for r in results:
         s, g = r.cand_meta.get("settings", {}), r.overall
@@ -32,9 +36,10 @@ def rows(results: list[Comparison], run_id: str, date: str) -> list[dict[str, An
             "model": s.get("model"), "quant": s.get("quant"), "git_commit": git.get("commit"),
             "git_dirty": git.get("dirty"), "n": n, "passed": passed, "pass_rate": passed / n if n else None,
             "ci_low": lo if n else None, "ci_high": hi if n else None,
-            "baseline_pass_rate": g.base_pass / n if g and n else None,
-            "p_value": g.p_value if g else None, "regression": r.regression, "improvement": r.improvement,
-            "status": r.status, "reason": r.invalid or "", "candidate": str(r.candidate), "baseline": str(r.baseline),
+            "baseline_pass_rate": g.base_pass / n if g and n and not first else None,
+            "p_value": g.p_value if g and not first else None, "regression": r.regression and not first,
+            "improvement": r.improvement and not first, "status": "baseline" if first and not r.invalid else r.status,
+            "reason": r.invalid or "", "candidate": str(r.candidate), "baseline": "" if first else str(r.baseline),
         })
     return out
 

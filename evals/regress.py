@@ -186,6 +186,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SettingsError(f"--candidate {args.candidate} is not a directory")
 
 
+def _write_history(path: str, rows: list[dict]) -> None:
+    table = history.append(path, rows)
+    png = history.plot(table, Path(path).with_suffix(".png"))
+    print(f"history: {path} ({len(table)} rows), trend plot: {png}")
+
+
 def regress(args: argparse.Namespace) -> int:
     """The job under the lock: run or pick the candidate, compare, write the outputs, maybe promote."""
     entries = load_entries(args.suite, args.model, args.quant)
@@ -200,6 +206,10 @@ def regress(args: argparse.Namespace) -> int:
     single = len(entries) == 1
     if not baseline.exists():
         print(f"no baseline yet: promoting {candidate} to {baseline} (--update-baseline)")
+        if args.history:  # the first run is a point of the trend too, compared with nothing
+            own = [cmp.compare(e.name, entry_dir(candidate, e, single), entry_dir(candidate, e, single))
+                   for e in entries]
+            _write_history(args.history, history.rows(own, candidate.name, date, first=True))
         promote(candidate, baseline)
         return OK
     results = [cmp.compare(e.name, entry_dir(baseline, e, single), entry_dir(candidate, e, single),
@@ -215,9 +225,7 @@ def regress(args: argparse.Namespace) -> int:
     if args.junit:
         Path(args.junit).write_text(cmp.junit(results))
     if args.history:
-        table = history.append(args.history, history.rows(results, candidate.name, date))
-        png = history.plot(table, Path(args.history).with_suffix(".png"))
-        print(f"history: {args.history} ({len(table)} rows), trend plot: {png}")
+        _write_history(args.history, history.rows(results, candidate.name, date))
     if args.update_baseline:
         promote(candidate, baseline)
         print(f"promoted {candidate} to baseline {baseline} (--update-baseline)")

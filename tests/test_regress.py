@@ -164,6 +164,20 @@ def test_mechanics_history_appended_and_same_day_rerun_idempotent(tmp_path, base
     assert (hist.parent / "history.png").stat().st_size > 1000
 
 
+def test_mechanics_first_run_is_the_first_point_of_the_history(tmp_path):
+    hist = tmp_path / "history.csv"
+    first = make_run(tmp_path / "2026-11-27", {(7168, 100.0, 1)})
+    assert regress(tmp_path, tmp_path / "baseline", first, "--update-baseline", "--history", str(hist)) == 0
+    row = pd.read_csv(hist).iloc[0]
+    assert (row["status"], row["run_id"], row["n"], row["passed"]) == ("baseline", "2026-11-27", 60, 59)
+    assert pd.isna(row["p_value"]) and pd.isna(row["baseline_pass_rate"])
+    assert regress(tmp_path, tmp_path / "baseline", make_run(tmp_path / "2026-11-28", CLEAR_DROP, quant="nf4"),
+                   "--history", str(hist)) == 1
+    table = pd.read_csv(hist)
+    assert list(table["status"]) == ["baseline", "regression"]
+    assert table.loc[1, "baseline_pass_rate"] == pytest.approx(59 / 60)
+
+
 def test_mechanics_history_csv(tmp_path, baseline):
     hist = tmp_path / "history.csv"
     assert regress(tmp_path, baseline, make_run(tmp_path / "c", quant="nf4"), "--history", str(hist)) == 0
