@@ -4,11 +4,15 @@ The length budget is computed in ONE place, ``fit_prompt``: the target length of
 final prompt the model sees (chat template + instructions + haystack + needle sentences + question + answer
 prefix) plus the generation budget. Every prompt is described by a small ``Recipe`` (pool sentence ids,
 needle slots) from which the exact prompt can be rebuilt later.
+
+Where the haystack starts in the pool: ``fixed``, the first sentence, so every seed reads the same text; or
+``seed``, a sentence drawn from the seed, so each seed reads its own text (RULER-style independent samples).
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Protocol, Sequence
 from evals.errors import SettingsError
 
 SUFFIXES = (".txt", ".md", ".rst")
+STARTS = ("fixed", "seed")
 _SPLIT = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z\"'(\[])")
 
 
@@ -149,6 +154,14 @@ def render(codec: Codec, pool: SentencePool, frame: Frame, needle: Sequence[str]
     return text, [start + c if c >= 0 else -1 for c in cuts], (start, start + len(haystack))
 
 
+def start_sentence(how: str, seed: int, pool: SentencePool) -> int:
+    """The pool sentence a haystack starts at: 0 for ``fixed``, one drawn deterministically from ``seed`` for
+    ``seed`` (the fill wraps around the pool's end)."""
+    if how not in STARTS:
+        raise ValueError(f"unknown haystack start {how!r}; one of {STARTS}")
+    return 0 if how == "fixed" else random.Random(f"haystack:{seed}").randrange(len(pool.sentences))
+
+
 def measure(codec: Codec, pool: SentencePool, frame: Frame, needle: Sequence[str], recipe: Recipe) -> Built:
     """Render a recipe and record its tokens, needle offsets and haystack span (all with the model tokenizer)."""
     text, cuts, (start, end) = render(codec, pool, frame, needle, recipe)
@@ -189,9 +202,10 @@ class Estimator:
 
 
 def fit_prompt(codec: Codec, pool: SentencePool, frame: Frame, needle: Sequence[str], depths: Sequence[float],
-               length: int, max_new_tokens: int, est: Estimator | None = None) -> Built:
+               length: int, max_new_tokens: int, est: Estimator | None = None, start: int = 0) -> Built:
     """THE length budget: a prompt of exactly ``length - max_new_tokens`` tokens with the needle sentences
-    at ``depths`` (percent), filled by whole sentences from the start of the pool.
+    at ``depths`` (percent), filled by whole sentences from pool sentence ``start`` on (wrapping around the
+    pool's end; recipe ids count on past it, so a recipe names its sentences in order).
 
     Greedy fill by estimates, then the exact token count of the rendered prompt drives changes at the tail of
     the haystack (append a sentence that fits the gap, drop the last one, or swap it for one of the right
@@ -206,7 +220,7 @@ def fit_prompt(codec: Codec, pool: SentencePool, frame: Frame, needle: Sequence[
             f"tokens plus {max_new_tokens} for the answer; use a longer length")
     ids: list[int] = []
     budget = target - empty
-    nxt = 0
+    nxt = start
     while budget - est(nxt) >= 0:
         budget -= est(nxt)
         ids.append(nxt)

@@ -15,7 +15,8 @@ from typing import Any, Hashable, Sequence
 
 from evals import report
 from evals.errors import RebuildError, SettingsError, TooLongError, cli_exit
-from evals.haystack import Estimator, Frame, Recipe, SentencePool, fit_prompt, measure
+from evals.haystack import (STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt, measure,
+                             start_sentence)
 from evals.needles import NEEDLE_TYPES, Needle, make_needle
 from evals.runner import Group, Job, run
 from evals.scoring import contains_value, value_fraction
@@ -50,6 +51,7 @@ class NeedleSettings(backends.Settings):
     needle: str = "passcode"
     seeds: tuple[int, ...] = (1,)
     haystack: tuple[str, ...] = DEFAULT_HAYSTACK
+    haystack_start: str = "fixed"
     max_new_tokens: int | None = None
     top_k: int = 4
     chunk_size: int = 256
@@ -72,6 +74,8 @@ class NeedleSettings(backends.Settings):
         self.haystack = tuple(str(Path(p)) for p in self.haystack)
         if self.mode not in MODES:
             raise SettingsError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if self.haystack_start not in STARTS:
+            raise SettingsError(f"--haystack-start {self.haystack_start!r} is unknown; choose {' or '.join(STARTS)}")
         if self.needle not in NEEDLE_TYPES:
             raise SettingsError(f"--needle {self.needle!r} is unknown; choose one of {', '.join(NEEDLE_TYPES)}")
         if self.max_new_tokens is None:
@@ -79,6 +83,29 @@ class NeedleSettings(backends.Settings):
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
         backends.check(self)
+
+    def hashed(self) -> dict[str, Any]:
+        """As the base class, but ``haystack_start`` only when not ``fixed``: runs made before the setting
+        existed (all ``fixed``) keep their configuration hash, so they still resume and compare."""
+        d = super().hashed()
+        if d["haystack_start"] == "fixed":
+            del d["haystack_start"]
+        return d
+
+
+def build_cell(codec: Codec, pool: SentencePool, est: Estimator, s: NeedleSettings,
+               cell: Cell) -> tuple[Needle, Frame, Built]:
+    """The needle, frame and fitted haystack prompt of a cell (needle-free for a control: the same haystack,
+    which starts where ``s.haystack_start`` says for the cell's seed)."""
+    needle = make_needle(s.needle, cell["seed"])
+    frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
+    depth = 50.0 if cell["depth"] is None else cell["depth"]
+    built = fit_prompt(codec, pool, frame, needle.sentences, (depth,) + needle.extra_depths, cell["length"],
+                       s.max_new_tokens, est, start_sentence(s.haystack_start, cell["seed"], pool))
+    if cell["depth"] is None:  # control: the same haystack with the needle sentences removed
+        built = measure(codec, pool, frame, needle.sentences,
+                        Recipe(built.recipe.pool_ids, [None] * len(needle.sentences)))
+    return needle, frame, built
 
 
 class NeedleSuite:
@@ -112,20 +139,16 @@ class NeedleSuite:
                                          "needle": self.s.needle, "kind": "control" if depth is None else "needle"})
 
     def group_key(self, cell: Cell) -> Hashable:
-        # context cells of one length share the haystack prefix; rag cells each read their own chunks
-        return ("context", cell["length"]) if cell["mode"] == "context" else cell.cell_id
+        # context cells that read one haystack share its prefix: one per length, or per (length, seed) when
+        # each seed starts its own; rag cells each read their own chunks
+        if cell["mode"] != "context":
+            return cell.cell_id
+        if self.s.haystack_start == "fixed":
+            return ("context", cell["length"])
+        return ("context", cell["length"], cell["seed"])
 
-    def build(self, cell: Cell) -> tuple[Needle, Frame, Any]:
-        """The needle, frame and fitted haystack prompt of a cell (needle-free for a control)."""
-        needle = make_needle(self.s.needle, cell["seed"])
-        frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
-        depth = 50.0 if cell["depth"] is None else cell["depth"]
-        built = fit_prompt(self.target.codec, self.pool, frame, needle.sentences, (depth,) + needle.extra_depths,
-                           cell["length"], self.max_new_tokens, self.est)
-        if cell["depth"] is None:  # control: the same haystack with the needle sentences removed
-            built = measure(self.target.codec, self.pool, frame, needle.sentences,
-                            Recipe(built.recipe.pool_ids, [None] * len(needle.sentences)))
-        return needle, frame, built
+    def build(self, cell: Cell) -> tuple[Needle, Frame, Built]:
+        return build_cell(self.target.codec, self.pool, self.est, self.s, cell)
 
     def prepare(self, cells: Sequence[Cell]) -> Group:
         jobs = [self._job(c) for c in cells]
@@ -151,7 +174,7 @@ class NeedleSuite:
             return Job(cell, built.ids, row, needle)
         return self._rag_job(cell, needle, frame, built, row)
 
-    def _rag_job(self, cell: Cell, needle: Needle, frame: Frame, built: Any, row: dict) -> Job:
+    def _rag_job(self, cell: Cell, needle: Needle, frame: Frame, built: Built, row: dict) -> Job:
         start = built.text.index(frame.instruction) + len(frame.instruction) + 2
         haystack = built.text[start: built.text.rindex("\n\n" + frame.question)]
         index_dir = self.run_dir.path / "rag" / f"{cell['length']}-s{cell['seed']}-{cell.cell_id}"
@@ -184,8 +207,11 @@ def _parser() -> argparse.ArgumentParser:
     backends.add_model_flags(a)
     a("--mode", choices=MODES, help="context: whole haystack in the prompt; rag: top-k chunks via ragkit.Pipeline; both")
     a("--needle", choices=NEEDLE_TYPES, help="needle type (default passcode)")
-    a("--seeds", help="comma list of seeds; each seed is a different needle (default 1)")
+    a("--seeds", help="comma list of seeds; each seed is a different needle, and with --haystack-start seed a "
+      "different haystack (default 1)")
     a("--haystack", nargs="+", help="text files or folders for the filler (default corpora/sqlite corpora/python)")
+    a("--haystack-start", choices=STARTS, help="fixed: every seed's haystack starts at the first sentence (default); "
+      "seed: each seed starts at its own sentence, so seeds read different text")
     a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 96 for uuid/multi needles)")
     a("--top-k", type=int, help="rag: chunks given to the reader (default 4)")
     a("--chunk-size", type=int, help="rag: chunk size in embedder tokens (default 256)")
