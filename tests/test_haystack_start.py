@@ -9,9 +9,11 @@ import pytest
 
 from evals.decode import common_prefix
 from evals.errors import SettingsError
-from evals.haystack import STARTS, Estimator, Recipe, SentencePool, TokenizerCodec, measure, start_sentence
-from evals.needle import NeedleSettings, build_cell, haystack_paths, settings_from_args
+from evals.haystack import STARTS, Estimator, Frame, Recipe, SentencePool, TokenizerCodec, measure, start_sentence
+from evals.needle import NeedleSettings, build_cell, execute, haystack_paths, settings_from_args
+from evals.needles import make_needle
 from evals.spec import Cell, config_hash
+from evals.targets import wrap
 
 OLD_RUN = "benchmarks/results/regress_smollm2_h200/nf4-10/niah10"  # made on an H200 before the flag existed
 
@@ -116,3 +118,31 @@ def test_seed_start_is_token_exact_keeps_the_depth_and_rebuilds_from_its_recipe(
             assert again.text == built.text and again.ids == built.ids
         assert max(built.recipe.pool_ids) >= len(pool.sentences)  # it did wrap
         assert pool.sentences[0] in built.text
+
+
+# ---------------------------------------------------------------- a real run (embedded SmolLM2, CPU)
+
+
+@pytest.mark.slow  # 8 cells + 8 plain generate() calls: ~200 s on the shared, loaded 2-core machine
+def test_seed_start_run_answers_like_generate_on_every_cell(smollm2, repo_root, tmp_path):
+    """Prefix sharing per (length, seed) stays exact: each cell's answer equals one plain generate() on the
+    prompt rebuilt from its recipe, and each cell reused its own seed's haystack prefix."""
+    target = wrap(smollm2)
+    s = NeedleSettings(lengths="448", depths="0,50,100", seeds="1,2", haystack=("corpora/sqlite",),
+                       haystack_start="seed", max_new_tokens=16, out=str(tmp_path / "run"), progress=False)
+    out = execute(s, target)
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert json.loads((out / "run.json").read_text())["settings"]["haystack_start"] == "seed"
+    pool = SentencePool.from_paths([repo_root / "corpora" / "sqlite"])
+    firsts = set()
+    for r in rows:
+        needle = make_needle(r["needle"], r["seed"])
+        frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
+        ids = measure(target.codec, pool, frame, needle.sentences, Recipe.from_json(r["recipe"])).ids
+        assert len(ids) == r["prompt_tokens"]
+        assert target.decode(target.generate_naive(ids, 16)) == r["answer"], r["cell_id"]
+        firsts.add((r["seed"], r["recipe"]["pool_ids"][0][0]))
+        if r["kind"] == "needle" and r["depth"] > 0:  # grouped with its own seed's control, not another seed's
+            assert r["reused_tokens"] >= r["needle_offset"] - 1, r
+    assert len(firsts) == 2 and len({first for _, first in firsts}) == 2  # one haystack per seed
