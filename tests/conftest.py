@@ -89,6 +89,15 @@ def smollm2_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def smollm2_shape():
+    """SmolLM2-135M-Instruct's published shape (LlamaForCausalLM config kwargs), for random-weight models of its
+    size where the embedded GGUF cannot go (GPU tests)."""
+    return dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M-Instruct as a LocalLLM (defaults: float32, CPU here), loaded once per session."""
     from ragkit import LocalLLM

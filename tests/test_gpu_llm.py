@@ -11,20 +11,15 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-# SmolLM2-135M-Instruct's published shape (LlamaForCausalLM).
-SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                     tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-
 
 @pytest.fixture(scope="module")
-def smol_shaped_dir(tmp_path_factory, tiny_mistral_dir):
+def smol_shaped_dir(tmp_path_factory, tiny_mistral_dir, smollm2_shape):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("smol_shaped") / "model"
-    LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).save_pretrained(path)
+    LlamaForCausalLM(LlamaConfig(**smollm2_shape)).save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_mistral_dir).save_pretrained(path)
     return path
 
