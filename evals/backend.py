@@ -3,7 +3,9 @@
 Every suite takes the same flags (``--backend --base-url --tokenizer --concurrency --timeout``) and fields of
 the same names in its settings dataclass. ``backend`` and ``tokenizer`` are configuration (hashed into cell
 ids when the backend is a server); ``base_url``, ``concurrency`` and ``timeout`` are run control, so a run
-resumes against a restarted server at another address or concurrency. See docs/serving.md.
+resumes against a restarted server at another address or concurrency. See docs/serving.md. ``batch_size``
+(``--batch-size``, with the model flags) is run control too: how many cells the in-process backend decodes
+together (evals/decode.py), not what a cell measures.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from evals.errors import SettingsError
 from evals.targets import Target, load_served_target, load_target
 
 BACKENDS = ("local", "openai")
-RUN_CONTROL = ("base_url", "concurrency", "timeout")
+RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
 
 
 @dataclass(kw_only=True)
@@ -27,6 +29,7 @@ class Settings:
     base_url: str | None = None  # run control from here on
     concurrency: int = 1
     timeout: float = 300.0
+    batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
 
     RUN_CONTROL: ClassVar[tuple[str, ...]] = RUN_CONTROL  # fields that do not change what a cell measures
     RECIPE_VERSION: ClassVar[int] = 1  # bump when prompt construction changes: old runs then refuse to resume
@@ -46,6 +49,8 @@ def add_model_flags(add: Callable[..., Any]) -> None:
     add("--quant", choices=("none", "nf4", "int8"), help="bitsandbytes quantization of the model (default none)")
     add("--dtype", help="weights dtype for unquantized models (default float32)")
     add("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
+    add("--batch-size", type=int, help="cells of a group decoded together after their shared-prefix prefill "
+        "(default 8 on CUDA, 1 on CPU); run control: cell ids do not depend on it")
 
 
 def add_flags(add: Callable[..., Any]) -> None:
@@ -65,9 +70,14 @@ def check(s: Any) -> None:
         raise SettingsError(f"--backend {s.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if s.concurrency < 1:
         raise SettingsError(f"--concurrency must be >= 1, got {s.concurrency}")
+    if s.batch_size is not None and s.batch_size < 1:
+        raise SettingsError(f"--batch-size must be >= 1, got {s.batch_size}")
     if s.backend == "local" and (s.concurrency > 1 or s.base_url or s.tokenizer):
         raise SettingsError("--concurrency, --base-url and --tokenizer need --backend openai; the in-process "
-                            "backend decodes one cell at a time, sharing each haystack's prefix")
+                            "backend shares each haystack's prefix and decodes --batch-size cells together")
+    if s.backend == "openai" and s.batch_size is not None:
+        raise SettingsError("--batch-size applies to the in-process backend; a server batches the requests that "
+                            "--concurrency keeps in flight")
     if s.backend == "openai" and s.quant != "none":
         raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
 

@@ -327,7 +327,8 @@ def execute(s: LitmSettings, target: Target | None = None) -> Path:
         run_dir.write_run({**provenance(SUITE, hashed, config, target.info), "longest_prompts": longest,
                            "qa_file": str(qa_path), "corpus_files": len(set(pool.sources)),
                            "pool_passages": len(pool.passages)})
-    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency)
+    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
+                batch_size=s.batch_size)
     litm_report.write_report(run_dir)
     print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
     return run_dir.path

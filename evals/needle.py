@@ -271,7 +271,8 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
         run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info),
                            "haystack_files": list(pool.files)})
     suite = NeedleSuite(s, target, pool, run_dir, lengths)
-    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency)
+    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
+                batch_size=s.batch_size)
     report.write_needle_report(run_dir)
     print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
     return run_dir.path

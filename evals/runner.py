@@ -64,10 +64,11 @@ def progress_columns() -> tuple:
 
 
 def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, show_progress: bool = True,
-        concurrency: int = 1) -> RunStats:
+        concurrency: int = 1, batch_size: int | None = None) -> RunStats:
     """Run every cell of ``suite`` not in ``done``; rows are appended to ``run_dir`` as they finish.
 
     A served target (``--backend openai``) goes through evals.concurrent, ``concurrency`` requests at a time.
+    An in-process one decodes ``batch_size`` cells of a group together (None: evals.decode's device default).
     """
     if target.served:
         from evals.concurrent import run_concurrent
@@ -77,7 +78,7 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
     groups: dict[Hashable, list[Cell]] = {}
     for c in todo:
         groups.setdefault(suite.group_key(c), []).append(c)
-    decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens)
+    decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens, batch_size=batch_size)
     stats = RunStats()
     t_start = time.perf_counter()
     with Progress(*progress_columns(), disable=not show_progress, transient=False) as progress:

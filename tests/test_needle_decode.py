@@ -76,6 +76,19 @@ def test_default_batch_size_is_one_on_cpu_and_bad_sizes_are_refused(target):
         GreedyDecoder(target.model, target.eos_ids, 4, batch_size=0)
 
 
+def test_batch_size_is_run_control_and_bad_values_are_refused(capsys):
+    """--batch-size leaves every cell id (configuration hash) as it was; nonsense values fail before any work."""
+    from evals.lost_in_middle import LitmSettings
+    from evals.needle import NeedleSettings, main
+
+    assert NeedleSettings(lengths="1k", batch_size=4).hashed() == NeedleSettings(lengths="1k").hashed()
+    assert LitmSettings(batch_size=4).hashed() == LitmSettings().hashed()
+    assert main(["--lengths", "1k", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["--lengths", "1k", "--backend", "openai", "--batch-size", "2"]) == 2
+    assert "--batch-size applies to the in-process backend" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 def test_cuda_batch_of_8_answers_like_batch_one_in_fp32(smollm2_shape):
     """A SmolLM2-shaped random Llama on CUDA: 9 prompts (a full batch of 8, then 1) sharing a 1k-token prefix up
