@@ -7,6 +7,8 @@ weights (identical greedy tokens in fp32), memory against the planner.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 pytestmark = pytest.mark.gpu
@@ -44,6 +46,7 @@ def test_cuda_bitsandbytes_loads_generates_and_matches_the_plan(smol_shaped_dir,
 
     from ragkit import LocalLLM, plan
 
+    gc.collect()  # models of earlier tests must be freed now, not during this load (negative deltas)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     llm = LocalLLM(str(smol_shaped_dir), quantization=quant, compute_dtype="bfloat16", device_map="cuda")
@@ -62,6 +65,7 @@ def test_cuda_16bit_allocation_matches_the_plan(smol_shaped_dir):
 
     from ragkit import LocalLLM, plan
 
+    gc.collect()  # models of earlier tests must be freed now, not during this load (negative deltas)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     llm = LocalLLM(str(smol_shaped_dir), device_map="cuda", dtype="bfloat16")

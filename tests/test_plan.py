@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import json
 import subprocess
 import sys
@@ -354,6 +356,7 @@ def test_smollm2_on_cuda_planned_equals_allocated(quant):
 
     from ragkit import LocalLLM
 
+    gc.collect()  # models of earlier tests must be freed now, not during this load (negative deltas)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     llm = LocalLLM("default", quantization=quant, device_map="cuda")
@@ -381,6 +384,7 @@ def test_mistral4_moe_nf4_on_cuda_planned_equals_allocated(tmp_path, tiny_mistra
                                  image_size=64, patch_size=8, head_dim=32)
     config = Mistral3Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
     Mistral3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    gc.collect()  # models of earlier tests must be freed now, not during this load (negative deltas)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     if moe_experts == "ragkit":
