@@ -9,9 +9,10 @@ versions, every timing, medians and ratio.
 
 ``--random-smollm2 DIR``: SmolLM2-135M-Instruct's own config and tokenizer with random weights (seed 0), for a
 machine the embedded GGUF cannot reach. DIR gets the tokenizer and config from the embedded model when it lacks
-them (do that here: 3.5 MB to carry), and random weights when it lacks model.safetensors (there). Random
-weights rarely say EOS, so every cell decodes its whole generation budget: more decode steps per cell than the
-real model's short answers (the results record the mean answer length).
+them, and random weights when it lacks model.safetensors. Write the small part where the embedded model is
+(``--random-smollm2 DIR --prepare-only``: 3.5 MB), carry DIR, and let the run on the GPU machine write the
+weights (540 MB). Random weights rarely say EOS, so every cell decodes its whole generation budget: more decode
+steps per cell than the real model's short answers (the results record the mean answer length).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "t
                    "chat_template.jinja")
 
 
-def random_smollm2(path: Path) -> Path:
-    """``path`` holding SmolLM2-135M-Instruct's config + tokenizer with random weights (see module doc)."""
+def random_smollm2(path: Path, weights: bool = True) -> Path:
+    """``path`` holding SmolLM2-135M-Instruct's config + tokenizer, and random weights (see module doc)."""
     path.mkdir(parents=True, exist_ok=True)
     if not (path / "tokenizer.json").exists():
         from ragkit import models
@@ -50,7 +51,7 @@ def random_smollm2(path: Path) -> Path:
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, path / name)
-    if not (path / "model.safetensors").exists():
+    if weights and not (path / "model.safetensors").exists():
         from transformers import AutoConfig, AutoModelForCausalLM
 
         torch.manual_seed(0)
@@ -111,9 +112,16 @@ def main() -> None:
     p.add_argument("--model", default="default", help="default (embedded SmolLM2), a model directory or hub id")
     p.add_argument("--random-smollm2", metavar="DIR", help="SmolLM2's config + tokenizer with random weights, "
                    "written to DIR where missing (see module doc); replaces --model")
+    p.add_argument("--prepare-only", action="store_true", help="with --random-smollm2: write only DIR's config "
+                   "and tokenizer (from the embedded model), then exit")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default: cuda when present, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="runner's decode batch (default: 8 CUDA, 1 CPU)")
     a = p.parse_args()
+    if a.prepare_only:
+        if not a.random_smollm2:
+            p.error("--prepare-only needs --random-smollm2 DIR")
+        print(f"config and tokenizer in {random_smollm2(Path(a.random_smollm2), weights=False)}")
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
     model = str(random_smollm2(Path(a.random_smollm2))) if a.random_smollm2 else a.model
