@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from evals.decode import GreedyDecoder
+from evals.decode import GreedyDecoder, default_batch_size
 from evals.haystack import Estimator, Frame, Recipe, SentencePool, fit_prompt, measure
 from evals.needles import make_needle
 from evals.targets import wrap
@@ -70,8 +70,9 @@ def test_rows_that_end_early_keep_their_answers_and_each_row_stops_at_max_new_to
     assert [got[i].new_ids for i in range(len(prompts))] == expected
 
 
-def test_default_batch_size_is_one_on_cpu_and_bad_sizes_are_refused(target):
-    assert GreedyDecoder(target.model, target.eos_ids, 4).batch_size == 1
+def test_default_batch_size_is_one_on_cpu_eight_on_cuda_and_bad_sizes_are_refused(target):
+    assert default_batch_size("cpu") == 1 and default_batch_size("cuda:0") == 8
+    assert GreedyDecoder(target.model, target.eos_ids, 4).batch_size == default_batch_size(target.model.device)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         GreedyDecoder(target.model, target.eos_ids, 4, batch_size=0)
 
