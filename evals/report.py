@@ -114,7 +114,9 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         f"context window {m.get('context_window')} tokens",
         f"- **Needle**: `{st.get('needle')}`, seeds {st.get('seeds')}; depths {st.get('depths')}; "
         f"lengths {st.get('lengths')} (tokens incl. {st.get('max_new_tokens')} for the answer); mode {st.get('mode')}",
-        f"- **Haystack**: {', '.join(st.get('haystack', []))} (fingerprint {st.get('pool')})",
+        f"- **Haystack**: {', '.join(st.get('haystack', []))} (fingerprint {st.get('pool')}); "
+        + ("each seed its own text (`--haystack-start seed`)" if st.get("haystack_start") == "seed"
+           else "one text for every seed (`--haystack-start fixed`)"),
         f"- **Code**: git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}; "
         f"created {run.get('created')}; config {run.get('config')}", "",
         "## Result", "",
