@@ -7,6 +7,8 @@ set -u
 REPO=${REPO:-/srv/ragkit}                  # the ragkit checkout (its .venv is used)
 MODEL=${MODEL:-default}                    # a local HF model directory, a .gguf file, or "default"
 QUANT=${QUANT:-none}                       # none | nf4 | int8
+SUITE=${SUITE:-evals/suites/nightly.yaml}  # 60 needle cells; regress_power.yaml (200) detects smaller drops
+                                           # such as SmolLM2 fp32 -> NF4 (docs/regression.md), GPU-sized
 RUNS=${RUNS:-$REPO/runs/regress}           # one directory per day: $RUNS/YYYY-MM-DD (reruns resume it)
 BASELINE=${BASELINE:-$RUNS/baseline}       # promoted explicitly with --update-baseline, never implicitly
 
@@ -14,11 +16,12 @@ cd "$REPO" || exit 2
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 DAY=$(date -u +%F)
-# First night only: there is no baseline yet -> add --update-baseline once to make that run the baseline.
-python -m evals.regress --suite evals/suites/nightly.yaml --model "$MODEL" --quant "$QUANT" \
+# First night only: there is no baseline yet -> run `regress-cron.sh --update-baseline` once by hand to make
+# that run the baseline (arguments are passed on to evals.regress).
+python -m evals.regress --suite "$SUITE" --model "$MODEL" --quant "$QUANT" \
     --baseline "$BASELINE" --runs-dir "$RUNS" --no-progress \
     --history "$RUNS/history.parquet" \
-    --markdown "$RUNS/$DAY.md" --junit "$RUNS/$DAY.xml"
+    --markdown "$RUNS/$DAY.md" --junit "$RUNS/$DAY.xml" "$@"
 code=$?
 [ $code -eq 1 ] && echo "REGRESSION: see $RUNS/$DAY.md and $RUNS/history.png"
 exit $code
