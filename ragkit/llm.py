@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -104,6 +105,10 @@ class LocalLLM(CustomLLM):
 
         ``kw``: max_new_tokens, temperature, top_p, system_prompt.
         """
+        if "bitsandbytes" in sys.modules:  # a 4-bit model: keep shapes the packed CPU kernel cannot take off it
+            from ragkit.quant.nf4 import set_cpu_packing
+
+            set_cpu_packing(model)
         llm = cls.__new__(cls)
         llm._setup(model, tokenizer, model_name=model_name or model.config.name_or_path or type(model).__name__, **kw)
         return llm

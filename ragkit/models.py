@@ -422,7 +422,7 @@ def load_model(
                             max_memory=max_memory)
     logger.info("Loading %s with %s (quantization=%s, device_map=%s)", directory, cls.__name__, quantization, device_map)
     try:
-        return cls.from_pretrained(
+        model = cls.from_pretrained(
             directory,
             config=config,
             quantization_config=bnb,
@@ -435,3 +435,8 @@ def load_model(
         )
     except Exception as exc:
         raise ModelLoadError(f"Could not load the model in {directory}: {type(exc).__name__}: {exc}") from exc
+    if quantization == "nf4":
+        from ragkit.quant.nf4 import set_cpu_packing
+
+        set_cpu_packing(model)
+    return model

@@ -32,6 +32,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device"))
 
 
+@pytest.fixture(scope="module", params=["packed", "plain"])
+def nf4_cpu_kernel(request) -> str:
+    """Which bitsandbytes NF4 kernel a module's CPU tests run on; apply it with ``set_cpu_packing(model, ...)``.
+
+    "packed": the AVX512-BF16 path bitsandbytes takes by itself on such CPUs (weights repacked at the first
+    inference forward, bf16 matmul); skipped where the CPU lacks AVX512-BF16, since bitsandbytes never takes
+    it there. "plain": the NF4 path every other CPU takes.
+    """
+    from ragkit.quant.nf4 import cpu_packing_available
+
+    if request.param == "packed" and not cpu_packing_available():
+        pytest.skip("packed NF4 CPU kernel: this CPU has no AVX512-BF16, so bitsandbytes never takes that path here")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def embedder():
     """The embedded all-MiniLM-L6-v2 as ragkit's SentenceTransformerEmbedding, loaded once per session."""

@@ -13,6 +13,7 @@ import torch
 from ragkit.errors import MemoryPlanError
 from ragkit.planner import format_bytes, plan
 from ragkit.quant import load_nf4, nf4_placement
+from ragkit.quant.nf4 import set_cpu_packing
 from ragkit.quant.placement import attach_hooks
 
 IDS = torch.tensor([[1, 40, 7, 93, 12, 250, 33, 5, 61, 17, 88, 140]])
@@ -37,15 +38,21 @@ def _outputs(model) -> tuple[torch.Tensor, list[int]]:
     return logits, new
 
 
+def _load(path, device, kernel: str):
+    model = load_nf4(path, device=device, progress=False)
+    set_cpu_packing(model, kernel == "packed")
+    return model
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_mistral3_dir):
+def reference(tiny_mistral3_dir, nf4_cpu_kernel):
     """Logits and greedy tokens of the single-device load."""
-    return _outputs(load_nf4(tiny_mistral3_dir, device="cpu", progress=False))
+    return _outputs(_load(tiny_mistral3_dir, "cpu", nf4_cpu_kernel))
 
 
 @pytest.fixture(scope="module")
-def mapped(tiny_mistral3_dir):
-    return load_nf4(tiny_mistral3_dir, device=EVERY_LAYER, progress=False)
+def mapped(tiny_mistral3_dir, nf4_cpu_kernel):
+    return _load(tiny_mistral3_dir, EVERY_LAYER, nf4_cpu_kernel)
 
 
 def test_a_device_map_naming_every_layer_loads_the_same_model(mapped, reference, tiny_mistral3_dir):
@@ -56,8 +63,14 @@ def test_a_device_map_naming_every_layer_loads_the_same_model(mapped, reference,
     assert mapped.nf4_placement.bytes_per_device == {"cpu": plan(tiny_mistral3_dir, quant="nf4").weights_bytes}
 
 
-def test_hooks_that_move_activations_between_blocks_leave_outputs_unchanged(mapped, reference):
-    """The hooks load_nf4 attaches when blocks sit on several devices, here all on the CPU."""
+def test_hooks_that_move_activations_between_blocks_leave_outputs_unchanged(tiny_mistral3_dir, reference,
+                                                                             nf4_cpu_kernel):
+    """The hooks load_nf4 attaches when blocks sit on several devices, here all on the CPU.
+
+    Attached, as load_nf4 does, before the first forward: attaching reads the state dict, and on the packed
+    kernel bitsandbytes turns an already repacked weight back with a re-quantized absmax (not bit-exact).
+    """
+    mapped = _load(tiny_mistral3_dir, EVERY_LAYER, nf4_cpu_kernel)
     attach_hooks(mapped, mapped.nf4_placement)
     assert hasattr(mapped.model.language_model.layers[1], "_hf_hook")
     logits, tokens = _outputs(mapped)
@@ -112,10 +125,11 @@ def test_auto_spills_to_the_cpu_what_the_gpu_cannot_hold(tiny_mistral3_dir):
     assert first == 0  # GPUs are filled first, in module order
 
 
-def test_auto_on_the_cpu_through_localllm_generates_like_one_device(tiny_mistral3_dir, reference):
+def test_auto_on_the_cpu_through_localllm_generates_like_one_device(tiny_mistral3_dir, reference, nf4_cpu_kernel):
     from ragkit import LocalLLM
 
     llm = LocalLLM(str(tiny_mistral3_dir), quantization="nf4", device_map="auto", max_memory={"cpu": "1GiB"})
+    set_cpu_packing(llm.model, nf4_cpu_kernel == "packed")
     assert set(llm.model.hf_device_map.values()) == {"cpu"}
     assert llm.generate_ids(IDS[0].tolist(), max_new_tokens=4) == reference[1]
 

@@ -16,9 +16,17 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import BitsAndBytesConfig, Mistral3ForConditionalGeneration
 
 from ragkit.errors import QuantizationError
+from ragkit.planner import LINEAR4BIT_CODE_BYTES
 from ragkit.quant import NF4Experts, load_nf4, measure_footprint, write_fp8_checkpoint
 from ragkit.quant.fp8 import dequantize_fp8, expert_scale
-from ragkit.quant.nf4 import quantize_nf4
+from ragkit.quant.nf4 import (
+    cpu_packable,
+    is_cpu_packed,
+    nf4_bytes,
+    nf4_cpu_packed_bytes,
+    quantize_nf4,
+    set_cpu_packing,
+)
 
 IDS = torch.randint(20, 250, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -47,8 +55,10 @@ def reference(tiny_mistral4_dir):
 
 
 @pytest.fixture(scope="module")
-def nf4_model(tiny_mistral4_dir):
-    return load_nf4(tiny_mistral4_dir, device="cpu", progress=False)
+def nf4_model(tiny_mistral4_dir, nf4_cpu_kernel):
+    model = load_nf4(tiny_mistral4_dir, device="cpu", progress=False)
+    set_cpu_packing(model, nf4_cpu_kernel == "packed")
+    return model
 
 
 @pytest.fixture(
@@ -132,8 +142,9 @@ def test_forward_runs_only_the_routed_experts(nf4_model):
     assert calls == 2 * routed
 
 
-def test_fp8_checkpoint_streams_to_nf4_of_its_dequantized_weights(fp8_dir, nf4_model, reference):
+def test_fp8_checkpoint_streams_to_nf4_of_its_dequantized_weights(fp8_dir, nf4_model, reference, nf4_cpu_kernel):
     model = load_nf4(fp8_dir, device="cpu", progress=False)
+    set_cpu_packing(model, nf4_cpu_kernel == "packed")
     block = json.loads((fp8_dir / "config.json").read_text())["quantization_config"]["weight_block_size"]
     index = json.loads((fp8_dir / "model.safetensors.index.json").read_text())["weight_map"]
     key = "language_model.model.layers.1.mlp.experts.down_proj"
@@ -241,9 +252,30 @@ def test_localllm_nf4_on_a_fused_moe_model_goes_through_ragkit(tiny_mistral4_dir
 
 
 def test_planner_predicts_the_loaded_nf4_footprint(tiny_mistral4_dir, nf4_model):
-    """ragkit.plan(moe_experts="ragkit") assumes exactly the storage NF4Experts and Linear4bit allocate."""
+    """ragkit.plan(moe_experts="ragkit") assumes exactly the storage NF4Experts and Linear4bit allocate.
+
+    On the packed CPU kernel, layers that bitsandbytes repacked at their first forward hold what
+    ``nf4_cpu_packed_bytes`` says instead (un-nested bf16 absmax): the difference is accounted exactly.
+    """
     from ragkit import plan
 
     planned = plan(str(tiny_mistral4_dir), quant="nf4", moe_experts="ragkit", context=256).weights_bytes
+    with torch.no_grad():
+        nf4_model(input_ids=IDS)  # the steady state of inference: packed where the kernel packs
+    repacked = [m.weight.quant_state.shape.numel() for m in nf4_model.modules() if is_cpu_packed(m)]
+    extra = sum(nf4_cpu_packed_bytes(n) - (nf4_bytes(n) + LINEAR4BIT_CODE_BYTES) for n in repacked)
     measured = measure_footprint(nf4_model).nbytes
-    assert abs(planned - measured) <= 0.03 * measured, (planned, measured)
+    assert abs(planned + extra - measured) <= 0.03 * measured, (planned, extra, measured)
+
+
+def test_the_packed_cpu_kernel_takes_every_layer_whose_shape_it_can_hold(nf4_model, nf4_cpu_kernel):
+    """Packed run: every Linear4bit of the text model whose shape fits is repacked at the first forward, the
+    others stay plain (bitsandbytes would fail on them). Plain run: none is repacked. The tiny model has layers
+    of both kinds. (The vision tower does not run on text and is never repacked.)"""
+    with torch.no_grad():
+        nf4_model(input_ids=IDS)
+    layers = [m for m in nf4_model.model.language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    fits = [cpu_packable(m.out_features, m.in_features) for m in layers]
+    assert any(fits) and not all(fits)
+    packed = [is_cpu_packed(m) for m in layers]
+    assert packed == (fits if nf4_cpu_kernel == "packed" else [False] * len(layers))

@@ -43,7 +43,7 @@ from ragkit.quant.fp8 import (
     is_scale_key,
     scale_key,
 )
-from ragkit.quant.nf4 import bnb_nf4_config, set_linear4bit_weight
+from ragkit.quant.nf4 import bnb_nf4_config, set_cpu_packing, set_linear4bit_weight
 from ragkit.quant.placement import Placement, dispatch, nf4_placement
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ def load_nf4(
         raise ModelLoadError(f"{path}: expert {expert} of {module} has only one of its gate/up projections.")
     _finish(model, expected, stream, placement, path)
     dispatch(model, placement)
+    set_cpu_packing(model)
     model.nf4_placement = placement
     return model
 
