@@ -279,3 +279,20 @@ def test_the_packed_cpu_kernel_takes_every_layer_whose_shape_it_can_hold(nf4_mod
     assert any(fits) and not all(fits)
     packed = [is_cpu_packed(m) for m in layers]
     assert packed == (fits if nf4_cpu_kernel == "packed" else [False] * len(layers))
+
+
+@pytest.mark.parametrize("model", ["default", "mistral-small-4"])
+def test_real_shaped_models_keep_every_layer_on_the_packed_cpu_kernel(model):
+    """SmolLM2 and real-width Mistral-Small-4 (config only, meta weights): every layer bitsandbytes makes
+    4-bit has a shape the packed AVX512-BF16 kernel holds, so only tiny test models leave the fast path."""
+    from pathlib import Path
+
+    from ragkit.planner import _load_config
+    from ragkit.quant.loader import build_empty_model
+
+    source = Path(__file__).parent / "fixtures" / "mistral_small_4_config.json" if model != "default" else model
+    config, _ = _load_config(source)
+    empty = build_empty_model(config, torch.bfloat16)
+    shapes = [(m.out_features, m.in_features) for m in empty.modules() if type(m) is torch.nn.Linear]
+    assert len(shapes) > 10
+    assert [s for s in shapes if not cpu_packable(*s)] == []
