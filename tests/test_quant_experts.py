@@ -14,6 +14,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
 from ragkit.errors import QuantizationError
 from ragkit.quant import ExpertLayout, NF4Experts, expert_layout_for, load_nf4, register_expert_layout
+from ragkit.quant.nf4 import set_cpu_packing
 from ragkit.quant.fp8 import dequantize_fp8, quantize_fp8
 from test_quant_loader import cpu_peak_bytes, rel
 
@@ -137,7 +138,7 @@ def test_post_expert_norm_family_is_refused_by_name():
         expert_layout_for(module)
 
 
-def test_mixtral_per_expert_checkpoint_streams_into_nf4_experts(tmp_path):
+def test_mixtral_per_expert_checkpoint_streams_into_nf4_experts(tmp_path, nf4_cpu_kernel):
     """save_pretrained writes Mixtral's experts one by one (w1/w3/w2): the loader fuses gate+up per expert."""
     config = MixtralConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8)
@@ -146,6 +147,7 @@ def test_mixtral_per_expert_checkpoint_streams_into_nf4_experts(tmp_path):
     model.save_pretrained(tmp_path)
     model = MixtralForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     nf4 = load_nf4(tmp_path, device="cpu", progress=False)
+    set_cpu_packing(nf4, nf4_cpu_kernel == "packed")
     assert isinstance(nf4.model.layers[0].mlp.experts, NF4Experts)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
