@@ -9,7 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ragkit.quiet import filter_misleading_warnings
+
 __version__ = "0.1.0"
+
+filter_misleading_warnings()
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {

@@ -296,3 +296,14 @@ def test_real_shaped_models_keep_every_layer_on_the_packed_cpu_kernel(model):
     shapes = [(m.out_features, m.in_features) for m in empty.modules() if type(m) is torch.nn.Linear]
     assert len(shapes) > 10
     assert [s for s in shapes if not cpu_packable(*s)] == []
+
+
+def test_importing_bitsandbytes_through_ragkit_prints_nothing():
+    """On AVX512-BF16 CPUs bitsandbytes warns at import that it cannot fetch a hub kernel; ragkit (offline)
+    filters that line, so a CLI error's first line stays "Error: ..." (and on other CPUs nothing is printed)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "import ragkit, bitsandbytes.backends.cpu.ops"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
