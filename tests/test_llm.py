@@ -241,9 +241,9 @@ def test_gpu_bitsandbytes_smollm2(quantization, layer, max_ratio, knows_paris):
 def test_gpu_auto_device_map_honours_max_memory_and_headroom():
     import torch
 
-    from ragkit import models
+    from ragkit import placement
 
-    budgets = models.max_memory_with_headroom(0.2)
+    budgets = placement.max_memory_with_headroom(0.2)
     total = torch.cuda.mem_get_info(0)[1]
     assert 0 < budgets[0] <= 0.8 * total
     # A GPU budget smaller than the model splits it between GPU and CPU, and it still answers.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ragkit import models
+from ragkit import loading, models, placement
 from ragkit.errors import ModelLoadError, ModelNotFoundError, QuantizationError
 
 # ---------------------------------------------------------------- bad inputs
@@ -67,7 +67,7 @@ def test_corrupt_weight_file_names_the_file(tiny_mistral_dir, tmp_path):
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match=r"weight file .*broken/model.safetensors is corrupt or truncated"):
-        models.load_model(broken)
+        loading.load_model(broken)
 
 
 def test_pickle_only_checkpoint_is_refused(tiny_mistral_dir, tmp_path):
@@ -75,25 +75,25 @@ def test_pickle_only_checkpoint_is_refused(tiny_mistral_dir, tmp_path):
     shutil.copytree(tiny_mistral_dir, pickled)
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match=r"only pickle weights \(pytorch_model.bin\).*only safetensors or GGUF"):
-        models.load_model(pickled)
+        loading.load_model(pickled)
 
 
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="has no config.json"):
-        models.load_model(tmp_path)
+        loading.load_model(tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["nf3", "NF4", "4bit", ""])
 def test_unknown_quantization_lists_valid_values(bad):
     with pytest.raises(QuantizationError) as err:
-        models.check_quantization(bad)
+        loading.check_quantization(bad)
     assert f"Unknown quantization {bad!r}" in str(err.value)
     assert "None (no quantization), 'nf4', 'int8'" in str(err.value)
 
 
 def test_headroom_outside_0_1_is_refused():
     with pytest.raises(ValueError, match="headroom must be a fraction"):
-        models.max_memory_with_headroom(1.5)
+        placement.max_memory_with_headroom(1.5)
 
 
 # ---------------------------------------------------------------- resolution
@@ -213,17 +213,17 @@ def test_model_class_refuses_models_that_do_not_generate_text():
 def test_nf4_config_is_what_users_expect():
     import torch
 
-    nf4 = models.quantization_config("nf4", "float16")
+    nf4 = loading.quantization_config("nf4", "float16")
     assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_use_double_quant
     assert nf4.bnb_4bit_compute_dtype == torch.float16
-    assert models.quantization_config("int8").load_in_8bit
-    assert models.quantization_config(None) is None
+    assert loading.quantization_config("int8").load_in_8bit
+    assert loading.quantization_config(None) is None
 
 
 def test_max_memory_keeps_headroom_on_every_device():
     import psutil
 
-    budgets = models.max_memory_with_headroom(0.5)
+    budgets = placement.max_memory_with_headroom(0.5)
     assert 0 < budgets["cpu"] <= psutil.virtual_memory().total * 0.5
 
 

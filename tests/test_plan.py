@@ -146,10 +146,10 @@ def test_transformers_device_map_auto_keeps_every_module_on_the_planned_gpus(qua
     from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
     from ragkit.models import model_class
-    from ragkit.planner import _load_config
+    from ragkit.placement import load_config
 
     p = plan(MS4, quant=quant, context=262_144, gpus="4x80GiB")
-    config, _ = _load_config(MS4)
+    config, _ = load_config(MS4)
     with torch.device("meta"):
         model = model_class(config).from_config(config, dtype=torch.bfloat16)
     quantizer = None
@@ -168,10 +168,10 @@ def test_planned_device_map_places_every_parameter_within_budget(model, gpus):
     import torch
 
     from ragkit.models import model_class
-    from ragkit.planner import _load_config
+    from ragkit.placement import load_config
 
     p = plan(model, quant="int8", context=262_144 if model == MS4 else 8192, gpus=gpus)
-    config, _ = _load_config(model)
+    config, _ = load_config(model)
     with torch.device("meta"):
         meta = model_class(config).from_config(config)
     for name, _param in meta.named_parameters(remove_duplicate=False):
@@ -322,7 +322,7 @@ def test_tiny_mistral4_stock_bitsandbytes_planned_equals_measured(tiny_mistral4_
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from ragkit.models import quantization_config
+    from ragkit.loading import quantization_config
 
     model = AutoModelForImageTextToText.from_pretrained(
         tiny_mistral4_dir, quantization_config=quantization_config("nf4"), dtype="bfloat16", device_map="cpu")
@@ -374,7 +374,7 @@ def test_mistral4_moe_nf4_on_cuda_planned_equals_allocated(tmp_path, tiny_mistra
     from transformers import Mistral4Config, PixtralVisionConfig
 
     from ragkit import LocalLLM
-    from ragkit.models import quantization_config
+    from ragkit.loading import quantization_config
 
     text = Mistral4Config(vocab_size=4096, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
                           num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=64,
