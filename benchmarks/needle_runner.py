@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from evals.decode import GreedyDecoder, default_batch_size
-from evals.haystack import SentencePool
-from evals.needle import NeedleSettings, NeedleSuite, haystack_paths
-from evals.runner import run
-from evals.store import RunDir, versions
-from evals.targets import load_target
+from evals.core.decode import GreedyDecoder, default_batch_size
+from evals.needle.haystack import SentencePool
+from evals.needle.suite import NeedleSettings, NeedleSuite, haystack_paths
+from evals.core.runner import run
+from evals.core.store import RunDir, versions
+from evals.core.targets import load_target
 
 OUT = Path(__file__).resolve().parent / "results"
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from evals.needle import NeedleSettings, execute
+from evals.needle.suite import NeedleSettings, execute
 from ragkit.remote import OpenAICompatibleLLM
 from ragkit.serving import LocalServer
 

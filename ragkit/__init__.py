@@ -46,13 +46,37 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ragkit.errors import *  # noqa: F401,F403
+    from ragkit.errors import (  # noqa: F401
+        BadServerResponseError,
+        ContextWindowExceededError,
+        EmbedderMismatchError,
+        EmptyIndexError,
+        IndexCorruptError,
+        IndexLockedError,
+        IndexNotFoundError,
+        IngestError,
+        InvalidQueryError,
+        MemoryPlanError,
+        ModelLoadError,
+        ModelNotFoundError,
+        QuantizationError,
+        RagkitError,
+        ServerError,
+        ServerRequestError,
+        ServerUnavailableError,
+    )
     from ragkit.llm import LocalLLM  # noqa: F401
     from ragkit.pipeline import Pipeline  # noqa: F401
-    from ragkit.planner import plan  # noqa: F401
+    from ragkit.planner import MemoryPlan, plan  # noqa: F401
+    from ragkit.remote import OpenAICompatibleLLM  # noqa: F401
+    from ragkit.store import FaissVectorStore, IndexDirectory  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'ragkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -33,7 +33,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from ragkit import models
+from ragkit import loading, models
 from ragkit.errors import ContextWindowExceededError, ModelLoadError
 
 _GENERATION_KWARGS = {"max_new_tokens", "temperature", "top_p", "stop"}
@@ -73,10 +73,10 @@ class LocalLLM(CustomLLM):
         system_prompt: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        models.check_quantization(quantization)
+        loading.check_quantization(quantization)
         source = models.resolve_llm(model, gguf_file)
         directory = models.local_dir(source)
-        hf_model = models.load_model(
+        hf_model = loading.load_model(
             directory,
             quantization=quantization,
             compute_dtype=compute_dtype,
@@ -88,7 +88,7 @@ class LocalLLM(CustomLLM):
         )
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tok_dir = directory if tokenizer is None else models.local_dir(models.resolve_llm(tokenizer))
-            tokenizer = models.load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
+            tokenizer = loading.load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
         self._setup(
             hf_model,
             tokenizer,

@@ -41,7 +41,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from ragkit import models
+from ragkit import loading, models
 from ragkit.errors import (
     BadServerResponseError,
     ContextWindowExceededError,
@@ -417,7 +417,7 @@ def _local_tokenizer(tokenizer: Any, served_name: str, trust_remote_code: bool) 
     if source.is_gguf and not (models.gguf_cache_path(source.path) / "config.json").is_file():
         return _gguf_tokenizer(source.path), str(source.path)  # never dequantize a served model just to count
     directory = models.local_dir(source)
-    return models.load_tokenizer(directory, trust_remote_code=trust_remote_code), str(directory)
+    return loading.load_tokenizer(directory, trust_remote_code=trust_remote_code), str(directory)
 
 
 def _gguf_tokenizer(gguf: Path) -> Any:

@@ -32,6 +32,7 @@ from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 from transformers.quantizers.base import get_keys_to_not_convert
 
 from ragkit.errors import MemoryPlanError, ModelLoadError, QuantizationError
+from ragkit.models import model_class
 from ragkit.quant.experts import NF4Experts, expert_layout_for, replace_fused_experts
 from ragkit.quant.fp8 import (
     CheckpointFormat,
@@ -55,8 +56,6 @@ _HALF = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": None, "w2"
 
 def build_empty_model(config: PretrainedConfig, compute_dtype: torch.dtype) -> PreTrainedModel:
     """The text-generation model for ``config`` with its parameters on the meta device (buffers stay real)."""
-    from ragkit.models import model_class
-
     cls = model_class(config)
     with accelerate.init_empty_weights():
         if hasattr(cls, "from_config"):  # an Auto class

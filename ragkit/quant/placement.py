@@ -2,7 +2,7 @@
 
 :func:`nf4_placement` decides it from the config alone, before any weight is read. A ``device_map``
 dict is honoured as given (every module that holds weights must get a device from it, through its own
-name or a parent's); ``"auto"`` places the planner's blocks (:func:`ragkit.planner.weight_blocks`: NF4
+name or a parent's); ``"auto"`` places the planner's blocks (:func:`ragkit.placement.weight_blocks`: NF4
 bytes, whole no-split modules such as decoder layers) within ``max_memory`` exactly as
 :func:`ragkit.plan` splits them, so ``LocalLLM(..., device_map="auto", max_memory=plan.max_memory)``
 loads the planned split. :func:`dispatch` then attaches accelerate's hooks that move activations
@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ragkit.errors import MemoryPlanError
-from ragkit.planner import place, weight_blocks
+from ragkit.placement import max_memory_with_headroom, place, weight_blocks
 
 Device = int | str  # accelerate's spelling: a GPU index or "cpu"
 
@@ -90,8 +90,6 @@ def nf4_placement(
     prefix = f"{where}: " if where else ""
     if device_map is None or device_map == "auto":
         if max_memory is None:
-            from ragkit.models import max_memory_with_headroom
-
             max_memory = max_memory_with_headroom()
         budgets = {_normalize(k, ""): v for k, v in max_memory.items()}
         try:

@@ -1,0 +1,97 @@
+"""Which model answers a suite's cells: ragkit.LocalLLM in this process, or an OpenAI-compatible server.
+
+Every suite takes the same flags (``--backend --base-url --tokenizer --concurrency --timeout``) and fields of
+the same names in its settings dataclass. ``backend`` and ``tokenizer`` are configuration (hashed into cell
+ids when the backend is a server); ``base_url``, ``concurrency`` and ``timeout`` are run control, so a run
+resumes against a restarted server at another address or concurrency. See docs/serving.md. ``batch_size``
+(``--batch-size``, with the model flags) is run control too: how many cells the in-process backend decodes
+together (evals/core/decode.py), not what a cell measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar
+
+from evals.core.errors import SettingsError
+from evals.core.targets import Target, load_served_target, load_target
+
+BACKENDS = ("local", "openai")
+RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """The backend fields every suite's settings dataclass inherits (keyword-only, after the suite's own)."""
+
+    backend: str = "local"
+    tokenizer: str | None = None  # openai: the served model's tokenizer
+    base_url: str | None = None  # run control from here on
+    concurrency: int = 1
+    timeout: float = 300.0
+    batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
+
+    RUN_CONTROL: ClassVar[tuple[str, ...]] = RUN_CONTROL  # fields that do not change what a cell measures
+    RECIPE_VERSION: ClassVar[int] = 1  # bump when prompt construction changes: old runs then refuse to resume
+
+    def hashed(self) -> dict[str, Any]:
+        """The settings that define the cells (run control left out), for the configuration hash."""
+        d = asdict(self)
+        for k in self.RUN_CONTROL:
+            d.pop(k)
+        d["recipe_version"] = self.RECIPE_VERSION
+        return hashed(d)
+
+
+def add_model_flags(add: Callable[..., Any]) -> None:
+    """The flags that name the model under test, on an ``ArgumentParser.add_argument``."""
+    add("--model", help="default (embedded SmolLM2-135M-Instruct), a local HF directory, a .gguf file or a cached hub id")
+    add("--quant", choices=("none", "nf4", "int8"), help="bitsandbytes quantization of the model (default none)")
+    add("--dtype", help="weights dtype for unquantized models (default float32)")
+    add("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
+    add("--batch-size", type=int, help="cells of a group decoded together after their shared-prefix prefill "
+        "(default 8 on CUDA, 1 on CPU); run control: cell ids do not depend on it")
+
+
+def add_flags(add: Callable[..., Any]) -> None:
+    """The backend flags, on an ``ArgumentParser.add_argument``."""
+    add("--backend", choices=BACKENDS, help="local: ragkit.LocalLLM in this process (default); openai: an "
+        "OpenAI-compatible server, e.g. vLLM or llama.cpp (docs/serving.md)")
+    add("--base-url", help="openai: the server's API root, e.g. http://127.0.0.1:8000/v1 (default $RAGKIT_BASE_URL)")
+    add("--tokenizer", help="openai: the served model's tokenizer: a directory, .gguf file or cached hub id "
+        "(default: the served model name, if it resolves offline)")
+    add("--concurrency", type=int, help="openai: cells in flight at once (default 1)")
+    add("--timeout", type=float, help="openai: seconds one request may take before it is retried (default 300)")
+
+
+def check(s: Any) -> None:
+    """SettingsError for a backend setting that is unknown or contradicts another."""
+    if s.backend not in BACKENDS:
+        raise SettingsError(f"--backend {s.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if s.concurrency < 1:
+        raise SettingsError(f"--concurrency must be >= 1, got {s.concurrency}")
+    if s.batch_size is not None and s.batch_size < 1:
+        raise SettingsError(f"--batch-size must be >= 1, got {s.batch_size}")
+    if s.backend == "local" and (s.concurrency > 1 or s.base_url or s.tokenizer):
+        raise SettingsError("--concurrency, --base-url and --tokenizer need --backend openai; the in-process "
+                            "backend shares each haystack's prefix and decodes --batch-size cells together")
+    if s.backend == "openai" and s.batch_size is not None:
+        raise SettingsError("--batch-size applies to the in-process backend; a server batches the requests that "
+                            "--concurrency keeps in flight")
+    if s.backend == "openai" and s.quant != "none":
+        raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
+
+
+def hashed(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` for the configuration hash: without the backend keys when local, so that runs made before
+    the server backend existed keep their cell ids."""
+    if settings.get("backend") == "local":
+        settings = {k: v for k, v in settings.items() if k not in ("backend", "tokenizer")}
+    return settings
+
+
+def load(s: Any) -> Target:
+    """The model under test that ``s`` names (fails fast when a server does not answer)."""
+    if s.backend == "openai":
+        return load_served_target(s.base_url, s.model, s.tokenizer, s.max_new_tokens, s.timeout)
+    return load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)

@@ -1,0 +1,236 @@
+"""Greedy decoding that shares a prompt prefix's KV cache across the cells of a group, and batches their decoding.
+
+Prefill. Cells of one length share the haystack up to their needle. The group's ``base`` is the needle-free
+prompt (the control cell): each cell's prompt equals ``base`` up to its needle. Cells are visited in order of
+that shared prefix; one DynamicCache holds ``base[:p]`` and grows only forward. A cell feeds its own tokens
+after ``p`` (batch 1), and the cache is cropped back to ``p`` — so the haystack prefix is computed once for the
+whole group instead of once per cell.
+
+Decoding. With ``batch_size`` 1 a cell decodes on the shared cache right after its prefill. With ``batch_size``
+N > 1 the cell's whole KV (shared prefix + own tokens) is copied into one row of a batch cache, left-padded to
+the batch's longest prompt, before the shared cache is cropped back; N cells (fewer at the group's end) then
+decode together as ``generate()`` does with left padding: the attention mask hides the pads, each row's
+position ids count its own tokens, and a row leaves the batch when it reaches EOS or ``max_new_tokens``.
+
+Batching pays where one decode step of N rows costs about what one row does: on a GPU, where a small model's
+decode steps are bound by kernel launches, so the default there is 8 rows (more rarely helps: a needle group
+holds depths x seeds + 1 cells, and each row holds a whole prompt's KV). On a CPU the prefill dominates (at
+1k tokens x 5 depths, batch 4 saved 3-17% over batch 1 on a loaded 2-core machine), so the default there
+stays 1, the path that holds the least memory. Memory: a batch holds its rows' KV besides the shared cache;
+on CUDA fewer rows are taken when they would not fit in half the free memory.
+
+Answers equal ``model.generate`` greedy answers (tests/evals/needle/test_needle_decode.py checks it on the real model).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass
+class Decoded:
+    index: int  # position of the prompt in the group's input list
+    new_ids: list[int]
+    reused_tokens: int  # prompt tokens whose KV came from the shared cache
+    computed_tokens: int  # prompt tokens fed to the model for this cell
+    seconds: float  # this cell's prefill, plus its share of each batched decode step it took part in
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    """Cells decoded together by default: 8 on CUDA (launch-bound decode steps), 1 elsewhere (see module doc)."""
+    return 8 if torch.device(device).type == "cuda" else 1
+
+
+class GreedyDecoder:
+    """Greedy decoding on a Hugging Face causal LM with prefix-cache reuse within a group of prompts.
+
+    ``batch_size``: cells decoded together (None: :func:`default_batch_size` of the model's device); 1 decodes
+    each cell on the shared cache as soon as it is prefilled.
+    """
+
+    def __init__(self, model, eos_ids: Sequence[int], max_new_tokens: int, batch_size: int | None = None):
+        self.model, self.eos, self.max_new_tokens = model, set(eos_ids), max_new_tokens
+        self.device = next(model.parameters()).device
+        self.batch_size = default_batch_size(self.device) if batch_size is None else batch_size
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    @torch.inference_mode()
+    def _forward(self, ids: Sequence[int], cache: DynamicCache) -> torch.Tensor:
+        x = torch.tensor([list(ids)], device=self.device)
+        # logits of the last position only: the full-vocabulary head over every prompt token is wasted work
+        return self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+    def _grow(self, new: list[int], tok: int) -> bool:
+        """Append greedy token ``tok`` to the answer ``new`` unless it ends it; True while the answer goes on."""
+        if tok in self.eos:
+            return False
+        new.append(tok)
+        return len(new) < self.max_new_tokens
+
+    @torch.inference_mode()
+    def run_group(self, prompts: Sequence[Sequence[int]], base: Sequence[int] | None = None) -> Iterator[Decoded]:
+        """Decode every prompt; yields results as they finish (in shared-prefix order, not input order)."""
+        shared = [min(common_prefix(p, base), len(p) - 1) if base is not None else 0 for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda j: shared[j])
+        prefix = _Prefix(self._forward, base, DynamicCache(config=self.model.config))
+        # batch rows are plain full-attention layers; sliding-window or other caches decode one cell at a time
+        if self.batch_size > 1 and all(type(layer) is DynamicLayer for layer in prefix.cache.layers):
+            yield from self._batched(prompts, shared, order, prefix)
+            return
+        for i in order:
+            t0 = time.perf_counter()
+            logits = prefix.prefill(prompts[i], shared[i])
+            new: list[int] = []
+            for _ in range(self.max_new_tokens):
+                if not self._grow(new, int(torch.argmax(logits))):
+                    break
+                logits = self._forward([new[-1]], prefix.cache)
+            prefix.release()
+            yield Decoded(i, new, shared[i], len(prompts[i]) - shared[i], time.perf_counter() - t0)
+
+    def _batched(self, prompts: Sequence[Sequence[int]], shared: list[int], order: list[int],
+                 prefix: _Prefix) -> Iterator[Decoded]:
+        """Prefill cells one at a time on the shared cache, decode them ``batch_size`` at a time."""
+        k = 0
+        while k < len(order):
+            wanted = order[k:k + self.batch_size]
+            batch: _Batch | None = None
+            for i in wanted:
+                t0 = time.perf_counter()
+                k += 1
+                logits = prefix.prefill(prompts[i], shared[i])
+                row = Decoded(i, [], shared[i], len(prompts[i]) - shared[i], 0.0)
+                goes_on = self.max_new_tokens > 0 and self._grow(row.new_ids, int(torch.argmax(logits)))
+                if goes_on:
+                    if batch is None:
+                        width = max(len(prompts[j]) for j in wanted)
+                        batch = _Batch(prefix.cache, self._rows_that_fit(prefix.cache, width, len(wanted)), width)
+                    batch.add(row, prefix.cache)
+                prefix.release()
+                row.seconds = time.perf_counter() - t0
+                if not goes_on:
+                    yield row
+                if batch is not None and batch.full:
+                    break
+            if batch is not None:
+                yield from self._decode(batch)
+
+    def _decode(self, batch: _Batch) -> Iterator[Decoded]:
+        """Greedy steps over the batch's rows until every row has ended; a row is yielded when it ends."""
+        rows = batch.rows
+        cache = DynamicCache(batch.drain(), config=self.model.config)
+        lengths = torch.tensor([r.reused_tokens + r.computed_tokens for r in rows], device=self.device)
+        mask = (torch.arange(batch.width, device=self.device) >= batch.width - lengths[:, None]).long()
+        step = 0
+        while rows:
+            t0 = time.perf_counter()
+            tokens = torch.tensor([[r.new_ids[-1]] for r in rows], device=self.device)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=(lengths + step)[:, None],
+                             cache=cache, use_cache=True, logits_to_keep=1)
+            best = out.logits[:, -1].argmax(-1).tolist()
+            step += 1
+            share = (time.perf_counter() - t0) / len(rows)
+            keep = []
+            for j, (row, tok) in enumerate(zip(rows, best)):
+                row.seconds += share
+                if self._grow(row.new_ids, tok):
+                    keep.append(j)
+                else:
+                    yield row
+            if len(keep) < len(rows) and keep:
+                idx = torch.tensor(keep)  # CPU indices select on any device
+                cache.batch_select_indices(idx)
+                mask, lengths = mask[idx.to(mask.device)], lengths[idx.to(lengths.device)]
+            rows = [rows[j] for j in keep]
+
+    def _rows_that_fit(self, cache: DynamicCache, width: int, wanted: int) -> int:
+        """``wanted``, or fewer on CUDA where that many rows of ``width`` positions would take more than half the
+        memory free on a device the cache lives on (PyTorch's cached free blocks count as free)."""
+        per_row: dict[torch.device, int] = {}
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values
+            per_row[k.device] = per_row.get(k.device, 0) + width * (
+                k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size())
+        rows = wanted
+        for device, need in per_row.items():
+            if device.type == "cuda":
+                free = torch.cuda.mem_get_info(device)[0]
+                free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+                rows = min(rows, max(1, free // 2 // need))
+        return rows
+
+
+class _Prefix:
+    """The group's one cache: ``base[:cached]``, plus one cell's own tokens between ``prefill`` and ``release``."""
+
+    def __init__(self, forward: Callable[[Sequence[int], DynamicCache], torch.Tensor], base: Sequence[int] | None,
+                 cache: DynamicCache):
+        self.forward, self.base, self.cache, self.cached = forward, base, cache, 0
+
+    def prefill(self, ids: Sequence[int], p: int) -> torch.Tensor:
+        """Bring the cache to ``base[:p]``, feed ``ids[p:]``; the logits after the prompt's last token."""
+        if p > self.cached:
+            self.forward(self.base[self.cached:p], self.cache)
+            self.cached = p
+        elif p < self.cached:
+            _crop_to(self.cache, p)
+            self.cached = p
+        return self.forward(ids[p:], self.cache)
+
+    def release(self) -> None:
+        """Drop the cell's own tokens: back to the shared prefix."""
+        _crop_to(self.cache, self.cached)
+
+
+class _Batch:
+    """KV rows left-padded to ``width`` positions, filled one prefilled cell at a time from the shared cache."""
+
+    def __init__(self, cache: DynamicCache, rows: int, width: int):
+        self.width, self.capacity, self.rows = width, rows, []
+        self.keys = [_rows_like(layer.keys, rows, width) for layer in cache.layers]
+        self.values = [_rows_like(layer.values, rows, width) for layer in cache.layers]
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == self.capacity
+
+    def add(self, row: Decoded, cache: DynamicCache) -> None:
+        """Copy the cache (this cell's whole prompt) into the next row, right-aligned."""
+        r, n = len(self.rows), cache.get_seq_length()
+        for dst_k, dst_v, layer in zip(self.keys, self.values, cache.layers):
+            dst_k[r, :, self.width - n:] = layer.keys[0, :, :n]
+            dst_v[r, :, self.width - n:] = layer.values[0, :, :n]
+        self.rows.append(row)
+
+    def drain(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's filled rows, letting go of this batch's copy as the DynamicCache takes its own."""
+        n = len(self.rows)
+        while self.keys:
+            yield self.keys.pop(0)[:n], self.values.pop(0)[:n]
+
+
+def _rows_like(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    return t.new_zeros(rows, t.shape[1], width, t.shape[3])
+
+
+def _crop_to(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` positions of the cache (transformers 5 crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)

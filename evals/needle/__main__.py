@@ -1,0 +1,7 @@
+"""``python -m evals.needle``."""
+
+import sys
+
+from evals.needle.suite import main
+
+sys.exit(main())

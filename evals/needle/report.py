@@ -1,0 +1,154 @@
+"""Reports of a needle run directory: summary.csv (pandas), heatmap.png (depth x length), report.md (read it first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from evals.core.report import rate_table
+from evals.core.scoring import wilson
+from evals.core.store import RunDir
+
+
+def needle_summary(rows: list[dict]) -> pd.DataFrame:
+    """One line per (mode, kind, length, depth): rates with intervals, tokens, needle positions, retrieval."""
+    df = pd.DataFrame(rows)
+    df["depth"] = df["depth"].astype(float)
+    by = ["mode", "kind", "length", "depth"]
+    out = rate_table(df, by)
+    extra = {"prompt_tokens": "mean", "actual_tokens": "mean", "target_tokens": "first"}
+    if "needle_depth_actual" in df:
+        extra["needle_depth_actual"] = "mean"
+    if "retrieved" in df:
+        df["retrieved"] = df["retrieved"].astype(float)
+        extra.update(retrieved="mean", retrieval_rank="median")
+    more = df.groupby(by, dropna=False, sort=True).agg(extra).reset_index()
+    return out.merge(more, on=by).round(4)
+
+
+def write_needle_report(run_dir: RunDir) -> pd.DataFrame:
+    """summary.csv, heatmap.png and report.md of a needle run (rewritten from results.jsonl each time)."""
+    rows = run_dir.rows()
+    if not rows:
+        return pd.DataFrame()
+    summary = needle_summary(rows)
+    summary.to_csv(run_dir.path / "summary.csv", index=False)
+    df = pd.DataFrame(rows)
+    run = run_dir.read_run()
+    m, st = run.get("model", {}), run.get("settings", {})
+    title = (f"{run_dir.path.name}: {m.get('loaded_from') or m.get('name')}, quant {m.get('quant')}, "
+             f"{m.get('dtype')} · needle {st.get('needle')}, seeds {st.get('seeds')}")
+    heatmap(df, run_dir.path / "heatmap.png", title)
+    (run_dir.path / "report.md").write_text(needle_markdown(df, run, run_dir.path.name))
+    return summary
+
+
+def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
+    """Depth (rows) x length (columns), colour = mean score, text = found/n; controls in the bottom row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    modes = [m for m in ("context", "rag") if m in set(df["mode"])]
+    fig, axes = plt.subplots(1, len(modes), figsize=(1.6 + 1.3 * df["length"].nunique() * len(modes) + 1.5,
+                                                      1.2 + 0.55 * (df["depth"].nunique() + 1)), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        d = df[df["mode"] == mode]
+        lengths = sorted(d["length"].unique())
+        depths = sorted(d.loc[d["kind"] == "needle", "depth"].astype(float).unique())
+        grid = np.full((len(depths) + 1, len(lengths)), np.nan)
+        for i, dep in enumerate(depths):
+            for j, n in enumerate(lengths):
+                c = d[(d["kind"] == "needle") & (d["depth"].astype(float) == dep) & (d["length"] == n)]
+                if len(c):
+                    grid[i, j] = c["score"].mean()
+                    ax.text(j, i, f"{int(c['found'].sum())}/{len(c)}", ha="center", va="center", fontsize=9)
+        for j, n in enumerate(lengths):
+            c = d[(d["kind"] == "control") & (d["length"] == n)]
+            if len(c):
+                ax.text(j, len(depths), f"{int(c['found'].sum())}/{len(c)}", ha="center", va="center",
+                        fontsize=9, color="dimgray")
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.axhline(len(depths) - 0.5, color="black", linewidth=1.5)
+        ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
+        ax.set_yticks(range(len(depths) + 1), [f"{x:g}%" for x in depths] + ["no needle\n(invented)"])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{mode}: found / cells")
+    fig.colorbar(im, ax=axes[0].tolist(), label="fraction of the needle's values in the answer")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _rate(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} ({100 * k / n:.0f}%, 95% CI {100 * lo:.0f}–{100 * hi:.0f}%)" if n else "0/0"
+
+
+def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
+    m, st = run.get("model", {}), run.get("settings", {})
+    git = run.get("git", {})
+    lines = [f"# Needle in a haystack: {name}", ""]
+    lines += [
+        f"- **Model**: {m.get('loaded_from') or m.get('name')} ({m.get('architecture')}, {m.get('parameters', 0) / 1e6:.0f}M parameters), "
+        f"quantization **{m.get('quant')}**, dtype {m.get('dtype')}, device {m.get('device')}, "
+        f"context window {m.get('context_window')} tokens",
+        f"- **Needle**: `{st.get('needle')}`, seeds {st.get('seeds')}; depths {st.get('depths')}; "
+        f"lengths {st.get('lengths')} (tokens incl. {st.get('max_new_tokens')} for the answer); mode {st.get('mode')}",
+        f"- **Haystack**: {', '.join(st.get('haystack', []))} (fingerprint {st.get('pool')}); "
+        + ("each seed its own text (`--haystack-start seed`)" if st.get("haystack_start") == "seed"
+           else "one text for every seed (`--haystack-start fixed`)"),
+        f"- **Code**: git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}; "
+        f"created {run.get('created')}; config {run.get('config')}", "",
+        "## Result", "",
+    ]
+    planned = (len(st.get("lengths", [])) * len(st.get("seeds", [])) * (len(st.get("depths", [])) + bool(st.get("controls")))
+               * (2 if st.get("mode") == "both" else 1))
+    if planned and len(df) < planned:
+        lines += [f"**Incomplete run: {len(df)} of {planned} planned cells finished** (lengths without rows below were "
+                  "not reached, or skipped as too long); continue it with the same flags and `--resume`.", ""]
+    for mode in [x for x in ("context", "rag") if x in set(df["mode"])]:
+        d = df[df["mode"] == mode]
+        nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
+        lines.append(f"- **{mode}**: needle found in **{_rate(int(nd['found'].sum()), len(nd))}** of cells; "
+                     f"without a needle the model produced the value in {_rate(int(cd['found'].sum()), len(cd))}.")
+        if mode == "rag" and len(nd):
+            got = nd[nd["retrieved"] == True]  # noqa: E712
+            lines.append(f"  - the needle's chunk was retrieved (top-{st.get('top_k')}) in {_rate(len(got), len(nd))}; "
+                         f"median rank {got['retrieval_rank'].median() if len(got) else '-'}; "
+                         f"the reader found it in {_rate(int(got['found'].sum()), len(got))} of those "
+                         f"(a miss with the chunk retrieved is the reader's fault, without it the retriever's).")
+        if len(nd) and "distractor_answered" in nd and nd["distractor_answered"].any():
+            lines.append(f"  - answered a distractor's value in {int(nd['distractor_answered'].sum())} cells.")
+    lines += ["", "## By length", "", "| mode | length | found (95% CI) | mean score | no-needle: value invented |",
+              "|---|---|---|---|---|"]
+    for (mode, length), d in df.groupby(["mode", "length"]):
+        nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
+        lines.append(f"| {mode} | {length} | {_rate(int(nd['found'].sum()), len(nd))} | {nd['score'].mean():.2f} | "
+                     f"{int(cd['found'].sum())}/{len(cd)} |")
+    lines += ["", "## Heatmap", "", "![heatmap](heatmap.png)", "",
+              "Rows are needle depths (0% = start of the haystack, 100% = end), columns prompt lengths; each cell "
+              "shows found/cells and its colour the mean fraction of expected values in the answer (green = found). "
+              "The bottom row is the no-needle control: how often the model produced the value without seeing it "
+              "(should be 0). Exact numbers with 95% intervals are in `summary.csv`.", "",
+              "## Misses", ""]
+    misses = df[(df["kind"] == "needle") & (~df["found"].astype(bool))]
+    if misses.empty:
+        lines.append("None.")
+    else:
+        lines += ["| mode | length | depth | actual depth | expected | answer | cell |", "|---|---|---|---|---|---|---|"]
+        for r in misses.head(30).itertuples():
+            ans = str(r.answer).replace("|", "\\|").replace("\n", " ")[:80]
+            lines.append(f"| {r.mode} | {r.length} | {r.depth:g}% | {getattr(r, 'needle_depth_actual', '')}% | "
+                         f"{', '.join(r.expected)} | {ans} | `{r.cell_id}` |")
+        lines += ["", "Rebuild any cell's exact prompt with "
+                  "`python -m evals.needle --rebuild-prompt RUN_DIR CELL_ID`."]
+    return "\n".join(lines) + "\n"

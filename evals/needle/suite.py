@@ -1,0 +1,323 @@
+"""Needle in a haystack: ``python -m evals.needle --lengths 1k,2k,4k``.
+
+At which context lengths and depths does the model (and the retrieval pipeline) stop finding what it
+was given? See docs/needle.md for every flag, the scoring, the controls and how to read the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+from evals.needle import report
+from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exit
+from evals.needle.haystack import (STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt, measure,
+                             start_sentence)
+from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
+from evals.core.runner import Group, Job, run
+from evals.core.scoring import contains_value, value_fraction
+from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
+from evals.core.store import RunDir, provenance
+from evals.core import backend as backends  # (the settings field is named backend)
+from evals.core.targets import Retriever, load_target
+
+SUITE = "needle"
+MODES = ("context", "rag", "both")
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_HAYSTACK = ("corpora/sqlite", "corpora/python")  # relative paths are looked up in the cwd, then the repo
+
+
+def haystack_paths(paths: Sequence[str]) -> list[Path]:
+    """Haystack paths as given; a relative one missing from the cwd is taken from the repository root."""
+    return [Path(p) if Path(p).exists() or Path(p).is_absolute() or not (REPO / p).exists() else REPO / p
+            for p in paths]
+
+
+@dataclass
+class NeedleSettings(backends.Settings):
+    """Every setting of a needle run; all but the run-control ones go into the configuration hash."""
+
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+    model: str = "default"
+    quant: str = "none"
+    dtype: str | None = None
+    device: str | None = None
+    mode: str = "context"
+    needle: str = "passcode"
+    seeds: tuple[int, ...] = (1,)
+    haystack: tuple[str, ...] = DEFAULT_HAYSTACK
+    haystack_start: str = "fixed"
+    max_new_tokens: int | None = None
+    top_k: int = 4
+    chunk_size: int = 256
+    controls: bool = True
+    # run control (not hashed)
+    out: str | None = None
+    resume: bool = False
+    skip_too_long: bool = False
+    progress: bool = True
+    threads: int | None = None
+
+    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", *backends.RUN_CONTROL)
+
+    def __post_init__(self) -> None:
+        self.lengths = parse_lengths(self.lengths)
+        self.depths = parse_depths(self.depths)
+        self.seeds = parse_ints(self.seeds, "--seeds")
+        if isinstance(self.haystack, str):
+            self.haystack = (self.haystack,)
+        self.haystack = tuple(str(Path(p)) for p in self.haystack)
+        if self.mode not in MODES:
+            raise SettingsError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if self.haystack_start not in STARTS:
+            raise SettingsError(f"--haystack-start {self.haystack_start!r} is unknown; choose {' or '.join(STARTS)}")
+        if self.needle not in NEEDLE_TYPES:
+            raise SettingsError(f"--needle {self.needle!r} is unknown; choose one of {', '.join(NEEDLE_TYPES)}")
+        if self.max_new_tokens is None:
+            self.max_new_tokens = 96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32
+        if self.top_k < 1 or self.chunk_size < 32:
+            raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
+        backends.check(self)
+
+    def hashed(self) -> dict[str, Any]:
+        """As the base class, but ``haystack_start`` only when not ``fixed``: runs made before the setting
+        existed (all ``fixed``) keep their configuration hash, so they still resume and compare."""
+        d = super().hashed()
+        if d["haystack_start"] == "fixed":
+            del d["haystack_start"]
+        return d
+
+
+def build_cell(codec: Codec, pool: SentencePool, est: Estimator, s: NeedleSettings,
+               cell: Cell) -> tuple[Needle, Frame, Built]:
+    """The needle, frame and fitted haystack prompt of a cell (needle-free for a control: the same haystack,
+    which starts where ``s.haystack_start`` says for the cell's seed)."""
+    needle = make_needle(s.needle, cell["seed"])
+    frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
+    depth = 50.0 if cell["depth"] is None else cell["depth"]
+    built = fit_prompt(codec, pool, frame, needle.sentences, (depth,) + needle.extra_depths, cell["length"],
+                       s.max_new_tokens, est, start_sentence(s.haystack_start, cell["seed"], pool))
+    if cell["depth"] is None:  # control: the same haystack with the needle sentences removed
+        built = measure(codec, pool, frame, needle.sentences,
+                        Recipe(built.recipe.pool_ids, [None] * len(needle.sentences)))
+    return needle, frame, built
+
+
+class NeedleSuite:
+    """Cells, prompts and scoring of the needle suite (the runner does the rest)."""
+
+    name = SUITE
+
+    def __init__(self, settings: NeedleSettings, target: Any, pool: SentencePool, run_dir: RunDir,
+                 lengths: Sequence[int]):
+        self.s, self.target, self.pool, self.run_dir = settings, target, pool, run_dir
+        self.max_new_tokens = settings.max_new_tokens
+        self.lengths = lengths
+        self.config = config_hash({**settings.hashed(), "pool": pool.fingerprint})
+        self.est = Estimator(target.codec, pool)
+        self.retriever = Retriever(settings.chunk_size, settings.top_k)
+
+    def cells(self) -> list[Cell]:
+        modes = ("context", "rag") if self.s.mode == "both" else (self.s.mode,)
+        out = []
+        for mode in modes:
+            for length in self.lengths[mode]:
+                for seed in self.s.seeds:
+                    for depth in self.s.depths:
+                        out.append(self._cell(mode, length, seed, depth))
+                    if self.s.controls:
+                        out.append(self._cell(mode, length, seed, None))
+        return out
+
+    def _cell(self, mode: str, length: int, seed: int, depth: float | None) -> Cell:
+        return Cell(SUITE, self.config, {"mode": mode, "length": length, "seed": seed, "depth": depth,
+                                         "needle": self.s.needle, "kind": "control" if depth is None else "needle"})
+
+    def group_key(self, cell: Cell) -> Hashable:
+        # context cells that read one haystack share its prefix: one per length, or per (length, seed) when
+        # each seed starts its own; rag cells each read their own chunks
+        if cell["mode"] != "context":
+            return cell.cell_id
+        if self.s.haystack_start == "fixed":
+            return ("context", cell["length"])
+        return ("context", cell["length"], cell["seed"])
+
+    def build(self, cell: Cell) -> tuple[Needle, Frame, Built]:
+        return build_cell(self.target.codec, self.pool, self.est, self.s, cell)
+
+    def prepare(self, cells: Sequence[Cell]) -> Group:
+        jobs = [self._job(c) for c in cells]
+        base = None
+        if cells[0]["mode"] == "context":
+            control = self._cell("context", cells[0]["length"], cells[0]["seed"], None)
+            base = next((j.ids for j in jobs if j.cell.cell_id == control.cell_id), None)
+            base = base if base is not None else self.build(control)[2].ids
+        return Group(jobs, base)
+
+    def _job(self, cell: Cell) -> Job:
+        needle, frame, built = self.build(cell)
+        row: dict[str, Any] = {"cell_id": cell.cell_id, "suite": SUITE, "config": self.config, **cell.coords,
+                               "expected": list(needle.expected), "question": needle.question,
+                               "target_tokens": cell["length"], "max_new_tokens": self.max_new_tokens,
+                               "haystack_tokens": built.haystack_span[1] - built.haystack_span[0],
+                               "recipe": {**built.recipe.to_json(), "pool": self.pool.fingerprint}}
+        if cell["kind"] == "needle":
+            row.update(needle_offset=built.needle_offsets[0], needle_depth_actual=built.depth_percent(0),
+                       needle_offsets=built.needle_offsets)
+        if cell["mode"] == "context":
+            row.update(prompt_tokens=len(built.ids), actual_tokens=len(built.ids) + self.max_new_tokens)
+            return Job(cell, built.ids, row, needle)
+        return self._rag_job(cell, needle, frame, built, row)
+
+    def _rag_job(self, cell: Cell, needle: Needle, frame: Frame, built: Built, row: dict) -> Job:
+        start = built.text.index(frame.instruction) + len(frame.instruction) + 2
+        haystack = built.text[start: built.text.rindex("\n\n" + frame.question)]
+        index_dir = self.run_dir.path / "rag" / f"{cell['length']}-s{cell['seed']}-{cell.cell_id}"
+        chunks = self.retriever.top_chunks(index_dir, haystack, needle.question)
+        rank = next((i + 1 for i, c in enumerate(chunks) if needle.sentences[0] in c
+                     or contains_value(c, needle.expected[0])), None)
+        text = self.target.codec.render(frame.user("\n\n".join(chunks)), frame.answer_prefix)
+        ids = self.target.codec.encode(text)
+        row.update(prompt_tokens=len(ids), actual_tokens=len(ids) + self.max_new_tokens,
+                   retrieved=rank is not None if cell["kind"] == "needle" else None,
+                   retrieval_rank=rank if cell["kind"] == "needle" else None, chunks=chunks)
+        return Job(cell, ids, row, needle)
+
+    def score(self, job: Job, answer: str) -> dict[str, Any]:
+        needle: Needle = job.payload
+        frac = value_fraction(answer, needle.expected)
+        return {"score": frac, "found": frac == 1.0,
+                "distractor_answered": any(contains_value(answer, v) for v in needle.distractors)}
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evals.needle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--lengths", help="total tokens per prompt incl. generation budget: 1k,2k,4k or plain integers (k = 1024)")
+    a("--depths", help="needle depths in percent (0,25,50,75,100) or a count N of evenly spaced depths")
+    backends.add_model_flags(a)
+    a("--mode", choices=MODES, help="context: whole haystack in the prompt; rag: top-k chunks via ragkit.Pipeline; both")
+    a("--needle", choices=NEEDLE_TYPES, help="needle type (default passcode)")
+    a("--seeds", help="comma list of seeds; each seed is a different needle, and with --haystack-start seed a "
+      "different haystack (default 1)")
+    a("--haystack", nargs="+", help="text files or folders for the filler (default corpora/sqlite corpora/python)")
+    a("--haystack-start", choices=STARTS, help="fixed: every seed's haystack starts at the first sentence (default); "
+      "seed: each seed starts at its own sentence, so seeds read different text")
+    a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 96 for uuid/multi needles)")
+    a("--top-k", type=int, help="rag: chunks given to the reader (default 4)")
+    a("--chunk-size", type=int, help="rag: chunk size in embedder tokens (default 256)")
+    a("--no-controls", dest="controls", action="store_const", const=False, help="skip the no-needle control cells")
+    a("--out", help="run directory (default runs/needle-<UTC time>)")
+    a("--resume", action="store_const", const=True, help="continue a killed run in --out without redoing finished cells")
+    a("--skip-too-long", action="store_const", const=True, help="skip lengths above the context window with a warning")
+    a("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+    a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    backends.add_flags(a)
+    a("--config", help="YAML suite file (evals/suites/*.yaml); flags given on the command line win")
+    a("--rebuild-prompt", nargs=2, metavar=("RUN", "CELL"),
+      help="print the exact prompt of cell CELL of run directory RUN (fails if its token count differs)")
+    a("--report", metavar="RUN", help="rewrite summary.csv, heatmap.png and report.md of run directory RUN")
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> tuple[NeedleSettings | None, argparse.Namespace]:
+    args = _parser().parse_args(argv)
+    if args.rebuild_prompt or args.report:
+        return None, args
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "rebuild_prompt", "report")}
+    known = {f for f in NeedleSettings.__dataclass_fields__ if f != "RUN_CONTROL"}
+    merged = merge_settings(load_suite_file(args.config) if args.config else {}, flags, known)
+    if not merged.get("lengths"):
+        raise SettingsError("--lengths is required (e.g. --lengths 1k,2k,4k), on the command line or in --config")
+    return NeedleSettings(**merged), args
+
+
+def _usable_lengths(s: NeedleSettings, window: int) -> dict[str, tuple[int, ...]]:
+    """Lengths per mode; context lengths above the context window fail (or are skipped with a warning)."""
+    too_long = [n for n in s.lengths if n > window]
+    context = tuple(n for n in s.lengths if n <= window)
+    if too_long and s.mode != "rag":
+        msg = (f"length(s) {', '.join(map(str, too_long))} exceed the model's context window of {window} tokens "
+               f"(a length counts the whole prompt plus the generation budget)")
+        if not s.skip_too_long:
+            raise TooLongError(msg + "; drop them, or pass --skip-too-long to skip them with a warning")
+        print(f"warning: {msg}; skipping them in context mode (--skip-too-long)", file=sys.stderr)
+    return {"context": context, "rag": s.lengths}
+
+
+def execute(s: NeedleSettings, target: Any = None) -> Path:
+    """Run (or resume) a needle run; returns its directory. ``target``: an already loaded model (tests)."""
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
+    out = Path(s.out or f"runs/needle-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    pool = SentencePool.from_paths(haystack_paths(s.haystack))
+    run_dir = RunDir(out)
+    config = config_hash({**s.hashed(), "pool": pool.fingerprint})
+    done = run_dir.open(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, s.resume)
+    target = target or backends.load(s)
+    lengths = _usable_lengths(s, target.context_window)
+    if not (run_dir.path / "run.json").exists():
+        run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info),
+                           "haystack_files": list(pool.files)})
+    suite = NeedleSuite(s, target, pool, run_dir, lengths)
+    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
+                batch_size=s.batch_size)
+    report.write_needle_report(run_dir)
+    print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
+    return run_dir.path
+
+
+def rebuild_prompt(run: str, cell_id: str) -> str:
+    """The exact prompt of a finished cell, rebuilt from its recipe; RebuildError if tokens differ."""
+    run_dir = RunDir(run)
+    meta = run_dir.read_run()
+    row = next((r for r in run_dir.rows() if r["cell_id"] == cell_id), None)
+    if row is None:
+        raise RebuildError(f"run {run} has no finished cell {cell_id!r}; cell ids are in {run_dir.results_path}")
+    st = meta["settings"]
+    pool = SentencePool.from_paths(haystack_paths(st["haystack"]))
+    if pool.fingerprint != row["recipe"]["pool"]:
+        raise RebuildError(f"the haystack files {st['haystack']} changed since the run (fingerprint "
+                           f"{pool.fingerprint} != {row['recipe']['pool']}); the prompt cannot be rebuilt exactly")
+    target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"])
+    needle = make_needle(row["needle"], row["seed"])
+    frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
+    if row["mode"] == "rag":
+        text = target.codec.render(frame.user("\n\n".join(row["chunks"])), frame.answer_prefix)
+        ids = target.codec.encode(text)
+    else:
+        built = measure(target.codec, pool, frame, needle.sentences, Recipe.from_json(row["recipe"]))
+        text, ids = built.text, built.ids
+    if len(ids) != row["prompt_tokens"]:
+        raise RebuildError(f"cell {cell_id} rebuilt to {len(ids)} tokens but the run recorded {row['prompt_tokens']}; "
+                           "the tokenizer, template or code changed since the run")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_exit(lambda: _command(argv))
+
+
+def _command(argv: Sequence[str] | None) -> int:
+    settings, args = settings_from_args(argv)
+    if args.report:
+        report.write_needle_report(RunDir(args.report))
+        print(f"report: {Path(args.report) / 'report.md'}")
+        return 0
+    if settings is None:
+        sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))
+        return 0
+    execute(settings)
+    return 0
+

@@ -1,0 +1,121 @@
+"""evals/core/decode.py: batched greedy decoding of a group's cells answers exactly like one cell at a time and like
+one plain generate() call per prompt (the real embedded SmolLM2 on CPU; a SmolLM2-shaped model on CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+
+from evals.core.decode import GreedyDecoder, default_batch_size
+from evals.needle.haystack import Estimator, Frame, Recipe, SentencePool, fit_prompt, measure
+from evals.needle.needles import make_needle
+from evals.core.targets import wrap
+
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def target(smollm2):
+    return wrap(smollm2)
+
+
+@pytest.fixture(scope="module")
+def group(target, repo_root):
+    """A needle group as the runner builds it: the group's control prompt (``base``), cells at three depths that
+    share it up to their needle, and a cell of another needle and length that shares only the chat template's
+    head; with each prompt's plain generate() answer."""
+    pool = SentencePool.from_paths([repo_root / "corpora" / "sqlite"])
+    est = Estimator(target.codec, pool)
+    prompts, base = [], None
+    for kind, seed, length, depths in (("passcode", 1, 256, (0, 50, 100)), ("kv-words", 2, 192, (60,))):
+        needle = make_needle(kind, seed)
+        frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
+        for depth in depths:
+            prompts.append(fit_prompt(target.codec, pool, frame, needle.sentences, (depth,), length, MAX_NEW, est).ids)
+        if base is None:
+            built = fit_prompt(target.codec, pool, frame, needle.sentences, (50,), length, MAX_NEW, est)
+            base = measure(target.codec, pool, frame, needle.sentences, Recipe(built.recipe.pool_ids, [None])).ids
+            prompts.append(base)
+    naive = [target.generate_naive(ids, MAX_NEW) for ids in prompts]
+    return prompts, base, naive
+
+
+def _answers(target, prompts, base, batch_size, max_new=MAX_NEW):
+    decoder = GreedyDecoder(target.model, target.eos_ids, max_new, batch_size=batch_size)
+    out = {d.index: d for d in decoder.run_group(prompts, base)}
+    assert sorted(out) == list(range(len(prompts)))
+    return out
+
+
+def test_batched_answers_equal_batch_one_and_generate(target, group):
+    """Rows of different lengths and shared prefixes, in a full and a partial batch (5 cells: 4 + 1)."""
+    prompts, base, naive = group
+    assert len({len(p) for p in prompts}) > 2
+    one = _answers(target, prompts, base, 1)
+    four = _answers(target, prompts, base, 4)
+    assert sum(d.reused_tokens for d in four.values()) > len(base)  # the prefix was still shared
+    for i in range(len(prompts)):
+        assert four[i].reused_tokens == one[i].reused_tokens
+        assert four[i].computed_tokens == one[i].computed_tokens == len(prompts[i]) - one[i].reused_tokens
+        assert one[i].new_ids == naive[i], i
+        assert four[i].new_ids == naive[i], i
+
+
+def test_rows_that_end_early_keep_their_answers_and_each_row_stops_at_max_new_tokens(target, group):
+    """With a budget of 10 tokens some rows reach EOS mid-batch (and leave it) while their neighbours run to 10."""
+    prompts, base, naive = group
+    budget = 10
+    expected = [a[:budget] for a in naive]  # greedy is prefix-consistent; generate_naive drops the EOS
+    assert any(len(a) < budget for a in expected) and any(len(a) == budget for a in expected)
+    got = _answers(target, prompts, base, 8, budget)
+    assert [got[i].new_ids for i in range(len(prompts))] == expected
+
+
+def test_default_batch_size_is_one_on_cpu_eight_on_cuda_and_bad_sizes_are_refused(target):
+    assert default_batch_size("cpu") == 1 and default_batch_size("cuda:0") == 8
+    assert GreedyDecoder(target.model, target.eos_ids, 4).batch_size == default_batch_size(target.model.device)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        GreedyDecoder(target.model, target.eos_ids, 4, batch_size=0)
+
+
+def test_batch_size_is_run_control_and_bad_values_are_refused(capsys):
+    """--batch-size leaves every cell id (configuration hash) as it was; nonsense values fail before any work."""
+    from evals.lost_in_middle.suite import LitmSettings
+    from evals.needle.suite import NeedleSettings, main
+
+    assert NeedleSettings(lengths="1k", batch_size=4).hashed() == NeedleSettings(lengths="1k").hashed()
+    assert LitmSettings(batch_size=4).hashed() == LitmSettings().hashed()
+    assert main(["--lengths", "1k", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["--lengths", "1k", "--backend", "openai", "--batch-size", "2"]) == 2
+    assert "--batch-size applies to the in-process backend" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_batch_of_8_answers_like_batch_one_in_fp32(smollm2_shape):
+    """A SmolLM2-shaped random Llama on CUDA: 9 prompts (a full batch of 8, then 1) sharing a 1k-token prefix up
+    to an insertion at different depths, with different lengths; batch 8 == batch 1 == generate()."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**smollm2_shape)).to("cuda", torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randint(3, smollm2_shape["vocab_size"], (1024,), generator=gen).tolist()
+    prompts = [base]
+    for j in range(8):
+        cut = 128 * j
+        insert = torch.randint(3, smollm2_shape["vocab_size"], (8 + 5 * j,), generator=gen).tolist()
+        prompts.append(base[:cut] + insert + base[cut:1024 - 40 * (j % 3)])
+    eos = [smollm2_shape["eos_token_id"]]
+    runs = {}
+    for bs in (1, 8):
+        decoder = GreedyDecoder(model, eos, 12, batch_size=bs)
+        runs[bs] = {d.index: d.new_ids for d in decoder.run_group(prompts, base)}
+    assert GreedyDecoder(model, eos, 12).batch_size == 8  # the CUDA default
+    with torch.inference_mode():
+        for i, ids in enumerate(prompts):
+            out = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=0)[0, len(ids):].tolist()
+            reference = [t for t in out if t not in eos]
+            assert runs[1][i] == reference, i
+            assert runs[8][i] == reference, i
