@@ -20,10 +20,13 @@ from llama_index.core.schema import BaseNode, Document, NodeRelationship, TextNo
 from pydantic import PrivateAttr
 from tokenizers import Tokenizer
 
+from ragkit.errors import InvalidSettingError
+
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 # a sentence ends at . ! ? (closing quotes/brackets allowed) followed by whitespace and not a lowercase letter
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s+(?=[^\sa-z])")
 # chunk metadata is for display and filters, never part of what is embedded or shown to the LLM
+MIN_CONTENT_TOKENS = 8  # the smallest chunk worth embedding, special tokens excluded
 CHUNK_KEYS = ("file_path", "file_name", "part", "chunk_index", "char_start", "char_end", "cut_mid_sentence")
 
 
@@ -58,9 +61,15 @@ class TokenChunker:
         self.backend.no_padding()
         self.n_special = len(self.backend.encode("", add_special_tokens=True).ids)
         self.max_tokens = max_tokens
-        self.budget = min(chunk_tokens or max_tokens, max_tokens) - self.n_special
-        if self.budget < 8:
-            raise ValueError(f"chunk size {chunk_tokens or max_tokens} leaves {self.budget} tokens per chunk")
+        smallest = self.n_special + MIN_CONTENT_TOKENS
+        size = max_tokens if chunk_tokens is None else chunk_tokens
+        if isinstance(size, bool) or not isinstance(size, int) or not smallest <= size <= max_tokens:
+            raise InvalidSettingError(
+                f"chunk size (--chunk-tokens) {chunk_tokens!r} is out of range: use an integer from {smallest} "
+                f"to the embedder's max_seq_length {max_tokens} (longer chunks would be truncated by the encoder), "
+                f"or leave it unset for {max_tokens}"
+            )
+        self.budget = size - self.n_special
 
     def split_many(self, texts: Sequence[str]) -> list[list[Span]]:
         """Spans of each text; all paragraphs of all texts are tokenized in one batch."""
