@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ from filelock import FileLock, Timeout
 from ragkit.errors import IndexCorruptError, IndexLockedError, IndexNotFoundError, IndexReadOnlyError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -266,9 +268,16 @@ class IndexDirectory:
             if first and not os.access(self.path, os.W_OK):  # filelock would wait for a lock it can never take
                 raise PermissionError(errno.EACCES, "permission denied", str(self.path))
             try:
-                self._lock.acquire(timeout=wait)
+                self._lock.acquire(timeout=0)
             except Timeout:
-                raise IndexLockedError(self._locked_message(wait)) from None
+                if wait <= 0:
+                    raise IndexLockedError(self._locked_message(wait)) from None
+                log.warning("index directory %s is locked by %s; waiting up to %g s for it", self.path,
+                            self._holder(), wait)
+                try:
+                    self._lock.acquire(timeout=wait)
+                except Timeout:
+                    raise IndexLockedError(self._locked_message(wait)) from None
         try:
             if first:
                 owner = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
@@ -294,14 +303,17 @@ class IndexDirectory:
                 f"changed. Make it writable (chmod u+w), or copy the index to a writable place."
             ) from None
 
-    def _locked_message(self, waited: float) -> str:
+    def _holder(self) -> str:
+        """Who holds the lock, as its owner file says."""
         try:
             owner = json.loads((self.path / LOCK_OWNER).read_text())
-            who = f"process {owner['pid']} on {owner['host']} ({' '.join(owner['argv'])[:200]}), since {owner['since']}"
-        except (OSError, ValueError, KeyError):
-            who = "another process"
+            return f"process {owner['pid']} on {owner['host']} ({' '.join(owner['argv'])[:200]}), since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def _locked_message(self, waited: float) -> str:
         return (
-            f"index directory {self.path} is locked by {who}; lock file {self.path / LOCK}. "
+            f"index directory {self.path} is locked by {self._holder()}; lock file {self.path / LOCK}. "
             f"Waited {waited:g} s. Wait for that writer to finish, or wait for it with --lock-timeout SECONDS "
             f"(Pipeline(lock_timeout=...)); "
             f"only one writer may change an index at a time."
