@@ -17,9 +17,11 @@ app = typer.Typer(
 def _commands() -> None:
     """Offline retrieval-augmented generation over local, quantized LLMs."""
     import logging
+    import warnings
 
     logging.basicConfig(format="%(message)s")
     logging.getLogger("ragkit").setLevel(logging.INFO)  # what ragkit is doing, on stderr
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
 
 
 @app.command("plan")

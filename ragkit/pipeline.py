@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,7 @@ class Pipeline:
                 f"the index{where} is empty: nothing to search. Ingest documents first "
                 f"(ragkit ingest PATH --index DIR, or Pipeline.ingest)."
             )
+        self._warn_if_truncated(query)
         result = self.vector_store.query(VectorStoreQuery(
             query_embedding=self.embed_model.get_query_embedding(query), similarity_top_k=top_k,
             filters=_as_filters(filters),
@@ -321,6 +323,18 @@ class Pipeline:
             raise RagkitError(f"{type(self.vector_store).__name__} returned no node text; use a store that keeps text")
         scores = result.similarities or [None] * len(result.nodes)
         return [NodeWithScore(node=n, score=s) for n, s in zip(result.nodes, scores)]
+
+    def _warn_if_truncated(self, query: str) -> None:
+        """Warn when the embedder will read only the start of ``query`` (it truncates at max_seq_length)."""
+        tokenizer, limit = getattr(self.embed_model, "tokenizer", None), getattr(self.embed_model, "max_seq_length", None)
+        if tokenizer is None or limit is None or len(query) <= limit:  # a token spans at least one character
+            return
+        n = len(tokenizer(query, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+        if n > limit:
+            warnings.warn(
+                f"the query has {n} tokens; the embedder {self.embed_model.model_name!r} reads the first {limit} "
+                f"(special tokens included) and retrieval ignores the rest. Shorten the query to what to search for.",
+                UserWarning, stacklevel=3)
 
     @property
     def llm(self) -> Any:
