@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 app = typer.Typer(
@@ -16,12 +18,21 @@ app = typer.Typer(
 @app.callback()
 def _commands() -> None:
     """Offline retrieval-augmented generation over local, quantized LLMs."""
-    import logging
     import warnings
 
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("ragkit").setLevel(logging.INFO)  # what ragkit is doing, on stderr
+    _ragkit_log(logging.WARNING)  # e.g. "waiting for the lock held by ..."
     warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
+
+
+def _ragkit_log(level: int) -> None:
+    """ragkit's own log lines (and only those) on stderr, from ``level`` up."""
+    logger = logging.getLogger("ragkit")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
 
 
 @app.command("plan")
@@ -58,6 +69,7 @@ def generate_command(
     """Answer one prompt with the local LLM, streaming the text as it is generated."""
     import time
 
+    _ragkit_log(logging.INFO)  # says when a GGUF is converted (slow, once)
     from ragkit.errors import RagkitError
     from ragkit.llm import LocalLLM
 
@@ -145,6 +157,8 @@ def query_command(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Answer budget in tokens."),
 ) -> None:
     """Answer a question with the local LLM from the index's most relevant chunks."""
+    typer.echo(f"opening the index {index}", err=True)  # within a second: the imports below take longer
+    _ragkit_log(logging.INFO)  # then each step: embedder, retrieval, LLM load, generation
     from ragkit.errors import RagkitError
 
     try:
@@ -190,11 +204,12 @@ def info_command(
     index: str = typer.Option(..., "--index", help=INDEX_HELP),
     files: bool = typer.Option(False, "--files", help="List every ingested file."),
 ) -> None:
-    """Describe an index: embedder, chunk size, counts, snapshot."""
+    """Describe an index: embedder, chunk size, counts, snapshot (loads no model)."""
     from ragkit.errors import RagkitError
+    from ragkit.index_info import describe
 
     try:
-        info = _open(index, must_exist=True).info()
+        info = describe(index)
     except RagkitError as exc:
         raise _fail(exc) from None
     listed = info.pop("files")

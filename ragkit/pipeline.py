@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -39,12 +40,12 @@ from ragkit.errors import (
     ModelNotFoundError,
     RagkitError,
 )
+from ragkit.index_info import INGEST_DOCSTORE_FILE, PIPELINE_FILE, SOURCES_FILE, read_settings, read_sources
 from ragkit.ingest import Ingestor, IngestSummary
 from ragkit.store import FaissVectorStore, IndexDirectory, Snapshot, SnapshotWriter
 
-INGEST_DOCSTORE_FILE = "ingest_docstore.json"
-SOURCES_FILE = "sources.json"
-PIPELINE_FILE = "pipeline.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -153,12 +154,15 @@ class Pipeline:
         if embed_model is not None and not isinstance(embed_model, (str, os.PathLike)):
             return embed_model
         if embed_model is not None:
+            log.info("loading the embedder %s", os.fspath(embed_model))
             return SentenceTransformerEmbedding(os.fspath(embed_model))
         recorded = self._recorded().get("embedder")
         if not recorded:
+            log.info("loading the embedder default")
             return SentenceTransformerEmbedding("default")
         name = recorded.get("name")
         source = recorded.get("source") or ("default" if name == DEFAULT_NAME else name)
+        log.info("loading the index's embedder %s (%s)", name, source)
         try:
             return SentenceTransformerEmbedding(source)
         except RagkitError as exc:
@@ -176,7 +180,7 @@ class Pipeline:
         if self.directory is None or not self.directory.exists():
             return {}
         try:
-            return self.directory.read(_read_settings, verify=False)
+            return self.directory.read(read_settings, verify=False)
         except (IndexCorruptError, OSError, ValueError):
             return {}  # _load says what is wrong (or --force starts afresh)
 
@@ -209,11 +213,11 @@ class Pipeline:
             store = FaissVectorStore.load(snap, embedder_name=self.embed_model.model_name,
                                           dimension=self.embed_model.dimension,
                                           fingerprint=getattr(self.embed_model, "fingerprint", None))
-        recorded = _read_settings(snap)
+        recorded = read_settings(snap)
         docstore, sources = SimpleDocumentStore(), {}
         if snap.has(INGEST_DOCSTORE_FILE):
             docstore = SimpleDocumentStore.from_dict(json.loads(snap.read_bytes(INGEST_DOCSTORE_FILE)))
-            sources = json.loads(snap.read_bytes(SOURCES_FILE))
+            sources = read_sources(snap)
         built = recorded.get("chunk_tokens")
         if self._chunk_tokens is not None and built is not None and sources and self._chunk_tokens != built:
             raise InvalidSettingError(
@@ -340,6 +344,7 @@ class Pipeline:
     def llm(self) -> Any:
         """The LLM, loaded at first use."""
         if self._llm is None:
+            log.info("loading the LLM %s", os.fspath(self._llm_arg))
             from ragkit.llm import LocalLLM
 
             self._llm = LocalLLM(os.fspath(self._llm_arg), max_new_tokens=self.max_new_tokens)
@@ -355,8 +360,10 @@ class Pipeline:
     def query(self, question: str, top_k: int | None = None, filters: Any = None,
               ordering: str | None = None) -> Answer:
         """Retrieve, fit the chunks into the LLM's context window, and answer."""
+        log.info("retrieving the %d most similar chunks", self.top_k if top_k is None else top_k)
         nodes = self.retrieve(question, top_k=top_k, filters=filters)
         ctx = self.assemble(question, nodes, ordering)
+        log.info("generating the answer from %d chunks (%d prompt tokens)", len(ctx.nodes), ctx.prompt_tokens)
         response = self.llm.chat(ctx.messages, stop=list(STOP_SEQUENCES))
         text = (response.message.content or "").strip()
         usage = _usage(response)
@@ -388,14 +395,6 @@ class Pipeline:
             info.update(chunks=store.node_count, store_kind=store.kind)
         info["files"] = sorted(self.ingestor.sources)
         return info
-
-
-def _read_settings(snap: Snapshot) -> dict[str, Any]:
-    """The pipeline settings a snapshot records (chunk size, chunker, embedder identity)."""
-    settings = json.loads(snap.read_bytes(PIPELINE_FILE)) if snap.has(PIPELINE_FILE) else {}
-    if isinstance(settings.get("embedder"), str):  # indexes written before embedder identities
-        settings["embedder"] = {"name": settings["embedder"]}
-    return settings
 
 
 def _check_top_k(top_k: Any) -> None:
