@@ -463,6 +463,17 @@ class FaissVectorStore(BasePydanticVectorStore):
         self.save(persist_path)
 
     @classmethod
+    def from_persist_dir(cls, persist_dir: str, namespace: str = "default", fs: Any = None) -> FaissVectorStore:
+        """LlamaIndex's reload hook: the store :meth:`persist` wrote for ``StorageContext.persist(persist_dir)``
+        (an index directory named ``{namespace}__vector_store.json`` inside it, as LlamaIndex names it)."""
+        if fs is not None:
+            raise NotImplementedError("FaissVectorStore persists to the local filesystem only (fs must be None)")
+        from llama_index.core.vector_stores.simple import NAMESPACE_SEP
+        from llama_index.core.vector_stores.types import DEFAULT_PERSIST_FNAME
+
+        return cls.load(Path(persist_dir) / f"{namespace}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}")
+
+    @classmethod
     def load(cls, source: IndexDirectory | Snapshot | str | os.PathLike[str], *, embedder_name: str | None = None,
              dimension: int | None = None, fingerprint: str | None = None, verify: bool = True) -> FaissVectorStore:
         """Open the live snapshot of an index directory (or a given snapshot).
