@@ -11,8 +11,10 @@ pass to load it again (``"default"``, an absolute directory, or a hub id); index
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from ragkit.errors import ModelLoadError
 DEFAULT_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # files in a model directory that the encoder never reads (docs, git metadata, other runtimes' weights)
 _UNUSED_DIRS = {"onnx", "openvino"}
+_CACHE_HASHES_OVER = 1 << 24  # bytes
 
 
 def _resolve(model_name: str) -> tuple[Path, str, str]:
@@ -48,12 +51,33 @@ def content_fingerprint(model_dir: Path, settings: dict[str, Any]) -> str:
         if rel.parts[0] in _UNUSED_DIRS or any(part.startswith(".") for part in rel.parts) \
                 or path.name.upper().startswith("README"):
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        files[rel.as_posix()] = h.hexdigest()
+        files[rel.as_posix()] = _file_sha256(path)
     return hashlib.sha256(json.dumps({"files": files, "settings": settings}, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file; large files' hashes are cached by path, size and mtime (weights are ~100 MB)."""
+    from ragkit.models import cache_dir
+
+    stat = path.stat()
+    if stat.st_size < _CACHE_HASHES_OVER:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = cache_dir() / "file-sha256" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".txt")
+    with contextlib.suppress(OSError):
+        cached = cache.read_text().strip()
+        if len(cached) == 64:
+            return cached
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the hashing next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(h.hexdigest())
+        os.replace(tmp, cache)
+    return h.hexdigest()
 
 
 class SentenceTransformerEmbedding(BaseEmbedding):
