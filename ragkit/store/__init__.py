@@ -5,25 +5,17 @@ Names are imported lazily: the index directory alone (``ragkit info``) needs nei
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "FaissVectorStore": "ragkit.store.faiss_store",
-    "build_faiss_index": "ragkit.store.faiss_store",
-    "IndexDirectory": "ragkit.store.index_dir",
-    "Snapshot": "ragkit.store.index_dir",
+from ragkit.lazy import lazy_exports
+
+__all__ = ["FaissVectorStore", "IndexDirectory", "Snapshot", "SnapshotWriter", "build_faiss_index"]
+__getattr__ = lazy_exports(__name__, {
+    "FaissVectorStore": "ragkit.store.faiss_store", "build_faiss_index": "ragkit.store.faiss_store",
+    "IndexDirectory": "ragkit.store.index_dir", "Snapshot": "ragkit.store.index_dir",
     "SnapshotWriter": "ragkit.store.index_dir",
-}
-
-__all__ = sorted(_EXPORTS)
+})
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ragkit.store.faiss_store import FaissVectorStore, build_faiss_index  # noqa: F401
-    from ragkit.store.index_dir import IndexDirectory, Snapshot, SnapshotWriter  # noqa: F401
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'ragkit.store' has no attribute {name!r}")
+    from ragkit.store.faiss_store import FaissVectorStore, build_faiss_index
+    from ragkit.store.index_dir import IndexDirectory, Snapshot, SnapshotWriter
