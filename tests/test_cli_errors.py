@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,9 +15,11 @@ import pytest
 
 from ragkit.models import default_embedder_path
 from ragkit.store import IndexDirectory
-from tests.test_cli import RAGKIT, SQLITE
 
 ONE_LINE_ERROR_EXIT = 2
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "corpora").is_dir())  # the repository, wherever tests/ nests this file
+SQLITE = ROOT / "corpora" / "sqlite"
+RAGKIT = str(Path(sys.executable).with_name("ragkit"))
 
 
 def ragkit(*args: str, user: int | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

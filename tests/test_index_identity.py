@@ -20,7 +20,8 @@ from ragkit.errors import EmbedderMismatchError, InvalidSettingError, ModelNotFo
 from ragkit.models import default_embedder_path
 from ragkit.pipeline import Pipeline
 
-SQLITE = Path(__file__).resolve().parents[1] / "corpora" / "sqlite"
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "corpora").is_dir())  # the repository, wherever tests/ nests this file
+SQLITE = ROOT / "corpora" / "sqlite"
 SMALL = ["zeroconf.txt", "lang_createview.txt", "lang_attach.txt", "rowidtable.txt", "threadsafe.txt",
          "serverless.txt", "lang_createindex.txt", "about.txt"]
 

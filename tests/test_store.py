@@ -282,6 +282,7 @@ def test_docs_llamaindex_storage_example_round_trips(tmp_path):
     """docs/examples/llamaindex_storage.py, run as documented: StorageContext persist -> reload -> retrieve."""
     import runpy
 
-    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "llamaindex_storage.py"))
+    root = next(p for p in Path(__file__).resolve().parents if (p / "docs" / "examples").is_dir())
+    example = runpy.run_path(str(root / "docs" / "examples" / "llamaindex_storage.py"))
     assert example["main"](tmp_path / "storage") == ["journal"]
     assert (tmp_path / "storage" / "docstore.json").is_file()
