@@ -5,6 +5,12 @@ regular expression and packed greedily into chunks of at most ``max_tokens`` tok
 included, so the encoder never truncates a chunk. A sentence longer than a whole chunk is split at
 token boundaries (at a word start where one is near), and the chunk says so in its metadata
 (``cut_mid_sentence``). Every chunk is checked again against the tokenizer before it is returned.
+
+Text without whitespace: a WordPiece tokenizer (MiniLM's) reads a "word" of more than
+``max_input_chars_per_word`` (100) characters as one unknown token, so a 5 MB line would become a few
+huge chunks embedded as ``[UNK]``. A sentence holding such a word is instead cut into pieces of at most
+that many characters, packed by their token counts; the chunk's text joins its pieces with spaces
+(``char_start``/``char_end`` still give the original range).
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from llama_index.core.schema import BaseNode, Document, NodeRelationship, TextNo
 from pydantic import PrivateAttr
 from tokenizers import Tokenizer
 
+from ragkit.errors import InvalidSettingError
+
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 # a sentence ends at . ! ? (closing quotes/brackets allowed) followed by whitespace and not a lowercase letter
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s+(?=[^\sa-z])")
 # chunk metadata is for display and filters, never part of what is embedded or shown to the LLM
+MIN_CONTENT_TOKENS = 8  # the smallest chunk worth embedding, special tokens excluded
 CHUNK_KEYS = ("file_path", "file_name", "part", "chunk_index", "char_start", "char_end", "cut_mid_sentence")
 
 
@@ -35,6 +44,13 @@ class Span:
     end: int
     n_tokens: int  # content tokens, special tokens excluded
     cut_mid_sentence: bool = False
+    pieces: tuple[tuple[int, int], ...] = ()  # set for whitespace-free text: character ranges joined by spaces
+
+    def content(self, text: str) -> str:
+        """The chunk's text: the range of ``text``, or its pieces joined by spaces."""
+        if self.pieces:
+            return " ".join(text[a:b] for a, b in self.pieces)
+        return text[self.start:self.end]
 
 
 @dataclass
@@ -58,9 +74,17 @@ class TokenChunker:
         self.backend.no_padding()
         self.n_special = len(self.backend.encode("", add_special_tokens=True).ids)
         self.max_tokens = max_tokens
-        self.budget = min(chunk_tokens or max_tokens, max_tokens) - self.n_special
-        if self.budget < 8:
-            raise ValueError(f"chunk size {chunk_tokens or max_tokens} leaves {self.budget} tokens per chunk")
+        smallest = self.n_special + MIN_CONTENT_TOKENS
+        size = max_tokens if chunk_tokens is None else chunk_tokens
+        if isinstance(size, bool) or not isinstance(size, int) or not smallest <= size <= max_tokens:
+            raise InvalidSettingError(
+                f"chunk size (--chunk-tokens) {chunk_tokens!r} is out of range: use an integer from {smallest} "
+                f"to the embedder's max_seq_length {max_tokens} (longer chunks would be truncated by the encoder), "
+                f"or leave it unset for {max_tokens}"
+            )
+        self.budget = size - self.n_special
+        self.max_word_chars: int | None = getattr(self.backend.model, "max_input_chars_per_word", None)
+        self._long_word = re.compile(rf"\S{{{self.max_word_chars + 1},}}") if self.max_word_chars else None
 
     def split_many(self, texts: Sequence[str]) -> list[list[Span]]:
         """Spans of each text; all paragraphs of all texts are tokenized in one batch."""
@@ -104,6 +128,10 @@ class TokenChunker:
             for sent in self._sentences(text, p_start, p_end, starts, p):
                 n = sent.tok_hi - sent.tok_lo
                 if n == 0:
+                    continue
+                if self._long_word is not None and self._long_word.search(text, sent.start, sent.end):
+                    flush()
+                    spans.extend(self._cut_words(text, sent.start, sent.end))
                     continue
                 if n > self.budget:
                     flush()
@@ -153,11 +181,31 @@ class TokenChunker:
             lo = hi
         return pieces
 
+    def _cut_words(self, text: str, start: int, end: int) -> list[Span]:
+        """Spans of pieces of at most ``max_word_chars`` characters, packed by token count."""
+        width = int(self.max_word_chars or 1)
+        pieces = [(a, min(a + width, start + m.end())) for m in re.finditer(r"\S+", text[start:end])
+                  for a in range(start + m.start(), start + m.end(), width)]
+        counts = [len(e.ids) for e in self.backend.encode_batch([text[a:b] for a, b in pieces],
+                                                                add_special_tokens=False)]
+        spans: list[Span] = []
+        group: list[tuple[int, int]] = []
+        tokens = 0
+        for piece, n in zip(pieces, counts):
+            if group and tokens + n > self.budget:
+                spans.append(Span(group[0][0], group[-1][1], tokens, True, tuple(group)))
+                group, tokens = [], 0
+            group.append(piece)
+            tokens += n
+        if group:
+            spans.append(Span(group[0][0], group[-1][1], tokens, True, tuple(group)))
+        return spans
+
     def _verified(self, text: str, spans: list[Span]) -> list[Span]:
         """Re-counts every chunk as the encoder will see it; re-splits any chunk over ``max_tokens``."""
         if not spans:
             return spans
-        counts = [len(e.ids) for e in self.backend.encode_batch([text[s.start : s.end] for s in spans])]
+        counts = [len(e.ids) for e in self.backend.encode_batch([s.content(text) for s in spans])]
         out: list[Span] = []
         for span, n in zip(spans, counts):
             if n <= self.max_tokens:
@@ -167,6 +215,10 @@ class TokenChunker:
         return out
 
     def _halve(self, text: str, span: Span) -> list[Span]:
+        if len(span.pieces) > 1:
+            left_p, right_p = span.pieces[: len(span.pieces) // 2], span.pieces[len(span.pieces) // 2:]
+            return [Span(left_p[0][0], left_p[-1][1], span.n_tokens // 2, True, left_p),
+                    Span(right_p[0][0], right_p[-1][1], span.n_tokens - span.n_tokens // 2, True, right_p)]
         piece = text[span.start : span.end]
         mid = len(piece) // 2
         cut = piece.rfind(" ", 0, mid)
@@ -219,10 +271,11 @@ class TokenSentenceSplitter(NodeParser):
                 if span.cut_mid_sentence:
                     meta["cut_mid_sentence"] = True
                 keys = list(meta)
+                chunk = span.content(text)
                 out.append(
                     TextNode(
-                        id_=_node_id(doc.id_, i, text[span.start : span.end]),
-                        text=text[span.start : span.end],
+                        id_=_node_id(doc.id_, i, chunk),
+                        text=chunk,
                         metadata=meta,
                         excluded_embed_metadata_keys=keys,
                         excluded_llm_metadata_keys=keys,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 app = typer.Typer(
@@ -16,6 +18,21 @@ app = typer.Typer(
 @app.callback()
 def _commands() -> None:
     """Offline retrieval-augmented generation over local, quantized LLMs."""
+    import warnings
+
+    _ragkit_log(logging.WARNING)  # e.g. "waiting for the lock held by ..."
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
+
+
+def _ragkit_log(level: int) -> None:
+    """ragkit's own log lines (and only those) on stderr, from ``level`` up."""
+    logger = logging.getLogger("ragkit")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
 
 
 @app.command("plan")
@@ -50,14 +67,12 @@ def generate_command(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)."),
 ) -> None:
     """Answer one prompt with the local LLM, streaming the text as it is generated."""
-    import logging
     import time
 
+    _ragkit_log(logging.INFO)  # says when a GGUF is converted (slow, once)
     from ragkit.errors import RagkitError
     from ragkit.llm import LocalLLM
 
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("ragkit").setLevel(logging.INFO)  # says when a GGUF is converted (slow, once)
     _quiet_model_loading()
     try:
         start = time.perf_counter()
@@ -83,8 +98,9 @@ INDEX_HELP = "Index directory (created by ingest; a crash-safe snapshot director
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    """Print a ragkit error (no traceback) and return the exit to raise."""
-    typer.echo(f"Error: {exc}", err=True)
+    """Print a ragkit error as one ``Error:`` line (no traceback) and return the exit (2) to raise."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    typer.echo(f"Error: {message}", err=True)
     return typer.Exit(2)
 
 
@@ -106,20 +122,24 @@ def _open(index: str, *, must_exist: bool, **kwargs):  # type: ignore[no-untyped
 def ingest_command(
     paths: list[str] = typer.Argument(..., help="Files or directories (.txt .md .html .pdf; others are skipped)."),
     index: str = typer.Option(..., "--index", help=INDEX_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace a corrupt index, or one built by another embedder."),
-    embed_model: str = typer.Option("default", "--embed-model", help="Embedder: 'default' (all-MiniLM-L6-v2) or a local model directory."),
-    chunk_tokens: int = typer.Option(None, "--chunk-tokens", help="Tokens per chunk, special tokens included [default: the embedder's max_seq_length]."),
+    force: bool = typer.Option(False, "--force", help="Replace a corrupt index, or one built by another embedder or chunk size."),
+    embed_model: str = typer.Option(None, "--embed-model", help="Embedder: 'default' (all-MiniLM-L6-v2) or a local model directory [default: the index's own; 'default' for a new index]."),
+    chunk_tokens: int = typer.Option(None, "--chunk-tokens", help="Tokens per chunk, special tokens included [default: the index's; for a new index the embedder's max_seq_length]."),
+    sync: bool = typer.Option(True, "--sync/--no-sync", help="Delete files indexed earlier under a given directory that are gone from it."),
+    lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer of the index."),
+    commit_seconds: float = typer.Option(60.0, "--commit-seconds", help="Commit what is embedded every this many seconds, so a killed ingest resumes there."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Add or update documents in an index; unchanged files are not embedded again."""
+    """Add, update and (with --sync) remove documents in an index; unchanged files are not embedded again."""
     from ragkit.errors import RagkitError
 
     from ragkit.readers import discover
 
     try:
         discover(paths)  # a missing path or a symlink loop fails here, before any model is loaded
-        pipeline = _open(index, must_exist=False, force=force, embed_model=embed_model, chunk_tokens=chunk_tokens)
-        summary = pipeline.ingest(paths, show_progress=not quiet)
+        pipeline = _open(index, must_exist=False, force=force, embed_model=embed_model, chunk_tokens=chunk_tokens,
+                         lock_timeout=lock_timeout, commit_seconds=commit_seconds)
+        summary = pipeline.ingest(paths, show_progress=not quiet, sync=sync)
     except RagkitError as exc:
         raise _fail(exc) from None
     typer.echo(str(summary))
@@ -137,6 +157,8 @@ def query_command(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Answer budget in tokens."),
 ) -> None:
     """Answer a question with the local LLM from the index's most relevant chunks."""
+    typer.echo(f"opening the index {index}", err=True)  # within a second: the imports below take longer
+    _ragkit_log(logging.INFO)  # then each step: embedder, retrieval, LLM load, generation
     from ragkit.errors import RagkitError
 
     try:
@@ -182,11 +204,12 @@ def info_command(
     index: str = typer.Option(..., "--index", help=INDEX_HELP),
     files: bool = typer.Option(False, "--files", help="List every ingested file."),
 ) -> None:
-    """Describe an index: embedder, chunk size, counts, snapshot."""
+    """Describe an index: embedder, chunk size, counts, snapshot (loads no model)."""
     from ragkit.errors import RagkitError
+    from ragkit.index_info import describe
 
     try:
-        info = _open(index, must_exist=True).info()
+        info = describe(index)
     except RagkitError as exc:
         raise _fail(exc) from None
     listed = info.pop("files")
@@ -202,12 +225,13 @@ def info_command(
 def delete_command(
     target: str = typer.Argument(..., help="An ingested file's path, or a document id (see `ragkit info --files`)."),
     index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer of the index."),
 ) -> None:
     """Remove a file's (or one document's) chunks from the index."""
     from ragkit.errors import RagkitError
 
     try:
-        pipeline = _open(index, must_exist=True)
+        pipeline = _open(index, must_exist=True, lock_timeout=lock_timeout)
         deleted = pipeline.delete(target)
     except RagkitError as exc:
         raise _fail(exc) from None

@@ -84,3 +84,11 @@ class ServerRequestError(ServerError):
 
 class BadServerResponseError(ServerError):
     """The server answered with a malformed or empty response; suites record it per cell as an error."""
+
+
+class IndexReadOnlyError(IndexError_):
+    """An index directory cannot be written (permissions, read-only filesystem); nothing was changed."""
+
+
+class InvalidSettingError(RagkitError, ValueError):
+    """A setting is out of range (e.g. --chunk-tokens), or differs from the one an index was built with."""

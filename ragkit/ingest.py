@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,12 @@ from llama_index.core.ingestion import DocstoreStrategy, IngestionPipeline
 from llama_index.core.schema import Document
 from llama_index.core.storage.docstore import SimpleDocumentStore
 from llama_index.core.vector_stores.types import BasePydanticVectorStore
-from tqdm.auto import tqdm
-
 from ragkit.chunking import TokenSentenceSplitter
 from ragkit.errors import IngestError
+from ragkit.progress import progress_bar
 from ragkit.readers import DEFAULT_PART_CHARS, Skipped, SkipFile, discover, read_parts
 
-BATCH_CHARS = 1 << 18  # text handed to one IngestionPipeline.run (about 250 chunks; the progress bar moves per batch)
+BATCH_CHARS = 1 << 16  # text handed to one IngestionPipeline.run (about 60 chunks, a few seconds on 2 cores)
 
 
 @dataclass
@@ -36,7 +35,7 @@ class IngestSummary:
     added: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)  # indexed before, now empty/unreadable: chunks deleted
+    removed: list[str] = field(default_factory=list)  # indexed before, now gone/empty/unreadable: chunks deleted
     skipped: list[Skipped] = field(default_factory=list)
     chunks_embedded: int = 0
     seconds: float = 0.0
@@ -99,34 +98,50 @@ class Ingestor:
         return self.pipeline.vector_store
 
     # ---- ingesting --------------------------------------------------------------------------------
-    def ingest(self, inputs: Iterable[str | os.PathLike[str] | Document], show_progress: bool = True) -> IngestSummary:
+    def ingest(self, inputs: Iterable[str | os.PathLike[str] | Document], show_progress: bool = True, *,
+               sync: bool = True, checkpoint: Callable[[], None] | None = None,
+               checkpoint_seconds: float = 60.0) -> IngestSummary:
         """Ingest files, directories and ``Document`` s; raises :class:`IngestError` for a missing path
-        before anything is changed."""
-        started = time.perf_counter()
+        before anything is changed.
+
+        ``sync``: a directory given is a source set: files indexed under it earlier that are gone (or
+        no longer readable as text) have their chunks deleted and are counted as removed.
+        ``checkpoint``: called at the first file boundary after each ``checkpoint_seconds`` (and at the
+        end) when something changed, with every file so far embedded and registered: the caller
+        commits there, so a killed ingest loses at most one step.
+        """
+        started = last_step = time.perf_counter()
         summary = IngestSummary()
         items = [inputs] if isinstance(inputs, (str, os.PathLike, Document)) else list(inputs)
         paths = [x for x in items if not isinstance(x, Document)]
         documents = [x for x in items if isinstance(x, Document)]
         files, summary.skipped = discover(paths)
+        gone = self._gone(paths, files) if sync else []
         total = sum(_size(f) for f in files) + sum(len(d.text) for d in documents)
         batch: list[Document] = []
         batch_chars = 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc="ingest", disable=not show_progress,
-                  dynamic_ncols=True) as bar:
+        dirty = False
+
+        def flush() -> None:
+            nonlocal batch, batch_chars
+            if batch:
+                summary.chunks_embedded += self._run(batch)
+                bar.set_postfix(chunks=summary.chunks_embedded, refresh=False)
+            batch, batch_chars = [], 0
+
+        with progress_bar(total, "ingest", disable=not show_progress) as bar:
             for source, parts, size in self._sources(files, documents, summary):
                 new_ids = []
                 status = "unchanged"
                 try:
-                    for i, doc in enumerate(parts):
+                    for doc in parts:
                         new_ids.append(doc.id_)
                         if self.docstore.get_document_hash(doc.id_) != doc.hash:
                             status = "updated"
                             batch.append(doc)
                             batch_chars += len(doc.text)
                             if batch_chars >= BATCH_CHARS:
-                                summary.chunks_embedded += self._run(batch)
-                                bar.update(batch_chars)
-                                batch, batch_chars = [], 0
+                                flush()
                 except (SkipFile, OSError) as exc:
                     reason = str(exc) if isinstance(exc, SkipFile) else f"cannot read ({exc})"
                     summary.skipped.append(Skipped(source, reason))
@@ -135,21 +150,38 @@ class Ingestor:
                     if source in self.sources:
                         self._delete_ids(self.sources.pop(source))
                         summary.removed.append(source)
+                        dirty = True
                     bar.update(size)
                     continue
                 stale = [d for d in self.sources.get(source, []) if d not in new_ids]
                 self._delete_ids(stale)
                 if status == "updated" or stale:
                     status = "added" if source not in self.sources else "updated"
+                    dirty = True
                 getattr(summary, status).append(source)
                 self.sources[source] = new_ids
-                if status == "unchanged":
-                    bar.update(size)
-            if batch:
-                summary.chunks_embedded += self._run(batch)
+                bar.update(size)
+                if checkpoint is not None and dirty and time.perf_counter() - last_step >= checkpoint_seconds:
+                    flush()
+                    checkpoint()
+                    dirty, last_step = False, time.perf_counter()
+            flush()
+            for source in gone:
+                self._delete_ids(self.sources.pop(source))
+                summary.removed.append(source)
+                dirty = True
             bar.update(total - bar.n)
+        if checkpoint is not None and dirty:
+            checkpoint()
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def _gone(self, paths: list[str | os.PathLike[str]], files: list[Path]) -> list[str]:
+        """Registered sources under a directory of ``paths`` that are not among ``files`` any more."""
+        found = {str(f) for f in files}
+        roots = [str(Path(p).resolve()) for p in paths if Path(p).resolve().is_dir()]
+        return [s for s in self.sources if s not in found
+                and any(s.startswith(root.rstrip(os.sep) + os.sep) for root in roots)]
 
     def _sources(
         self, files: list[Path], documents: list[Document], summary: IngestSummary

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,21 @@ from llama_index.core.vector_stores.types import (
 )
 
 from ragkit.context import STOP_SEQUENCES, AssembledContext, assemble_context, get_ordering
-from ragkit.errors import EmbedderMismatchError, EmptyIndexError, IndexCorruptError, InvalidQueryError, RagkitError
+from ragkit.errors import (
+    EmbedderMismatchError,
+    EmptyIndexError,
+    IndexCorruptError,
+    InvalidQueryError,
+    InvalidSettingError,
+    ModelNotFoundError,
+    RagkitError,
+)
+from ragkit.index_info import INGEST_DOCSTORE_FILE, PIPELINE_FILE, SOURCES_FILE, read_settings, read_sources
 from ragkit.ingest import Ingestor, IngestSummary
-from ragkit.store import FaissVectorStore, IndexDirectory, SnapshotWriter
+from ragkit.store import FaissVectorStore, IndexDirectory, Snapshot, SnapshotWriter
 
-INGEST_DOCSTORE_FILE = "ingest_docstore.json"
-SOURCES_FILE = "sources.json"
-PIPELINE_FILE = "pipeline.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,9 +95,15 @@ def _to_source(n: NodeWithScore) -> Source:
 class Pipeline:
     """Ingest / retrieve / query / delete over one index.
 
-    ``embed_model``: None (embedded MiniLM), a model name/path, or a ``SentenceTransformerEmbedding``.
+    ``embed_model``: None (the embedder the index records, or the embedded MiniLM for a new index), a
+    model name/path, or a ``SentenceTransformerEmbedding``; one whose content differs from the index's
+    is refused (:class:`EmbedderMismatchError`). ``chunk_tokens``: None keeps the index's chunk size; a
+    different size is refused (:class:`InvalidSettingError`): an index never mixes chunk sizes.
     ``llm``: None (embedded SmolLM2, loaded at the first ``query``), a model name/path, or a ``LocalLLM``.
-    ``force=True`` replaces a corrupt index, or one built by another embedder, at the next write.
+    ``force=True`` replaces a corrupt index, or one built by another embedder or chunk size, at the next
+    write. ``lock_timeout``: seconds a writer waits for another one. ``commit_seconds``: an ingest
+    commits what it has embedded at the first file boundary after this many seconds, so a killed
+    ingest loses at most that much work.
     """
 
     def __init__(
@@ -103,9 +119,9 @@ class Pipeline:
         max_new_tokens: int = 256,
         force: bool = False,
         store_kind: str = "flat",
+        lock_timeout: float = 0.0,
+        commit_seconds: float = 60.0,
     ):
-        from ragkit.embed import SentenceTransformerEmbedding
-
         get_ordering(ordering)  # fail early on a typo
         _check_top_k(top_k)
         self.top_k = top_k
@@ -114,11 +130,9 @@ class Pipeline:
         self.force = force
         self._llm_arg = llm if llm is not None else "default"
         self._llm: Any = None if isinstance(self._llm_arg, (str, os.PathLike)) else self._llm_arg
-        self.embed_model = (
-            embed_model if embed_model is not None and not isinstance(embed_model, (str, os.PathLike))
-            else SentenceTransformerEmbedding(os.fspath(embed_model or "default"))
-        )
-        self.directory = IndexDirectory(index_dir) if index_dir is not None else None
+        self.commit_seconds = commit_seconds
+        self.directory = IndexDirectory(index_dir, lock_timeout=lock_timeout) if index_dir is not None else None
+        self.embed_model = self._embedder(embed_model)
         self._external_store = vector_store
         self._store_kind = store_kind
         self._chunk_tokens = chunk_tokens
@@ -133,35 +147,85 @@ class Pipeline:
         return cls(index_dir, **kwargs)
 
     # ---- state ------------------------------------------------------------------------------------
+    def _embedder(self, embed_model: Any) -> Any:
+        """The embedder asked for; else the one the index records (loaded from its source); else MiniLM."""
+        from ragkit.embed import DEFAULT_NAME, SentenceTransformerEmbedding
+
+        if embed_model is not None and not isinstance(embed_model, (str, os.PathLike)):
+            return embed_model
+        if embed_model is not None:
+            log.info("loading the embedder %s", os.fspath(embed_model))
+            return SentenceTransformerEmbedding(os.fspath(embed_model))
+        recorded = self._recorded().get("embedder")
+        if not recorded:
+            log.info("loading the embedder default")
+            return SentenceTransformerEmbedding("default")
+        name = recorded.get("name")
+        source = recorded.get("source") or ("default" if name == DEFAULT_NAME else name)
+        log.info("loading the index's embedder %s (%s)", name, source)
+        try:
+            return SentenceTransformerEmbedding(source)
+        except RagkitError as exc:
+            problem = "which no longer exists" if Path(source).is_absolute() and not Path(source).exists() \
+                else f"which cannot be loaded here ({exc})"
+            raise ModelNotFoundError(
+                f"index {self.directory.path if self.directory else ''} was built with embedder {name!r} from "
+                f"{source}, {problem}. Put that model back at {source}, or pass "
+                f"--embed-model DIR (embed_model=) with the same model (content fingerprint "
+                f"{str(recorded.get('fingerprint'))[:12]})."
+            ) from None
+
+    def _recorded(self) -> dict[str, Any]:
+        """The live snapshot's pipeline settings (embedder identity, chunker); {} for no or a bad index."""
+        if self.directory is None or not self.directory.exists():
+            return {}
+        try:
+            return self.directory.read(read_settings, verify=False)
+        except (IndexCorruptError, OSError, ValueError):
+            return {}  # _load says what is wrong (or --force starts afresh)
+
     def _load(self) -> None:
         """(Re)load the live snapshot, or start empty when there is none (or it is bad and ``force``)."""
-        docstore, sources, store = SimpleDocumentStore(), {}, self._external_store
-        recorded: dict[str, Any] = {}
-        self._snapshot_name = None
+        loaded: tuple[Any, ...] = (SimpleDocumentStore(), {}, self._external_store, {}, None)
         if self.directory is not None and self.directory.exists():
             try:
-                snap = self.directory.current()
-                if store is None:
-                    store = FaissVectorStore.load(snap, embedder_name=self.embed_model.model_name,
-                                                  dimension=self.embed_model.dimension)
-                if snap.has(PIPELINE_FILE):
-                    recorded = json.loads(snap.read_bytes(PIPELINE_FILE))
-                if snap.has(INGEST_DOCSTORE_FILE):
-                    docstore = SimpleDocumentStore.from_dict(json.loads(snap.read_bytes(INGEST_DOCSTORE_FILE)))
-                    sources = json.loads(snap.read_bytes(SOURCES_FILE))
-                self._snapshot_name = snap.name
-            except (IndexCorruptError, EmbedderMismatchError):
+                loaded = self.directory.read(self._read_snapshot)
+            except (IndexCorruptError, EmbedderMismatchError, InvalidSettingError):
                 if not self.force:
                     raise
-                store = self._external_store  # --force: start afresh; the next commit replaces it
+                # --force: start afresh; the next commit replaces it
         elif self.directory is not None:
             self.directory.check_writable(force=self.force)
+        docstore, sources, store, recorded, self._snapshot_name = loaded
         if store is None:
             store = FaissVectorStore.from_embedder(self.embed_model, kind=self._store_kind)
         self.vector_store = store
         self.ingestor = Ingestor(self.embed_model, store, docstore=docstore, sources=sources,
                                  # an index keeps the chunk size it was built with: re-ingesting gives the same chunks
-                                 chunk_tokens=self._chunk_tokens or recorded.get("chunk_tokens"))
+                                 chunk_tokens=recorded.get("chunk_tokens") if self._chunk_tokens is None
+                                 else self._chunk_tokens)
+
+    def _read_snapshot(self, snap: Snapshot) -> tuple[Any, ...]:
+        """(docstore, sources, store, settings, name) of ``snap``, checked against this pipeline's embedder
+        and chunk size."""
+        store = self._external_store
+        if store is None:
+            store = FaissVectorStore.load(snap, embedder_name=self.embed_model.model_name,
+                                          dimension=self.embed_model.dimension,
+                                          fingerprint=getattr(self.embed_model, "fingerprint", None))
+        recorded = read_settings(snap)
+        docstore, sources = SimpleDocumentStore(), {}
+        if snap.has(INGEST_DOCSTORE_FILE):
+            docstore = SimpleDocumentStore.from_dict(json.loads(snap.read_bytes(INGEST_DOCSTORE_FILE)))
+            sources = read_sources(snap)
+        built = recorded.get("chunk_tokens")
+        if self._chunk_tokens is not None and built is not None and sources and self._chunk_tokens != built:
+            raise InvalidSettingError(
+                f"index {snap.path.parent} was built with {built}-token chunks (--chunk-tokens {built}); "
+                f"{self._chunk_tokens} would mix chunk sizes in one index. Leave --chunk-tokens unset to keep "
+                f"{built}, or build a new index (another --index directory, or --force to replace it)."
+            )
+        return docstore, sources, store, recorded, snap.name
 
     def _reload_if_changed(self) -> None:
         if self.directory is not None and self.directory.exists():
@@ -177,7 +241,9 @@ class Pipeline:
             return
         docstore = json.dumps(self.ingestor.docstore.to_dict()).encode()
         sources = json.dumps(self.ingestor.sources).encode()
-        pipeline = json.dumps({"chunk_tokens": self.chunk_tokens, "embedder": self.embed_model.model_name}).encode()
+        identity = getattr(self.embed_model, "identity", None) or {"name": self.embed_model.model_name}
+        pipeline = json.dumps({"chunk_tokens": self.chunk_tokens, "chunker": type(self.ingestor.splitter).__name__,
+                               "embedder": identity}).encode()
 
         def extra(w: SnapshotWriter) -> None:
             w.write_bytes(INGEST_DOCSTORE_FILE, docstore)
@@ -204,17 +270,21 @@ class Pipeline:
         return chunker.budget + chunker.n_special
 
     # ---- API --------------------------------------------------------------------------------------
-    def ingest(self, paths_or_documents: Any, show_progress: bool = True) -> IngestSummary:
-        """Ingest files, directories or LlamaIndex ``Document`` s; commits one snapshot if anything changed.
+    def ingest(self, paths_or_documents: Any, show_progress: bool = True, *, sync: bool = True) -> IngestSummary:
+        """Ingest files, directories or LlamaIndex ``Document`` s, committing a snapshot every
+        ``commit_seconds`` of work and at the end (if anything changed).
 
-        On any error nothing is committed and the in-memory state is reloaded from the last snapshot.
+        ``sync=True``: files indexed earlier under a directory given here and gone from it are deleted.
+        On an error, what was committed stays and the in-memory state is reloaded from the last snapshot.
         """
         with self._writing():
             self._reload_if_changed()
             try:
-                summary = self.ingestor.ingest(paths_or_documents, show_progress=show_progress)
-                if summary.changed or (self.directory is not None and not self.directory.exists()):
-                    self._save()
+                checkpoint = self._save if self.directory is not None else None
+                summary = self.ingestor.ingest(paths_or_documents, show_progress=show_progress, sync=sync,
+                                               checkpoint=checkpoint, checkpoint_seconds=self.commit_seconds)
+                if self.directory is not None and not self.directory.exists():
+                    self._save()  # an empty index is still an index
             except BaseException:
                 self._load()
                 raise
@@ -248,6 +318,7 @@ class Pipeline:
                 f"the index{where} is empty: nothing to search. Ingest documents first "
                 f"(ragkit ingest PATH --index DIR, or Pipeline.ingest)."
             )
+        self._warn_if_truncated(query)
         result = self.vector_store.query(VectorStoreQuery(
             query_embedding=self.embed_model.get_query_embedding(query), similarity_top_k=top_k,
             filters=_as_filters(filters),
@@ -257,10 +328,23 @@ class Pipeline:
         scores = result.similarities or [None] * len(result.nodes)
         return [NodeWithScore(node=n, score=s) for n, s in zip(result.nodes, scores)]
 
+    def _warn_if_truncated(self, query: str) -> None:
+        """Warn when the embedder will read only the start of ``query`` (it truncates at max_seq_length)."""
+        tokenizer, limit = getattr(self.embed_model, "tokenizer", None), getattr(self.embed_model, "max_seq_length", None)
+        if tokenizer is None or limit is None or len(query) <= limit:  # a token spans at least one character
+            return
+        n = len(tokenizer(query, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+        if n > limit:
+            warnings.warn(
+                f"the query has {n} tokens; the embedder {self.embed_model.model_name!r} reads the first {limit} "
+                f"(special tokens included) and retrieval ignores the rest. Shorten the query to what to search for.",
+                UserWarning, stacklevel=3)
+
     @property
     def llm(self) -> Any:
         """The LLM, loaded at first use."""
         if self._llm is None:
+            log.info("loading the LLM %s", os.fspath(self._llm_arg))
             from ragkit.llm import LocalLLM
 
             self._llm = LocalLLM(os.fspath(self._llm_arg), max_new_tokens=self.max_new_tokens)
@@ -276,8 +360,10 @@ class Pipeline:
     def query(self, question: str, top_k: int | None = None, filters: Any = None,
               ordering: str | None = None) -> Answer:
         """Retrieve, fit the chunks into the LLM's context window, and answer."""
+        log.info("retrieving the %d most similar chunks", self.top_k if top_k is None else top_k)
         nodes = self.retrieve(question, top_k=top_k, filters=filters)
         ctx = self.assemble(question, nodes, ordering)
+        log.info("generating the answer from %d chunks (%d prompt tokens)", len(ctx.nodes), ctx.prompt_tokens)
         response = self.llm.chat(ctx.messages, stop=list(STOP_SEQUENCES))
         text = (response.message.content or "").strip()
         usage = _usage(response)

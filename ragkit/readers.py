@@ -5,20 +5,27 @@ space) boundaries, so a 200 MB file is never held in memory whole. Files that ca
 :class:`Skipped` entries with a reason; nothing here raises for one bad file among many. Offsets are
 offsets into the decoded text with newlines normalized to ``\\n``.
 
-Encoding: UTF-8 (a BOM is dropped); a file that is not valid UTF-8 is decoded as latin-1 (every byte
-is a latin-1 character, so this never fails) and its chunks record ``encoding: latin-1``. A file whose
-first 8 KiB hold NUL bytes or mostly control characters is skipped as binary.
+Encoding: a byte-order mark decides (UTF-8, UTF-16 LE/BE, UTF-32 LE/BE); else a file that is valid
+UTF-8 is UTF-8; else ``charset-normalizer`` names the legacy 8-bit encoding (cp1252 among equally good
+candidates), and the chunks record it as ``encoding``. Binary content is looked for in every block of
+the file, not only its head: a NUL byte or more than 10% control characters in any block (of a file
+without a UTF-16/32 BOM), or bytes no encoding explains, skip the file as binary.
+Warnings of the PDF library are re-issued with the file's path in front.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
+import logging
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ragkit.errors import IngestError
 
@@ -29,7 +36,13 @@ SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
 DEFAULT_PART_CHARS = 1 << 20  # 1 Mi characters of text per part (a few hundred chunks)
 _SNIFF_BYTES = 8192
 _BLOCK_BYTES = 1 << 20
-_CONTROL = set(range(32)) - {9, 10, 12, 13}
+_CONTROL = bytes(sorted(set(range(32)) - {9, 10, 12, 13}))
+_BOMS = (  # longest first: the UTF-32-LE mark starts with the UTF-16-LE one
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_DETECT_BYTES = 1 << 20  # how much of a non-UTF-8 file charset-normalizer looks at
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,34 +162,69 @@ def read_parts(path: Path, part_chars: int = DEFAULT_PART_CHARS) -> Iterator[Tex
 
 
 def _text_encoding(path: Path) -> str:
-    """'utf-8-sig' when the whole file decodes as UTF-8, else 'latin-1'; :class:`SkipFile` if binary."""
+    """The codec of a text file (BOM, else UTF-8, else the detected legacy encoding); :class:`SkipFile`
+    if it is empty or binary anywhere in it."""
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
         if not head:
             raise SkipFile("empty file")
-        if b"\x00" in head:
-            raise SkipFile("binary content (NUL bytes) in a text file")
-        if sum(b in _CONTROL for b in head) > 0.1 * len(head):
-            raise SkipFile("binary content (mostly control characters) in a text file")
+        for bom, codec in _BOMS:
+            if head.startswith(bom):
+                return codec
         decoder = codecs.getincrementaldecoder("utf-8")()
+        utf8 = True
         block = head
-        try:
-            while block:
-                decoder.decode(block)
-                block = f.read(_BLOCK_BYTES)
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return "latin-1"
-    return "utf-8-sig"
+        while block:
+            _check_not_binary(block)
+            if utf8:
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError:
+                    utf8 = False
+            block = f.read(_BLOCK_BYTES)
+        if utf8:
+            try:
+                decoder.decode(b"", final=True)
+                return "utf-8-sig"
+            except UnicodeDecodeError:
+                pass
+        f.seek(0)
+        return _legacy_encoding(f.read(_DETECT_BYTES))
+
+
+def _check_not_binary(block: bytes) -> None:
+    if b"\x00" in block:
+        raise SkipFile("binary content (NUL bytes) in a text file")
+    if len(block) - len(block.translate(None, _CONTROL)) > 0.1 * len(block):
+        raise SkipFile("binary content (mostly control characters) in a text file")
+
+
+def _legacy_encoding(sample: bytes) -> str:
+    """The 8-bit encoding charset-normalizer finds best for ``sample`` (cp1252 when it ties)."""
+    from charset_normalizer import from_bytes
+
+    results = list(from_bytes(sample))
+    if not results:
+        raise SkipFile("binary content (no text encoding explains its bytes) in a text file")
+    best = results[0]
+    tied = [r.encoding for r in results if (r.chaos, r.coherence) == (best.chaos, best.coherence)]
+    return "cp1252" if "cp1252" in tied else best.encoding
 
 
 def _stream_text(path: Path, encoding: str, part_chars: int) -> Iterator[TextPart]:
-    with open(path, encoding=encoding, newline=None) as f:  # newline=None: \r\n and \r become \n
+    # newline=None: \r\n and \r become \n; a legacy code page's few undefined bytes become U+FFFD
+    errors = "strict" if encoding.startswith("utf") else "replace"
+    with open(path, encoding=encoding, errors=errors, newline=None) as f:
         any_text = False
-        for part in _cut_parts(iter(lambda: f.read(part_chars), ""), encoding.replace("-sig", ""), part_chars):
-            if part.text.strip():
-                any_text = True
-                yield part
+        blocks = iter(lambda: f.read(part_chars), "")
+        try:
+            for part in _cut_parts(blocks, encoding.replace("-sig", ""), part_chars):
+                if part.text.strip():
+                    any_text = True
+                    yield part
+        except UnicodeDecodeError as exc:
+            raise SkipFile(f"not valid {encoding} although it starts with its byte-order mark ({exc.reason} "
+                           f"at byte {exc.start} of a block)") from None
     if not any_text:
         raise SkipFile("empty file (whitespace only)")
 
@@ -234,15 +282,39 @@ def _html_text(path: Path) -> str:
     return "\n\n".join(p for p in paragraphs if p)
 
 
+@contextlib.contextmanager
+def _named_warnings(path: Path, logger_name: str) -> Iterator[None]:
+    """Re-issue the log records and warnings of a third-party reader with ``path`` in front."""
+
+    make_record = logging.getLogRecordFactory()
+
+    def named(name: str, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(name, *args, **kwargs)
+        if name == logger_name or name.startswith(logger_name + "."):  # the library's loggers, made lazily
+            record.msg, record.args = f"{path}: {record.getMessage()}", None
+        return record
+
+    logging.setLogRecordFactory(named)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logging.setLogRecordFactory(make_record)
+    for w in caught:
+        warnings.warn(f"{path}: {w.message}", w.category, stacklevel=3)
+
+
 def _pdf_text(path: Path) -> str:
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
     try:
-        reader = PdfReader(str(path))
-        if reader.is_encrypted:
-            raise SkipFile("encrypted PDF")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        with _named_warnings(path, "pypdf"):
+            reader = PdfReader(str(path))
+            if reader.is_encrypted:
+                raise SkipFile("encrypted PDF")
+            pages = [page.extract_text() or "" for page in reader.pages]
     except SkipFile:
         raise
     except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:

@@ -120,6 +120,9 @@ class FaissVectorStore(BasePydanticVectorStore):
     stores_text: bool = True
     flat_metadata: bool = False
     embedder_name: str = Field(description="stable id of the embedder that produced the vectors")
+    embedder_fingerprint: str | None = Field(
+        default=None, description="content hash of the embedder (weights, pooling, normalization, config)")
+    embedder_source: str | None = Field(default=None, description="what loads the embedder again: 'default', a dir")
     dimension: int = Field(gt=0, description="embedding dimension")
     kind: IndexKind = Field(default="flat", description="'flat' (exact), 'hnsw' or 'ivf'")
     hnsw_m: int = 32
@@ -150,8 +153,11 @@ class FaissVectorStore(BasePydanticVectorStore):
 
     @classmethod
     def from_embedder(cls, embedder: Any, **kwargs: Any) -> FaissVectorStore:
-        """A store for an embedder exposing ``model_name`` and ``dimension`` (ragkit's embedder does)."""
-        return cls(embedder_name=embedder.model_name, dimension=embedder.dimension, **kwargs)
+        """A store for an embedder exposing ``model_name`` and ``dimension`` (and, as ragkit's does,
+        ``fingerprint`` and ``source``)."""
+        return cls(embedder_name=embedder.model_name, dimension=embedder.dimension,
+                   embedder_fingerprint=getattr(embedder, "fingerprint", None),
+                   embedder_source=getattr(embedder, "source", None), **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -457,33 +463,48 @@ class FaissVectorStore(BasePydanticVectorStore):
         self.save(persist_path)
 
     @classmethod
+    def from_persist_dir(cls, persist_dir: str, namespace: str = "default", fs: Any = None) -> FaissVectorStore:
+        """LlamaIndex's reload hook: the store :meth:`persist` wrote for ``StorageContext.persist(persist_dir)``
+        (an index directory named ``{namespace}__vector_store.json`` inside it, as LlamaIndex names it)."""
+        if fs is not None:
+            raise NotImplementedError("FaissVectorStore persists to the local filesystem only (fs must be None)")
+        from llama_index.core.vector_stores.simple import NAMESPACE_SEP
+        from llama_index.core.vector_stores.types import DEFAULT_PERSIST_FNAME
+
+        return cls.load(Path(persist_dir) / f"{namespace}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}")
+
+    @classmethod
     def load(cls, source: IndexDirectory | Snapshot | str | os.PathLike[str], *, embedder_name: str | None = None,
-             dimension: int | None = None, verify: bool = True) -> FaissVectorStore:
+             dimension: int | None = None, fingerprint: str | None = None, verify: bool = True) -> FaissVectorStore:
         """Open the live snapshot of an index directory (or a given snapshot).
 
-        With ``embedder_name``/``dimension`` given, an index built by another embedder raises
-        :class:`EmbedderMismatchError`; a damaged one raises :class:`IndexCorruptError`.
+        With ``embedder_name``/``dimension``/``fingerprint`` given, an index built by another embedder
+        raises :class:`EmbedderMismatchError` (a different content fingerprint is another embedder,
+        whatever its name); a damaged one raises :class:`IndexCorruptError`. Reading an index directory
+        retries when a writer's commit removed the snapshot being read.
         """
-        if isinstance(source, Snapshot):
-            snap = source
-        else:
+        if not isinstance(source, Snapshot):
             directory = source if isinstance(source, IndexDirectory) else IndexDirectory(source)
-            snap = directory.current(verify=verify)
-        meta = snap.meta
-        try:
-            embedder, index_meta = meta["embedder"], meta["index"]
-            built_by, built_dim = embedder["name"], int(embedder["dimension"])
-        except (KeyError, TypeError, ValueError):
-            raise IndexCorruptError(f"{snap.path / 'manifest.json'} lacks the embedder/index entries of a ragkit store") from None
-        if (embedder_name is not None and embedder_name != built_by) or (dimension is not None and dimension != built_dim):
+            return directory.read(lambda snap: cls.load(snap, embedder_name=embedder_name, dimension=dimension,
+                                                        fingerprint=fingerprint), verify=verify)
+        snap = source
+        embedder, index_meta = recorded_embedder(snap), snap.meta.get("index")
+        if not isinstance(index_meta, dict):
+            raise IndexCorruptError(f"{snap.path / 'manifest.json'} lacks the embedder/index entries of a ragkit store")
+        built_by, built_dim, built_fp = embedder["name"], int(embedder["dimension"]), embedder.get("fingerprint")
+        same = built_fp == fingerprint if fingerprint and built_fp else embedder_name in (None, built_by)
+        if not same or dimension not in (None, built_dim):
             raise EmbedderMismatchError(
-                f"index {snap.path.parent} was built with embedder {built_by!r} (dimension {built_dim}), but it is "
-                f"being opened with {embedder_name or built_by!r} (dimension {dimension or built_dim}). Use "
-                f"{built_by!r}, or build a new index (another --index directory, or --force to replace it)."
+                f"index {snap.path.parent} was built with embedder {_describe(built_by, built_dim, built_fp)}, but "
+                f"it is being opened with {_describe(embedder_name or built_by, dimension or built_dim, fingerprint)}: "
+                f"another model, or the same weights with other pooling/normalization/config. Open it without "
+                f"--embed-model (it remembers its embedder{' at ' + embedder['source'] if embedder.get('source') else ''}), "
+                f"or build a new index (another --index directory, or --force to replace it)."
             )
         try:
             state = json.loads(snap.read_bytes(STATE_FILE))
-            store = cls(embedder_name=built_by, dimension=built_dim, **index_meta["params"], kind=index_meta["kind"])
+            store = cls(embedder_name=built_by, dimension=built_dim, embedder_fingerprint=built_fp,
+                        embedder_source=embedder.get("source"), **index_meta["params"], kind=index_meta["kind"])
             store._nodes = SimpleKVStore.from_dict(json.loads(snap.read_bytes(NODES_FILE)))
             store._index = faiss.read_index(str(snap.file(FAISS_FILE))) if snap.has(FAISS_FILE) else None
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -497,7 +518,9 @@ class FaissVectorStore(BasePydanticVectorStore):
                   ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe", "compact_ratio",
                    "exact_filter_below", "query_threads")}
         return {
-            "embedder": {"name": self.embedder_name, "dimension": self.dimension},
+            "embedder": {"name": self.embedder_name, "dimension": self.dimension,
+                         **{k: v for k, v in (("fingerprint", self.embedder_fingerprint),
+                                              ("source", self.embedder_source)) if v is not None}},
             "index": {"kind": self.kind, "params": params, "faiss_version": faiss.__version__},
             "counts": {"nodes": len(self._records), "ref_docs": len(self._ref_docs),
                        "faiss_vectors": 0 if self._index is None else int(self._index.ntotal),
@@ -529,3 +552,17 @@ class FaissVectorStore(BasePydanticVectorStore):
                 f"snapshot {where} is inconsistent: {ntotal} vectors, {len(self._records)} nodes + "
                 f"{len(self._tombstones)} tombstones, {n_stored} stored nodes; rebuild the index"
             )
+
+
+def _describe(name: str, dimension: int, fingerprint: str | None) -> str:
+    content = f", content fingerprint {fingerprint[:12]}" if fingerprint else ""
+    return f"{name!r} (dimension {dimension}{content})"
+
+
+def recorded_embedder(snap: Snapshot) -> dict[str, Any]:
+    """The embedder a snapshot's manifest records (name, dimension, fingerprint, source)."""
+    embedder = snap.meta.get("embedder")
+    if not (isinstance(embedder, dict) and isinstance(embedder.get("name"), str)
+            and isinstance(embedder.get("dimension"), int)):
+        raise IndexCorruptError(f"{snap.path / 'manifest.json'} lacks the embedder/index entries of a ragkit store")
+    return embedder

@@ -19,8 +19,10 @@ partial one, whatever point a writer is killed at.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,11 +33,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from ragkit.errors import IndexCorruptError, IndexLockedError, IndexNotFoundError
+from ragkit.errors import IndexCorruptError, IndexLockedError, IndexNotFoundError, IndexReadOnlyError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -180,6 +185,22 @@ class IndexDirectory:
         """The live snapshot, its manifest parsed and (``verify=True``) every file's checksum checked."""
         return self.snapshot(self.current_name(), verify=verify)
 
+    def read(self, load: Callable[[Snapshot], T], *, verify: bool = True, attempts: int = 50) -> T:
+        """``load(live snapshot)``, again on the new live snapshot if a commit removed the one being read.
+
+        A writer keeps the live and the previous snapshot; a slow reader can therefore find its snapshot
+        deleted after two commits. Such a failure is retried as long as ``CURRENT`` moved meanwhile;
+        a snapshot that is still live and fails is really damaged, and that error is raised.
+        """
+        for attempt in range(attempts):
+            name = self.current_name()
+            try:
+                return load(self.snapshot(name, verify=verify))
+            except (IndexCorruptError, OSError):
+                if attempt == attempts - 1 or self.current_name() == name:
+                    raise
+        raise AssertionError("unreachable")
+
     def snapshot(self, name: str, *, verify: bool = True) -> Snapshot:
         """Open the snapshot ``name``; :class:`IndexCorruptError` says what is wrong with it."""
         snap_dir = self.path / name
@@ -240,33 +261,61 @@ class IndexDirectory:
         """
         if self.path.exists() and not self.path.is_dir():
             raise IndexCorruptError(f"{self.path} exists and is not a directory; choose another --index path.")
-        self.path.mkdir(parents=True, exist_ok=True)
         wait = self.lock_timeout if timeout is None else timeout
         first = not self._lock.is_locked
-        try:
-            self._lock.acquire(timeout=wait)
-        except Timeout:
-            raise IndexLockedError(self._locked_message(wait)) from None
+        with self._writable():
+            self.path.mkdir(parents=True, exist_ok=True)
+            if first and not os.access(self.path, os.W_OK):  # filelock would wait for a lock it can never take
+                raise PermissionError(errno.EACCES, "permission denied", str(self.path))
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout:
+                if wait <= 0:
+                    raise IndexLockedError(self._locked_message(wait)) from None
+                log.warning("index directory %s is locked by %s; waiting up to %g s for it", self.path,
+                            self._holder(), wait)
+                try:
+                    self._lock.acquire(timeout=wait)
+                except Timeout:
+                    raise IndexLockedError(self._locked_message(wait)) from None
         try:
             if first:
                 owner = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
                          "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                (self.path / LOCK_OWNER).write_text(json.dumps(owner))
+                with self._writable():
+                    (self.path / LOCK_OWNER).write_text(json.dumps(owner))
             yield self
         finally:
             if first:
                 (self.path / LOCK_OWNER).unlink(missing_ok=True)
             self._lock.release()
 
-    def _locked_message(self, waited: float) -> str:
+    @contextlib.contextmanager
+    def _writable(self) -> Iterator[None]:
+        """Turn a permission / read-only filesystem failure into :class:`IndexReadOnlyError`."""
+        try:
+            yield
+        except OSError as exc:
+            if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+                raise
+            raise IndexReadOnlyError(
+                f"index directory {self.path} is not writable ({exc.strerror}: {exc.filename}); nothing was "
+                f"changed. Make it writable (chmod u+w), or copy the index to a writable place."
+            ) from None
+
+    def _holder(self) -> str:
+        """Who holds the lock, as its owner file says."""
         try:
             owner = json.loads((self.path / LOCK_OWNER).read_text())
-            who = f"process {owner['pid']} on {owner['host']} ({' '.join(owner['argv'])[:200]}), since {owner['since']}"
-        except (OSError, ValueError, KeyError):
-            who = "another process"
+            return f"process {owner['pid']} on {owner['host']} ({' '.join(owner['argv'])[:200]}), since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def _locked_message(self, waited: float) -> str:
         return (
-            f"index directory {self.path} is locked by {who}; lock file {self.path / LOCK}. "
-            f"Waited {waited:g} s. Wait for that writer to finish or pass a longer lock timeout; "
+            f"index directory {self.path} is locked by {self._holder()}; lock file {self.path / LOCK}. "
+            f"Waited {waited:g} s. Wait for that writer to finish, or wait for it with --lock-timeout SECONDS "
+            f"(Pipeline(lock_timeout=...)); "
             f"only one writer may change an index at a time."
         )
 
@@ -298,7 +347,7 @@ class IndexDirectory:
         process does not hold it. Keeps the live and the previous snapshot; older ones are removed
         (not when ``force=True``: then nothing is removed).
         """
-        with self.lock():
+        with self.lock(), self._writable():
             self.check_writable(force=force)
             previous = self._current_name_or_none()
             existing = [int(n[1:]) for n in self.snapshots()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
@@ -274,3 +276,13 @@ def test_llamaindex_retriever_gets_full_nodes_from_the_store():
     hits = index.as_retriever(similarity_top_k=3).retrieve(QueryBundle("ignored", embedding=nodes[8].embedding))
     assert hits[0].node.node_id == "n8" and hits[0].node.get_content() == "text of n8"
     assert hits[0].score == pytest.approx(1.0, abs=1e-5) and hits[0].score >= hits[1].score
+
+
+def test_docs_llamaindex_storage_example_round_trips(tmp_path):
+    """docs/examples/llamaindex_storage.py, run as documented: StorageContext persist -> reload -> retrieve."""
+    import runpy
+
+    root = next(p for p in Path(__file__).resolve().parents if (p / "docs" / "examples").is_dir())
+    example = runpy.run_path(str(root / "docs" / "examples" / "llamaindex_storage.py"))
+    assert example["main"](tmp_path / "storage") == ["journal"]
+    assert (tmp_path / "storage" / "docstore.json").is_file()
