@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 from xml.etree import ElementTree as ET
 
+from evals.portable import portable_path
 from evals.scoring import wilson
 from evals.stats import mcnemar_exact, min_flagged_drop
 from evals.store import RunDir
@@ -301,8 +302,8 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
              f"min drop {min_drop:.0%}, correction {correction}. Rates: passed/n [95% Wilson interval].", ""]
     for r in results:
         lines += [f"## {r.entry} ({r.suite}): {r.status}", "",
-                  f"- baseline: `{r.baseline}` ({_who(r.base_meta)})",
-                  f"- candidate: `{r.candidate}` ({_who(r.cand_meta)})"]
+                  f"- baseline: `{portable_path(r.baseline)}` ({_who(r.base_meta)})",
+                  f"- candidate: `{portable_path(r.candidate)}` ({_who(r.cand_meta)})"]
         lines += [f"- note: {n}" for n in r.notes]
         if r.invalid:
             lines += ["", f"**Invalid comparison:** {r.invalid}", ""]

@@ -21,6 +21,7 @@ from evals import litm_report
 from evals.errors import SettingsError, TooLongError, cli_exit
 from evals.kv import KVObject, kv_user_text, make_kv
 from evals.passages import DISTRACTORS, Distractors, PassagePool, QAItem, load_qa, place_gold, select_questions
+from evals.portable import portable_path
 from evals.runner import Group, Job, run
 from evals.scoring import answer_match
 from evals.spec import Cell, config_hash, load_suite_file, merge_settings, parse_ints
@@ -324,8 +325,8 @@ def execute(s: LitmSettings, target: Target | None = None) -> Path:
     if rag is not None:
         rag.ingest(show_progress=s.progress)
     if not (run_dir.path / "run.json").exists():
-        run_dir.write_run({**provenance(SUITE, hashed, config, target.info), "longest_prompts": longest,
-                           "qa_file": str(qa_path), "corpus_files": len(set(pool.sources)),
+        run_dir.write_run({**provenance(SUITE, hashed, config, target.info, out), "longest_prompts": longest,
+                           "qa_file": portable_path(qa_path, out), "corpus_files": len(set(pool.sources)),
                            "pool_passages": len(pool.passages)})
     stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
                 batch_size=s.batch_size)

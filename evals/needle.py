@@ -18,6 +18,7 @@ from evals.errors import RebuildError, SettingsError, TooLongError, cli_exit
 from evals.haystack import (STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt, measure,
                              start_sentence)
 from evals.needles import NEEDLE_TYPES, Needle, make_needle
+from evals.portable import portable_value
 from evals.runner import Group, Job, run
 from evals.scoring import contains_value, value_fraction
 from evals.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
@@ -268,8 +269,8 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
     target = target or backends.load(s)
     lengths = _usable_lengths(s, target.context_window)
     if not (run_dir.path / "run.json").exists():
-        run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info),
-                           "haystack_files": list(pool.files)})
+        run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info, out),
+                           "haystack_files": portable_value(list(pool.files), out)})
     suite = NeedleSuite(s, target, pool, run_dir, lengths)
     stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
                 batch_size=s.batch_size)
