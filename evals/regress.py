@@ -150,6 +150,9 @@ def entries_from_runs(candidate: Path, baseline: Path) -> list[Entry]:
     return entries
 
 
+_DROP_SUITE = "drop --suite to compare the runs as they were made, or compare runs of that suite"
+
+
 def check_runs(entries: list[Entry], root: Path, what: str, source: str, skip: set[str]) -> None:
     """SettingsError naming how the finished runs under ``root`` differ from ``entries`` (from ``source``, a
     suite file or flags): suite, settings (``skip``: the ones allowed to differ) or entries the file lacks."""
@@ -158,8 +161,7 @@ def check_runs(entries: list[Entry], root: Path, what: str, source: str, skip: s
         extra = sorted({p.parent.name for p in root.glob(f"*/{RUN_JSON}")} - {e.name for e in entries})
         if extra:
             raise SettingsError(f"{source} does not describe {what} {root}: it holds entries {extra} that {source} "
-                                f"does not name ({', '.join(e.name for e in entries)}); drop --suite to compare "
-                                "every entry of the runs")
+                                f"does not name ({', '.join(e.name for e in entries)}); {_DROP_SUITE}")
     for e in entries:
         run = entry_dir(root, e, single)
         if not (run / RUN_JSON).exists():
@@ -167,7 +169,7 @@ def check_runs(entries: list[Entry], root: Path, what: str, source: str, skip: s
         meta = RunDir(run).read_run()
         if meta.get("suite") != e.suite:
             raise SettingsError(f"{source} does not describe {what} {run}: entry {e.name!r} is a {e.suite} suite, "
-                                f"the run a {meta.get('suite')} run")
+                                f"the run a {meta.get('suite')} run; {_DROP_SUITE}")
         cls, _ = SUITES[e.suite]()
         want = json.loads(json.dumps(e.build().hashed(), default=str))
         have = meta.get("settings", {})
@@ -176,8 +178,7 @@ def check_runs(entries: list[Entry], root: Path, what: str, source: str, skip: s
                   if want.get(k) != have.get(k)]
         if differ:
             raise SettingsError(f"{source} does not describe {what} {run} (entry {e.name!r}): "
-                                f"{'; '.join(differ[:6])}; drop --suite to compare the runs as they were made, "
-                                "or compare runs of that suite")
+                                f"{'; '.join(differ[:6])}; {_DROP_SUITE}")
 
 
 def comparison_entries(args: argparse.Namespace, baseline: Path, candidate: Path) -> list[Entry]:
