@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from evals.core.portable import portable_value
 from ragkit.store import FaissVectorStore, build_faiss_index
 
 RESULTS = Path(__file__).parent / "results"
@@ -247,7 +248,8 @@ def main() -> None:
     gen = ClusteredVectors(args.dim, args.clusters, args.latent, args.spread, args.noise)
     queries = gen.draw(args.queries, seed=7)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "argv": sys.argv[1:], "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "argv": portable_value(sys.argv[1:]),
+              "args": portable_value({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}),
               "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.sizes:

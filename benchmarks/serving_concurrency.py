@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from evals.needle.suite import NeedleSettings, execute
+from evals.core.portable import portable_value
 from ragkit.remote import OpenAICompatibleLLM
 from ragkit.serving import LocalServer
 
@@ -98,7 +99,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "serving_concurrency.json")
     args = p.parse_args()
     result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-                    "argv": sys.argv[1:], "args": vars(args) | {"out": str(args.out)},
+                    "argv": portable_value(sys.argv[1:]), "args": portable_value(vars(args) | {"out": str(args.out)}),
                     "load_before": [round(x, 2) for x in os.getloadavg()], "levels": []}
     with tempfile.TemporaryDirectory() as tmp, LocalServer("default", threads=args.threads,
                                                            continuous_batching=args.continuous_batching) as server:

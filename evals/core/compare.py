@@ -20,8 +20,9 @@ from typing import Any, Callable
 from xml.etree import ElementTree as ET
 
 from evals.core.scoring import wilson
-from evals.core.stats import mcnemar_exact
+from evals.core.stats import mcnemar_exact, min_flagged_drop
 from evals.core.store import RunDir
+from evals.core.portable import portable_path
 
 # settings allowed to differ between baseline and candidate: what a regression job puts under test
 UNDER_TEST = ("model", "quant", "dtype", "backend", "tokenizer")
@@ -268,6 +269,31 @@ def _who(meta: dict) -> str:
             f"git {git.get('commit', '?')}")
 
 
+def _cells(n: int) -> str:
+    return f"{n} paired cell{'s' if n != 1 else ''}"
+
+
+def _power(groups: list[GroupResult], alpha: float, min_drop: float, correction: str) -> str:
+    """How big a drop this grid could have flagged: the fewest one-way pass -> fail cells that reach p < alpha
+    (Holm: the first group it tests is held to alpha / groups) and the min drop, overall and in the smallest group."""
+    level = alpha / len(groups) if correction == "holm" else alpha
+    where = f"at alpha {alpha}" + (f" (Holm: {level:.3g} for the first of {len(groups)} groups)"
+                                   if correction == "holm" else "") + f", min drop {min_drop:.0%}"
+
+    def need(g: GroupResult) -> str:
+        b = min_flagged_drop(g.n, level, min_drop)
+        return f"a drop of ≥ {b} cells ({b / g.n:.0%})" if b else "no drop at all"
+
+    overall, smallest = groups[0], min(groups, key=lambda g: g.n)
+    text = (f"**Detectable drop:** with {_cells(overall.n)}, {need(overall)} would have been flagged {where} "
+            "(every changed cell going pass → fail)")
+    if smallest.n < overall.n:
+        text += f"; in the smallest group ({smallest.name}, {_cells(smallest.n)}) {need(smallest)}"
+    if min_flagged_drop(overall.n, level, min_drop) is None:
+        text += ". No regression here is not evidence of no change: add seeds or depths"
+    return text + "."
+
+
 def markdown(results: list[Comparison], alpha: float, min_drop: float, correction: str, exit_code: int) -> str:
     """What changed, where, and how sure: one section per suite entry."""
     verdict = {0: "no regression", 1: "REGRESSION", 2: "INVALID COMPARISON"}[exit_code]
@@ -276,8 +302,8 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
              f"min drop {min_drop:.0%}, correction {correction}. Rates: passed/n [95% Wilson interval].", ""]
     for r in results:
         lines += [f"## {r.entry} ({r.suite}): {r.status}", "",
-                  f"- baseline: `{r.baseline}` ({_who(r.base_meta)})",
-                  f"- candidate: `{r.candidate}` ({_who(r.cand_meta)})"]
+                  f"- baseline: `{portable_path(r.baseline)}` ({_who(r.base_meta)})",
+                  f"- candidate: `{portable_path(r.candidate)}` ({_who(r.cand_meta)})"]
         lines += [f"- note: {n}" for n in r.notes]
         if r.invalid:
             lines += ["", f"**Invalid comparison:** {r.invalid}", ""]
@@ -289,6 +315,7 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
             p = f"{g.p_value:.3g}" + (f" (adj {g.p_adjusted:.3g})" if correction != "none" else "")
             lines.append(f"| {g.name} | {g.n} | {_rate(g.base_pass, g.n)} | {_rate(g.cand_pass, g.n)} | "
                          f"{(g.cand_pass - g.base_pass) / max(g.n, 1):+.0%} | {g.b} | {g.c} | {p} | {verdict_g} |")
+        lines += ["", _power(r.groups, alpha, min_drop, correction)]
         worse = [g.name for g in r.groups if g.regression]
         if worse:
             lines += ["", f"**Got worse in:** {', '.join(worse)}."]

@@ -27,3 +27,15 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
     discordant = a_only + b_only
     p = 1.0 if discordant == 0 else float(binomtest(a_only, discordant, 0.5).pvalue)
     return McNemar(len(a), a_only, b_only, min(1.0, p))
+
+
+def min_flagged_drop(n: int, alpha: float, min_drop: float = 0.0) -> int | None:
+    """The fewest pass -> fail cells (and no fail -> pass) among ``n`` paired cells that the exact McNemar test
+    flags at ``alpha`` with a pass-rate drop of at least ``min_drop``: the smallest drop the grid can detect.
+    None when not even all ``n`` cells failing would be flagged."""
+    b = 1
+    while b <= n and mcnemar_exact([True] * b, [False] * b).p_value >= alpha:
+        b += 1
+    while b <= n and b / n < min_drop:
+        b += 1
+    return b if b <= n else None

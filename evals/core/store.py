@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from evals.core.errors import RunDirError
+from evals.core import portable
 
 RUN_JSON = "run.json"
 RESULTS = "results.jsonl"
@@ -139,15 +140,17 @@ class RunDir:
             os.fsync(f.fileno())
 
 
-def provenance(suite: str, settings: dict[str, Any], config: str, model_info: dict[str, Any]) -> dict[str, Any]:
-    """The header of run.json."""
+def provenance(suite: str, settings: dict[str, Any], config: str, model_info: dict[str, Any],
+               run_dir: Path | None = None) -> dict[str, Any]:
+    """The header of run.json: no machine paths in it (evals.core.portable; ``run_dir``: paths below it are
+    written relative to it). ``config`` is the identity (hash of the settings); the rest is provenance."""
     return {
         "suite": suite,
         "config": config,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(sys.argv),
-        "model": model_info,
-        "settings": settings,
+        "command": portable.command(),
+        "model": portable.portable_value(model_info, run_dir),
+        "settings": portable.portable_value(settings, run_dir),
         "seeds": settings.get("seeds"),
         "git": git_state(),
         "versions": versions(),

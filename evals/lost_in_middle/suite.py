@@ -25,6 +25,7 @@ from evals.core.scoring import answer_match
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_ints
 from evals.core.store import RunDir, provenance
 from evals.core.targets import CorpusRAG, Target, cache_dir, load_embedder, orderings
+from evals.core.portable import portable_path
 
 SUITE = "lost_in_middle"
 TASKS = ("qa", "kv", "both")
@@ -323,8 +324,8 @@ def execute(s: LitmSettings, target: Target | None = None) -> Path:
     if rag is not None:
         rag.ingest(show_progress=s.progress)
     if not (run_dir.path / "run.json").exists():
-        run_dir.write_run({**provenance(SUITE, hashed, config, target.info), "longest_prompts": longest,
-                           "qa_file": str(qa_path), "corpus_files": len(set(pool.sources)),
+        run_dir.write_run({**provenance(SUITE, hashed, config, target.info, out), "longest_prompts": longest,
+                           "qa_file": portable_path(qa_path, out), "corpus_files": len(set(pool.sources)),
                            "pool_passages": len(pool.passages)})
     stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
                 batch_size=s.batch_size)

@@ -24,6 +24,7 @@ from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, 
 from evals.core.store import RunDir, provenance
 from evals.core import backend as backends  # (the settings field is named backend)
 from evals.core.targets import Retriever, load_target
+from evals.core.portable import portable_value
 
 SUITE = "needle"
 MODES = ("context", "rag", "both")
@@ -268,8 +269,8 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
     target = target or backends.load(s)
     lengths = _usable_lengths(s, target.context_window)
     if not (run_dir.path / "run.json").exists():
-        run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info),
-                           "haystack_files": list(pool.files)})
+        run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info, out),
+                           "haystack_files": portable_value(list(pool.files), out)})
     suite = NeedleSuite(s, target, pool, run_dir, lengths)
     stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
                 batch_size=s.batch_size)

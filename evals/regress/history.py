@@ -15,6 +15,7 @@ import pandas as pd
 from evals.core.compare import Comparison
 from evals.core.errors import SettingsError
 from evals.core.scoring import wilson
+from evals.core.portable import portable_path
 
 KEY = ("run_id", "entry")
 
@@ -39,7 +40,8 @@ def rows(results: list[Comparison], run_id: str, date: str, first: bool = False)
             "baseline_pass_rate": g.base_pass / n if g and n and not first else None,
             "p_value": g.p_value if g and not first else None, "regression": r.regression and not first,
             "improvement": r.improvement and not first, "status": "baseline" if first and not r.invalid else r.status,
-            "reason": r.invalid or "", "candidate": str(r.candidate), "baseline": "" if first else str(r.baseline),
+            "reason": r.invalid or "", "candidate": portable_path(r.candidate),
+            "baseline": "" if first else portable_path(r.baseline),
         })
     return out
 

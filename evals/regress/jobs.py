@@ -1,7 +1,8 @@
 """Scheduled regression jobs: ``python -m evals.regress --suite evals/suites/nightly.yaml --baseline runs/baseline``.
 
-Runs the suite file's entries into ``--runs-dir/<UTC date>`` (or compares an existing ``--candidate``),
-compares them cell by cell with the baseline (evals.core.compare) and answers with the exit code:
+Runs the suite file's entries into ``--runs-dir/<UTC date>``, or compares two finished runs
+(``--baseline RUN --candidate RUN``: the entries, suites and settings come from their run.json; a
+``--suite`` given too is checked against them), cell by cell (evals.core.compare), and answers with the exit code:
 0 no regression, 1 regression, 2 invalid comparison or bad input, 3 another run holds the lock.
 See docs/regression.md.
 """
@@ -9,6 +10,7 @@ See docs/regression.md.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -24,6 +26,7 @@ from evals.core import compare as cmp
 from evals.regress import history
 from evals.core.errors import EvalError, SettingsError
 from evals.core.spec import load_suite_file
+from evals.core.store import RUN_JSON, RunDir
 
 OK, REGRESSION, INVALID, LOCKED = 0, 1, 2, 3
 ENTRY_KEYS = {"suite", "name", "config", "settings"}
@@ -129,6 +132,79 @@ def entry_dir(root: Path, entry: Entry, single: bool) -> Path:
     return root / entry.name
 
 
+def entries_from_runs(candidate: Path, baseline: Path) -> list[Entry]:
+    """The entries of two finished runs compared without a suite file: ``candidate`` is one run directory
+    (one entry, named after its suite) or a day directory of entry subdirectories (those of the baseline count
+    too, so an entry missing on either side is reported as an invalid comparison)."""
+    if (candidate / RUN_JSON).exists():
+        meta = RunDir(candidate).read_run()
+        return [Entry(str(meta.get("suite")), str(meta.get("suite")), meta.get("settings", {}))]
+    names = sorted({p.parent.name for root in (candidate, baseline) for p in root.glob(f"*/{RUN_JSON}")})
+    if not names:
+        raise SettingsError(f"--candidate {candidate} holds no finished run (no {RUN_JSON} in it or in its "
+                            "subdirectories); point it at a run directory or a regress day directory")
+    entries = []
+    for name in names:
+        meta = RunDir(candidate / name if (candidate / name / RUN_JSON).exists() else baseline / name).read_run()
+        entries.append(Entry(name, str(meta.get("suite")), meta.get("settings", {})))
+    return entries
+
+
+_DROP_SUITE = "drop --suite to compare the runs as they were made, or compare runs of that suite"
+
+
+def check_runs(entries: list[Entry], root: Path, what: str, source: str, skip: set[str]) -> None:
+    """SettingsError naming how the finished runs under ``root`` differ from ``entries`` (from ``source``, a
+    suite file or flags): suite, settings (``skip``: the ones allowed to differ) or entries the file lacks."""
+    single = len(entries) == 1
+    if not (single and (root / RUN_JSON).exists()):
+        extra = sorted({p.parent.name for p in root.glob(f"*/{RUN_JSON}")} - {e.name for e in entries})
+        if extra:
+            raise SettingsError(f"{source} does not describe {what} {root}: it holds entries {extra} that {source} "
+                                f"does not name ({', '.join(e.name for e in entries)}); {_DROP_SUITE}")
+    for e in entries:
+        run = entry_dir(root, e, single)
+        if not (run / RUN_JSON).exists():
+            continue  # the comparison reports the missing run
+        meta = RunDir(run).read_run()
+        if meta.get("suite") != e.suite:
+            raise SettingsError(f"{source} does not describe {what} {run}: entry {e.name!r} is a {e.suite} suite, "
+                                f"the run a {meta.get('suite')} run; {_DROP_SUITE}")
+        cls, _ = SUITES[e.suite]()
+        want = json.loads(json.dumps(e.build().hashed(), default=str))
+        have = meta.get("settings", {})
+        keys = (set(want) | set(have) & set(cls.__dataclass_fields__)) - skip
+        differ = [f"{k}: {want.get(k)!r} vs the run's {have.get(k)!r}" for k in sorted(keys)
+                  if want.get(k) != have.get(k)]
+        if differ:
+            raise SettingsError(f"{source} does not describe {what} {run} (entry {e.name!r}): "
+                                f"{'; '.join(differ[:6])}; {_DROP_SUITE}")
+
+
+def comparison_entries(args: argparse.Namespace, baseline: Path, candidate: Path) -> list[Entry]:
+    """The entries of a job on a finished ``--candidate``: from ``--suite`` checked against both runs, or
+    from the runs themselves; ``--model``/``--quant`` are checked against the candidate, never ignored."""
+    if args.suite:
+        entries = load_entries(args.suite, args.model, args.quant)
+        source = f"--suite {args.suite}"
+        overridden = {k for k in ("model", "quant") if getattr(args, k)}
+        check_runs(entries, candidate, "--candidate", source, set(cmp.UNDER_TEST) - overridden)
+        if baseline.exists():
+            check_runs(entries, baseline, "--baseline", source, set(cmp.UNDER_TEST))
+        return entries
+    entries = entries_from_runs(candidate, baseline)
+    flags = {k: v for k, v in (("model", args.model), ("quant", args.quant)) if v}
+    for e in entries:
+        run = entry_dir(candidate, e, len(entries) == 1)
+        have = RunDir(run).read_run().get("settings", {}) if (run / RUN_JSON).exists() else flags
+        differ = [f"--{k} {v} but the run was made with {k} {have.get(k)!r}" for k, v in flags.items()
+                  if have.get(k) != v]
+        if differ:
+            raise SettingsError(f"--candidate {run}: {'; '.join(differ)}; --model/--quant choose what a job runs, "
+                                "drop them to compare the runs as they were made")
+    return entries
+
+
 def run_candidate(entries: list[Entry], run_dir: Path, progress: bool) -> None:
     """Run (or resume) every entry into ``run_dir/<name>``; finished cells are reused."""
     for e in entries:
@@ -156,9 +232,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals.regress", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--suite", required=True, help="regression suite file: 'runs:' list, or a plain needle suite file")
+    a("--suite", help="regression suite file: 'runs:' list, or a plain needle suite file (required unless "
+      "--candidate; with --candidate it is checked against both runs)")
     a("--baseline", required=True, help="baseline directory (one subdirectory per entry, or one run dir)")
-    a("--candidate", help="compare this finished run directory instead of running the suite now")
+    a("--candidate", help="compare this finished run (a run directory or a day directory of entries) instead of "
+      "running the suite now; suites and settings come from its run.json files")
     a("--runs-dir", default="runs/regress", help="where today's run goes: RUNS_DIR/<UTC date> (default runs/regress)")
     a("--run-name", help="name of the run directory instead of the UTC date (a rerun with it resumes)")
     a("--model", help="override every entry's model (a local HF directory, .gguf file or 'default')")
@@ -184,6 +262,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SettingsError(f"--run-name {args.run_name!r}: use letters, digits, '_', '.', '-'")
     if args.candidate and not Path(args.candidate).is_dir():
         raise SettingsError(f"--candidate {args.candidate} is not a directory")
+    if not args.suite and not args.candidate:
+        raise SettingsError("--suite is required to run a regression job now (it says what to run); to compare "
+                            "two finished runs give --baseline RUN --candidate RUN")
 
 
 def _write_history(path: str, rows: list[dict]) -> None:
@@ -194,10 +275,11 @@ def _write_history(path: str, rows: list[dict]) -> None:
 
 def regress(args: argparse.Namespace) -> int:
     """The job under the lock: run or pick the candidate, compare, write the outputs, maybe promote."""
-    entries = load_entries(args.suite, args.model, args.quant)
     baseline = Path(args.baseline)
     date = time.strftime("%Y-%m-%d", time.gmtime())
     candidate = Path(args.candidate) if args.candidate else Path(args.runs_dir) / (args.run_name or date)
+    entries = (comparison_entries(args, baseline, candidate) if args.candidate
+               else load_entries(args.suite, args.model, args.quant))
     if not baseline.exists() and not args.update_baseline:
         raise SettingsError(f"baseline {baseline} does not exist; make one: run once with --update-baseline "
                             "(promotes that run), or point --baseline at a finished run directory")

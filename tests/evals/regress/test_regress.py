@@ -48,8 +48,9 @@ def make_run(path: Path, fails: set = frozenset(), *, quant: str = "none", finge
 
 
 def regress(tmp_path: Path, baseline: Path, candidate: Path, *extra: str) -> int:
-    return main(["--suite", "evals/suites/nightly.yaml", "--baseline", str(baseline), "--candidate", str(candidate),
-                 "--runs-dir", str(tmp_path / "runs"), *extra])
+    """Two finished runs compared as they were made (no --suite: suite and settings come from run.json)."""
+    return main(["--baseline", str(baseline), "--candidate", str(candidate), "--runs-dir", str(tmp_path / "runs"),
+                 *extra])
 
 
 # 18 of the 60 needle cells fail at 7k (every depth, seeds 1-3) and 4k depth 0: a clear drop
@@ -88,6 +89,20 @@ def test_mechanics_small_insignificant_drop_exit_0(tmp_path, baseline, capsys):
     assert regress(tmp_path, baseline, candidate) == 0
     out = capsys.readouterr().out
     assert "| all cells | 60 |" in out and "| 2 | 0 | 0.5 |" in out
+    # what "no regression" could have seen: 2 * 0.5^6 = 0.031 < 0.05 <= 2 * 0.5^5; the middle band is depth 50 only
+    assert ("with 60 paired cells, a drop of ≥ 6 cells (10%) would have been flagged at alpha 0.05, min drop 5%"
+            in out)
+    assert "in the smallest group (depth middle (33-67%), 12 paired cells) a drop of ≥ 6 cells (50%)" in out
+
+
+@pytest.mark.parametrize("extra, needed", [
+    (("--alpha", "0.01"), "a drop of ≥ 8 cells (13%)"),  # 2 * 0.5^8 = 0.0078 < 0.01
+    (("--min-drop", "0.2"), "a drop of ≥ 12 cells (20%)"),  # the test needs 6, the min drop 12 of 60
+    (("--correction", "holm"), "a drop of ≥ 9 cells (15%)"),  # 0.05 / 8 groups: 2 * 0.5^9 < 0.00625 < 2 * 0.5^8
+])
+def test_mechanics_detectable_drop_follows_alpha_min_drop_and_correction(tmp_path, baseline, capsys, extra, needed):
+    assert regress(tmp_path, baseline, make_run(tmp_path / "cand", {(7168, 100.0, 1)}, quant="nf4"), *extra) == 0
+    assert f"with 60 paired cells, {needed} would have been flagged" in capsys.readouterr().out
 
 
 def test_mechanics_improvement_is_reported_not_failed(tmp_path, capsys):
