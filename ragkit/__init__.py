@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "ModelNotFoundError": "ragkit.errors",
     "ModelLoadError": "ragkit.errors",
     "QuantizationError": "ragkit.errors",
+    "AdapterError": "ragkit.errors",
     "ContextWindowExceededError": "ragkit.errors",
     "IndexCorruptError": "ragkit.errors",
     "EmbedderMismatchError": "ragkit.errors",

@@ -19,6 +19,10 @@ class QuantizationError(RagkitError):
     """An unknown quantization was asked for, or it cannot be applied to this model."""
 
 
+class AdapterError(RagkitError):
+    """A LoRA adapter cannot be used: missing or not safetensors, damaged, or made for another base model."""
+
+
 class ContextWindowExceededError(RagkitError):
     """A prompt (plus its generation budget) does not fit the model's context window."""
 
