@@ -24,7 +24,7 @@ from evals.stats import mcnemar_exact
 from evals.store import RunDir
 
 # settings allowed to differ between baseline and candidate: what a regression job puts under test
-UNDER_TEST = ("model", "quant", "dtype", "backend", "tokenizer")
+UNDER_TEST = ("model", "quant", "dtype", "backend", "tokenizer", "adapter")
 
 
 def _length(n: int) -> str:
@@ -264,7 +264,9 @@ def _rate(k: int, n: int) -> str:
 
 def _who(meta: dict) -> str:
     s, git = meta.get("settings", {}), meta.get("git") or {}
-    return (f"model {s.get('model')} · quant {s.get('quant')} · dtype {s.get('dtype') or 'default'}; "
+    adapters = [a["sha256"][:12] for a in s.get("adapter") or []]
+    adapter = f" · adapter {'+'.join(adapters)}" if adapters else ""
+    return (f"model {s.get('model')} · quant {s.get('quant')} · dtype {s.get('dtype') or 'default'}{adapter}; "
             f"git {git.get('commit', '?')}")
 
 

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "ModelLoadError": "ragkit.errors",
     "QuantizationError": "ragkit.errors",
     "AdapterError": "ragkit.errors",
+    "FinetuneError": "ragkit.errors",
+    "read_adapters": "ragkit.adapters",
     "ContextWindowExceededError": "ragkit.errors",
     "IndexCorruptError": "ragkit.errors",
     "EmbedderMismatchError": "ragkit.errors",
