@@ -137,3 +137,19 @@ def test_cli_refuses_bad_data_with_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "bad.jsonl, line 1: not JSON" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_qlora_on_the_nf4_base_trains_an_adapter_that_loads_on_nf4(tmp_path):
+    from safetensors.torch import load_file
+
+    data = _data(tmp_path / "d.jsonl", n=8)
+    adapter = finetune(settings(data=str(data), out=str(tmp_path / "q"), quant="nf4", dtype="float32", max_steps=2,
+                                batch_size=2, save_every=2, eval_every=2, progress=False))
+    rows = _losses(tmp_path / "q")
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 20 for r in rows) and "eval_loss" in rows[-1]
+    trained = load_file(adapter / "adapter_model.safetensors")
+    assert any(".lora_B." in k and t.abs().max() > 0 for k, t in trained.items())  # B starts at zero; it moved
+    llm = LocalLLM("default", quantization="nf4", compute_dtype="float32", adapter=adapter)
+    assert type(llm.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert llm.complete("Add 1 and 2. Answer with the number.", max_new_tokens=6).text
