@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ragkit.errors import AdapterError
+from ragkit.files import sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -105,7 +106,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     for module, parts in shapes.items():
         if set(parts) != {"lora_A", "lora_B"}:
             raise AdapterError(f"adapter {path}: module {module} has only {sorted(parts)}; the file is truncated")
-    return Adapter(path, config, _file_sha256(weights), _json_sha256(config), shapes)
+    return Adapter(path, config, sha256_file(weights), _json_sha256(config), shapes)
 
 
 def read_adapters(adapter: AdapterArg) -> list[Adapter]:
@@ -204,14 +205,6 @@ def _example_linear(modules: dict[str, Any]) -> str:
 
 def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value or [])
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json_sha256(data: Any) -> str:

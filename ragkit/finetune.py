@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ragkit import models
 from ragkit.errors import FinetuneError
+from ragkit.files import fsync_path, sha256_file
 
 IGNORE = -100  # label of a token the loss skips
 ROLES = ("system", "user", "assistant")
@@ -58,8 +59,9 @@ class FinetuneSettings(BaseModel):
     progress: bool = True
 
     def hashed(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the one it continues."""
-        return self.model_dump(exclude={"resume", "progress", "device", "out"})
+        """The settings a resumed run must share with the one it continues (the data by its sha256)."""
+        return {**self.model_dump(exclude={"resume", "progress", "device", "out"}),
+                "data_sha256": sha256_file(Path(self.data))}
 
 
 def settings(**kw: Any) -> FinetuneSettings:
@@ -169,13 +171,8 @@ def _checkpoints(out: Path) -> list[Path]:
 
 def _fsync_dir(path: Path) -> None:
     for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(f)
+    fsync_path(path, directory=True)
 
 
 def _save_checkpoint(out: Path, step: int, peft_model: Any, optimizer: Any, scheduler: Any,
@@ -193,7 +190,7 @@ def _save_checkpoint(out: Path, step: int, peft_model: Any, optimizer: Any, sche
     (tmp / "history.json").write_text(json.dumps({"step": step, "history": history}))
     _fsync_dir(tmp)
     os.replace(tmp, root / f"step-{step}")
-    _fsync_dir(root)
+    fsync_path(root, directory=True)
     for old in _checkpoints(out)[:-keep]:
         shutil.rmtree(old)
 
@@ -222,9 +219,9 @@ def _open_out(s: FinetuneSettings) -> Path | None:
         if not s.resume:
             raise FinetuneError(f"{out} already holds a finetune run; pass --resume to continue it, or choose "
                                 "another --out (nothing was changed)")
-        old = json.loads(record.read_text())["settings"]
-        if old != json.loads(json.dumps(s.hashed())):
-            diff = sorted(k for k in set(old) | set(s.hashed()) if old.get(k) != s.hashed().get(k))
+        old, new = json.loads(record.read_text())["settings"], json.loads(json.dumps(s.hashed()))
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise FinetuneError(f"{out} was trained with other settings (differ: {', '.join(diff)}); resume with the "
                                 "same settings, or choose another --out (nothing was changed)")
         ckpts = _checkpoints(out)
@@ -246,10 +243,10 @@ def finetune(s: FinetuneSettings) -> Path:
     from tqdm.auto import tqdm
 
     examples = read_examples(s.data)  # bad data fails before the model loads
+    directory = models.local_dir(models.resolve_llm(s.model))
     resume_from = _open_out(s)
     out = Path(s.out)
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    directory = models.local_dir(models.resolve_llm(s.model))
     tokenizer = models.load_tokenizer(directory)
     encoded = [encode_example(tokenizer, m, s.max_tokens) for m in examples]
     usable = [i for i, (_, y) in enumerate(encoded) if any(t != IGNORE for t in y)]
