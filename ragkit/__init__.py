@@ -27,6 +27,9 @@ _EXPORTS: dict[str, str] = {
     "ModelNotFoundError": "ragkit.errors",
     "ModelLoadError": "ragkit.errors",
     "QuantizationError": "ragkit.errors",
+    "AdapterError": "ragkit.errors",
+    "FinetuneError": "ragkit.errors",
+    "read_adapters": "ragkit.adapters",
     "ContextWindowExceededError": "ragkit.errors",
     "IndexCorruptError": "ragkit.errors",
     "EmbedderMismatchError": "ragkit.errors",
@@ -46,11 +49,14 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ragkit.adapters import read_adapters  # noqa: F401
     from ragkit.errors import (  # noqa: F401
+        AdapterError,
         BadServerResponseError,
         ContextWindowExceededError,
         EmbedderMismatchError,
         EmptyIndexError,
+        FinetuneError,
         IndexCorruptError,
         IndexLockedError,
         IndexNotFoundError,

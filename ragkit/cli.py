@@ -92,6 +92,48 @@ def generate_command(
     )
 
 
+@app.command("finetune")
+def finetune_command(
+    data: str = typer.Argument(..., help="JSONL of chat examples: one {\"messages\": [{role, content}, ...]} per line."),
+    out: str = typer.Option(..., "--out", help="Run directory: checkpoints/, losses.jsonl, summary.json, adapter/."),
+    model: str = typer.Option("default", "--model", help="Base model: 'default' (SmolLM2-135M-Instruct), a directory, a .gguf file or a cached hub id."),
+    quant: str = typer.Option("nf4", "--quant", help="nf4 (QLoRA) or none."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 or float32: compute dtype (nf4) or weights dtype (none)."),
+    rank: int = typer.Option(8, "--rank", help="LoRA rank r."),
+    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (updates scale by alpha / r)."),
+    dropout: float = typer.Option(0.05, "--dropout", help="LoRA dropout."),
+    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--targets", help="Comma list of linear modules to adapt."),
+    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate (linear warm-up, then linear decay)."),
+    warmup: int = typer.Option(10, "--warmup", help="Warm-up steps."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the training split (unless --max-steps)."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Examples per step."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Tokens kept per example."),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Held-out share of the examples."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Score the held-out split every N steps (and at the end)."),
+    save_every: int = typer.Option(25, "--save-every", help="Checkpoint every N steps (and at the end)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the data order, the LoRA init and dropout."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda [default: cuda when present]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with loss and tokens/s."),
+) -> None:
+    """Train a LoRA adapter (QLoRA on the NF4 base) on chat examples; loss on assistant tokens only."""
+    from ragkit.errors import RagkitError
+    from ragkit.finetune import finetune, settings
+
+    _quiet_model_loading()
+    try:
+        s = settings(data=data, out=out, model=model, quant=quant, dtype=dtype, rank=rank, alpha=alpha,
+                     dropout=dropout, targets=[t.strip() for t in targets.split(",") if t.strip()], lr=lr,
+                     warmup=warmup, epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_tokens=max_tokens,
+                     eval_fraction=eval_fraction, eval_every=eval_every, save_every=save_every, seed=seed,
+                     device=device, resume=resume, progress=progress)
+        adapter = finetune(s)
+    except RagkitError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"adapter: {adapter} (load it with LocalLLM(..., adapter=...) or --adapter)")
+
+
 # ---- ingest / query / retrieve / info / delete -------------------------------------------------------
 
 INDEX_HELP = "Index directory (created by ingest; a crash-safe snapshot directory)."

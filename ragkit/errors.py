@@ -19,6 +19,14 @@ class QuantizationError(RagkitError):
     """An unknown quantization was asked for, or it cannot be applied to this model."""
 
 
+class AdapterError(RagkitError):
+    """A LoRA adapter cannot be used: missing or not safetensors, damaged, or made for another base model."""
+
+
+class FinetuneError(RagkitError):
+    """Training data, finetune settings or the output directory cannot be used as asked."""
+
+
 class ContextWindowExceededError(RagkitError):
     """A prompt (plus its generation budget) does not fit the model's context window."""
 

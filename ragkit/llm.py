@@ -33,6 +33,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
+from ragkit import adapters as lora
 from ragkit import loading, models
 from ragkit.errors import ContextWindowExceededError, ModelLoadError
 
@@ -44,6 +45,9 @@ class LocalLLM(CustomLLM):
 
     ``model`` is ``"default"`` (the embedded SmolLM2-135M-Instruct), a Hugging Face id already
     in the local hub cache, a model directory, or a ``.gguf`` file. See docs/llm.md.
+    ``adapter``: one or several PEFT LoRA directories (safetensors), checked against the base before
+    its weights load and all active at once; ``merge_adapter`` folds them into an unquantized base
+    (docs/lora.md).
     """
 
     model_name: str = Field(description="What the model was loaded from.")
@@ -54,6 +58,7 @@ class LocalLLM(CustomLLM):
 
     _model: Any = PrivateAttr()
     _tokenizer: Any = PrivateAttr()
+    _adapters: list[lora.Adapter] = PrivateAttr(default_factory=list)
 
     def __init__(
         self,
@@ -72,10 +77,16 @@ class LocalLLM(CustomLLM):
         top_p: float = 1.0,
         system_prompt: str | None = None,
         trust_remote_code: bool = False,
+        adapter: lora.AdapterArg = None,
+        merge_adapter: bool = False,
     ) -> None:
         loading.check_quantization(quantization)
+        adapters = lora.read_adapters(adapter)
         source = models.resolve_llm(model, gguf_file)
         directory = models.local_dir(source)
+        if adapters:
+            lora.check_against(adapters, loading.empty_model(directory, trust_remote_code=trust_remote_code),
+                               merge=merge_adapter, quantized=quantization is not None)
         hf_model = loading.load_model(
             directory,
             quantization=quantization,
@@ -86,6 +97,7 @@ class LocalLLM(CustomLLM):
             headroom=headroom,
             trust_remote_code=trust_remote_code,
         )
+        hf_model = lora.attach(hf_model, adapters, merge=merge_adapter, quantized=quantization is not None)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tok_dir = directory if tokenizer is None else models.local_dir(models.resolve_llm(tokenizer))
             tokenizer = loading.load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
@@ -98,6 +110,7 @@ class LocalLLM(CustomLLM):
             top_p=top_p,
             system_prompt=system_prompt,
         )
+        self._adapters = adapters
 
     @classmethod
     def from_pretrained_objects(cls, model: Any, tokenizer: Any, *, model_name: str | None = None, **kw: Any) -> LocalLLM:
@@ -133,6 +146,11 @@ class LocalLLM(CustomLLM):
     def tokenizer(self) -> Any:
         """The transformers tokenizer."""
         return self._tokenizer
+
+    @property
+    def adapters(self) -> list[dict[str, Any]]:
+        """The identity of each LoRA adapter loaded on the base (empty without one)."""
+        return [a.identity() for a in self._adapters]
 
     @property
     def device(self) -> Any:

@@ -86,6 +86,30 @@ def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTr
         raise ModelLoadError(f"Could not load a tokenizer from {directory}: {type(exc).__name__}: {exc}") from exc
 
 
+def read_config(directory: Path, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config in ``directory``; ModelLoadError when it is missing or unreadable."""
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"{directory} has no config.json; it is not a Hugging Face model directory.")
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not read {directory / 'config.json'}: {exc}. If the model needs its own code and you trust "
+            f"it, pass trust_remote_code=True."
+        ) from exc
+
+
+def empty_model(directory: Path, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model of ``directory`` built on the meta device: its module tree and shapes, no weights read."""
+    import torch
+
+    config = read_config(directory, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     directory: Path,
     *,
@@ -104,18 +128,9 @@ def load_model(
     uses ``compute_dtype`` for the layers bitsandbytes leaves unquantized.
     """
     import torch
-    from transformers import AutoConfig
 
     bnb = quantization_config(quantization, compute_dtype)
-    if not (directory / "config.json").is_file():
-        raise ModelLoadError(f"{directory} has no config.json; it is not a Hugging Face model directory.")
-    try:
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"Could not read {directory / 'config.json'}: {exc}. If the model needs its own code and you trust "
-            f"it, pass trust_remote_code=True."
-        ) from exc
+    config = read_config(directory, trust_remote_code=trust_remote_code)
     check_weights(directory)
     cls = model_class(config)
     if device_map is None:

@@ -5,7 +5,9 @@ the same names in its settings dataclass. ``backend`` and ``tokenizer`` are conf
 ids when the backend is a server); ``base_url``, ``concurrency`` and ``timeout`` are run control, so a run
 resumes against a restarted server at another address or concurrency. See docs/serving.md. ``batch_size``
 (``--batch-size``, with the model flags) is run control too: how many cells the in-process backend decodes
-together (evals/core/decode.py), not what a cell measures.
+together (evals/core/decode.py), not what a cell measures. ``adapter`` (``--adapter``, LoRA directories on the local
+model) is configuration by identity: the sha256 of each adapter's weights and config go into the hash, its path
+does not; without an adapter the hash is what it was before adapters existed (docs/lora.md).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar
 
 from evals.core.errors import SettingsError
-from evals.core.targets import Target, load_served_target, load_target
+from evals.core.targets import Target, adapter_hashes, load_served_target, load_target
 
 BACKENDS = ("local", "openai")
 RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
@@ -30,6 +32,7 @@ class Settings:
     concurrency: int = 1
     timeout: float = 300.0
     batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
+    adapter: tuple[str, ...] = ()  # local: LoRA adapter directories on the model (hashed by identity)
 
     RUN_CONTROL: ClassVar[tuple[str, ...]] = RUN_CONTROL  # fields that do not change what a cell measures
     RECIPE_VERSION: ClassVar[int] = 1  # bump when prompt construction changes: old runs then refuse to resume
@@ -39,6 +42,8 @@ class Settings:
         d = asdict(self)
         for k in self.RUN_CONTROL:
             d.pop(k)
+        if d.pop("adapter"):
+            d["adapter"] = adapter_hashes(self.adapter)
         d["recipe_version"] = self.RECIPE_VERSION
         return hashed(d)
 
@@ -49,6 +54,8 @@ def add_model_flags(add: Callable[..., Any]) -> None:
     add("--quant", choices=("none", "nf4", "int8"), help="bitsandbytes quantization of the model (default none)")
     add("--dtype", help="weights dtype for unquantized models (default float32)")
     add("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
+    add("--adapter", nargs="+", help="LoRA adapter directories (PEFT, safetensors) on the model, all active; "
+        "their identity (sha256 of weights and config) is part of the configuration hash")
     add("--batch-size", type=int, help="cells of a group decoded together after their shared-prefix prefill "
         "(default 8 on CUDA, 1 on CPU); run control: cell ids do not depend on it")
 
@@ -66,6 +73,7 @@ def add_flags(add: Callable[..., Any]) -> None:
 
 def check(s: Any) -> None:
     """SettingsError for a backend setting that is unknown or contradicts another."""
+    s.adapter = (s.adapter,) if isinstance(s.adapter, str) else tuple(str(p) for p in s.adapter or ())
     if s.backend not in BACKENDS:
         raise SettingsError(f"--backend {s.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if s.concurrency < 1:
@@ -78,6 +86,9 @@ def check(s: Any) -> None:
     if s.backend == "openai" and s.batch_size is not None:
         raise SettingsError("--batch-size applies to the in-process backend; a server batches the requests that "
                             "--concurrency keeps in flight")
+    if s.backend == "openai" and s.adapter:
+        raise SettingsError("--adapter applies to the in-process backend; a server loads adapters on its own side")
+    adapter_hashes(s.adapter)  # a missing or broken adapter fails now, before a run directory is touched
     if s.backend == "openai" and s.quant != "none":
         raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
 
@@ -94,4 +105,4 @@ def load(s: Any) -> Target:
     """The model under test that ``s`` names (fails fast when a server does not answer)."""
     if s.backend == "openai":
         return load_served_target(s.base_url, s.model, s.tokenizer, s.max_new_tokens, s.timeout)
-    return load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
+    return load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens, s.adapter)

@@ -25,7 +25,7 @@ from evals.core.store import RunDir
 from evals.core.portable import portable_path
 
 # settings allowed to differ between baseline and candidate: what a regression job puts under test
-UNDER_TEST = ("model", "quant", "dtype", "backend", "tokenizer")
+UNDER_TEST = ("model", "quant", "dtype", "backend", "tokenizer", "adapter")
 
 
 def _length(n: int) -> str:
@@ -265,7 +265,9 @@ def _rate(k: int, n: int) -> str:
 
 def _who(meta: dict) -> str:
     s, git = meta.get("settings", {}), meta.get("git") or {}
-    return (f"model {s.get('model')} · quant {s.get('quant')} · dtype {s.get('dtype') or 'default'}; "
+    adapters = [a["sha256"][:12] for a in s.get("adapter") or []]
+    adapter = f" · adapter {'+'.join(adapters)}" if adapters else ""
+    return (f"model {s.get('model')} · quant {s.get('quant')} · dtype {s.get('dtype') or 'default'}{adapter}; "
             f"git {git.get('commit', '?')}")
 
 

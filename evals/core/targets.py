@@ -72,9 +72,18 @@ class Target:
         return [t for t in self.llm.generate_ids(list(ids), max_new_tokens=max_new_tokens) if t not in self.eos_ids]
 
 
+def adapter_hashes(paths: Sequence[str]) -> list[dict[str, str]]:
+    """The identity of each LoRA adapter that settings hash (sha256 of weights and config; not the path).
+    SettingsError (naming the adapter and what is wrong) for one that cannot be used."""
+    try:
+        return [a.hashed() for a in ragkit.read_adapters(list(paths))]
+    except ragkit.AdapterError as e:
+        raise SettingsError(f"--adapter: {e}") from None
+
+
 def load_target(model: str = "default", quant: str = "none", dtype: str | None = None,
-                device: str | None = None, max_new_tokens: int = 32) -> Target:
-    """Load the model under test through ragkit.LocalLLM (greedy decoding)."""
+                device: str | None = None, max_new_tokens: int = 32, adapter: Sequence[str] = ()) -> Target:
+    """Load the model under test through ragkit.LocalLLM (greedy decoding), with its LoRA adapters if any."""
     if quant not in QUANTS:
         raise SettingsError(f"--quant {quant!r} is unknown; choose one of {', '.join(QUANTS)}")
     quantization = None if quant == "none" else quant
@@ -85,6 +94,8 @@ def load_target(model: str = "default", quant: str = "none", dtype: str | None =
         kwargs["compute_dtype"] = dtype or "float32"
     if device:
         kwargs["device_map"] = device
+    if adapter:
+        kwargs["adapter"] = list(adapter)
     return wrap(ragkit.LocalLLM(model, **kwargs), model, quant)
 
 
@@ -102,6 +113,8 @@ def wrap(llm: Any, name: str = "default", quant: str = "none") -> Target:
         "parameters": sum(p.numel() for p in m.parameters()),
         "tokenizer_fingerprint": tokenizer_fingerprint(llm.tokenizer),
     }
+    if getattr(llm, "adapters", None):
+        info["adapters"] = llm.adapters  # path, sha256s, rank, alpha, target modules
     return Target(llm, LLMCodec(llm), info)
 
 

@@ -73,12 +73,13 @@ class Entry:
             raise SettingsError(f"run {self.name!r}: {e}; give it under 'settings:'") from None
 
 
-def load_entries(path: str | Path, model: str | None = None, quant: str | None = None) -> list[Entry]:
+def load_entries(path: str | Path, model: str | None = None, quant: str | None = None,
+                 adapter: Sequence[str] | None = None) -> list[Entry]:
     """The entries of a regression suite file.
 
     Either ``runs: [{suite: needle|lost_in_middle, name: ..., config: other.yaml, settings: {...}}, ...]``
     (``config`` and ``name`` optional; ``settings`` overlay ``config``), or a plain needle suite file such as
-    evals/suites/nightly.yaml (one entry named ``needle``). ``model``/``quant`` override every entry.
+    evals/suites/nightly.yaml (one entry named ``needle``). ``model``/``quant``/``adapter`` override every entry.
     """
     path = Path(path)
     data = load_suite_file(path)
@@ -115,6 +116,8 @@ def load_entries(path: str | Path, model: str | None = None, quant: str | None =
             settings["model"] = model
         if quant:
             settings["quant"] = quant
+        if adapter:
+            settings["adapter"] = list(adapter)
         name = str(item.get("name") or suite)
         if not _NAME.match(name) or name in {e.name for e in entries}:
             raise SettingsError(f"{where}: name {name!r} must be unique and use letters, digits, '_', '.', '-' "
@@ -241,6 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--run-name", help="name of the run directory instead of the UTC date (a rerun with it resumes)")
     a("--model", help="override every entry's model (a local HF directory, .gguf file or 'default')")
     a("--quant", choices=("none", "nf4", "int8"), help="override every entry's quantization")
+    a("--adapter", nargs="+", help="LoRA adapter directories on every entry's model (the candidate; compare with a "
+      "baseline run without them, cell by cell)")
     a("--alpha", type=float, default=0.05, help="significance level of the paired test (default 0.05)")
     a("--min-drop", type=float, default=0.05, help="smallest pass-rate drop that counts (default 0.05)")
     a("--correction", choices=("none", "holm"), default="none",
@@ -279,7 +284,7 @@ def regress(args: argparse.Namespace) -> int:
     date = time.strftime("%Y-%m-%d", time.gmtime())
     candidate = Path(args.candidate) if args.candidate else Path(args.runs_dir) / (args.run_name or date)
     entries = (comparison_entries(args, baseline, candidate) if args.candidate
-               else load_entries(args.suite, args.model, args.quant))
+               else load_entries(args.suite, args.model, args.quant, args.adapter))
     if not baseline.exists() and not args.update_baseline:
         raise SettingsError(f"baseline {baseline} does not exist; make one: run once with --update-baseline "
                             "(promotes that run), or point --baseline at a finished run directory")

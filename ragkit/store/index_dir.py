@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, TypeVar
 from filelock import FileLock, Timeout
 
 from ragkit.errors import IndexCorruptError, IndexLockedError, IndexNotFoundError, IndexReadOnlyError
+from ragkit.files import fsync_path, sha256_file
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -60,14 +60,6 @@ def _pause_point(stage: str) -> None:
         time.sleep(3600)
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically: temp file, fsync, rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -76,15 +68,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent, directory=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    fsync_path(path.parent, directory=True)
 
 
 @dataclass(frozen=True)
@@ -219,7 +203,7 @@ class IndexDirectory:
                         f"{fpath} has {size} bytes but the manifest records {info['bytes']} (truncated or "
                         f"overwritten). {hint}"
                     )
-                if _sha256(fpath) != info["sha256"]:
+                if sha256_file(fpath) != info["sha256"]:
                     raise IndexCorruptError(f"{fpath} fails its sha256 checksum (its content changed). {hint}")
         return Snapshot(snap_dir, manifest)
 
@@ -361,8 +345,8 @@ class IndexDirectory:
                 for f in sorted(tmp.iterdir()):
                     if not f.is_file():
                         raise ValueError(f"snapshot writers may only create plain files; {f} is not one")
-                    _fsync_path(f)
-                    files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+                    fsync_path(f)
+                    files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)  # nothing was published; leave no debris
                 raise
@@ -370,10 +354,10 @@ class IndexDirectory:
                         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "previous": previous, "files": files, "meta": meta}
             _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-            _fsync_path(tmp, directory=True)
+            fsync_path(tmp, directory=True)
             _pause_point("before-rename")
             os.rename(tmp, self.path / name)
-            _fsync_path(self.path, directory=True)
+            fsync_path(self.path, directory=True)
             _pause_point("before-switch")
             _write_atomic(self.path / CURRENT, f"{name}\n".encode())
             _pause_point("before-gc")
