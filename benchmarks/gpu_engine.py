@@ -199,16 +199,22 @@ def _runner_vs_naive(model, cfg, res: dict, length: int, max_new: int, repeats: 
     model.set_attn_implementation("sdpa")
 
 
-def dense(args, res: dict, save: Callable[[], None]) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**DENSE)
+def _random_bf16(model_class, cfg):
+    """``model_class(cfg)`` with random bf16 weights (seed 0) made on the device, on transformers' sdpa."""
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(DEVICE):
-        model = LlamaForCausalLM(cfg).eval()
+        model = model_class(cfg).eval()
     torch.set_default_dtype(torch.float32)
+    return model
+
+
+def dense(args, res: dict, save: Callable[[], None]) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**DENSE)
+    model = _random_bf16(LlamaForCausalLM, cfg)
     params = sum(p.numel() for p in model.parameters())
     non_emb = params - 2 * cfg.vocab_size * cfg.hidden_size
     res.update(model="random Llama, 7B-dense shape", config=DENSE, params=params, non_embedding_params=non_emb,
@@ -236,12 +242,7 @@ def mla(args, res: dict, save: Callable[[], None]) -> None:
     from transformers import Mistral4Config, Mistral4ForCausalLM
 
     cfg = Mistral4Config(num_hidden_layers=args.layers, first_k_dense_replace=0)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(DEVICE):
-        model = Mistral4ForCausalLM(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    model = _random_bf16(Mistral4ForCausalLM, cfg)
     res.update(model=f"random Mistral4ForCausalLM, real width, {args.layers} MoE layers",
                params=sum(p.numel() for p in model.parameters()), weights_gib=torch.cuda.memory_allocated() / 2**30)
     save()
