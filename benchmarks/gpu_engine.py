@@ -4,12 +4,14 @@ machine); every timing a median of ``--repeats`` after a warm-up, CUDA-synchroni
 
     python -m benchmarks.gpu_engine dense --out results.json      # 7B-dense Llama shape
     python -m benchmarks.gpu_engine mla --out results.json        # Mistral-Small-4 width, --layers layers
+    python -m benchmarks.gpu_engine kernels --out results.json    # the attention kernels alone
 
 dense: per-token prefill time of a fresh prompt, of a tail on a cached prefix under transformers' ``sdpa`` (an
 explicit query x key mask) and under ragkit's mask-free path (``ragkit.attention``); decode step ms at batch 1 on
 a DynamicCache (both paths) and with a StaticCache + ``torch.compile(mode="reduce-overhead")`` (CUDA graphs);
 and a needle-shaped grid at ``--length`` (random-token haystack, a 24-token needle at 5 depths x 2 seeds, plus a
 control) decoded by evals.decode's runner vs one ``generate()`` per cell (answers compared).
+kernels: the attention of a query block on a cached prefix alone (lower-right flash vs two cuDNN calls merged).
 mla: fresh prefill, prefill of the second half on a cached first half, and chunked prefill, at each
 ``--lengths`` (time, peak GiB), and the decode step at that cache with HF's expand-the-cache MLA vs absorbed.
 """
@@ -222,6 +224,12 @@ def dense(args, res: dict, save: Callable[[], None]) -> None:
                decode_floor_ms=params * 2 / HBM_TBS * 1000)
     save()
     with torch.inference_mode():
+        if args.prefill_only:  # the prefill cases alone (at --length, and --long if given)
+            L = args.length
+            _prefill_cases(model, cfg, res, [(0, L), (46, L - 46), (L // 2, L // 2)], args.repeats)
+            if args.long:
+                _prefill_cases(model, cfg, res, [(args.long // 2, args.long // 2)], 1, warm=False)
+            return
         if args.grid_only:  # the runner vs naive at --length with --depths, one seed, bs8 only
             _runner_vs_naive(model, cfg, res, args.length, args.max_new, args.repeats,
                              variants=(("runner_bs8", 8, True),), depths=tuple(args.depths), seeds=(1,))
@@ -297,9 +305,36 @@ def _restore_expand(model) -> None:
             del m.ragkit_expand_kv
 
 
+def kernels(args, res: dict, save: Callable[[], None]) -> None:
+    """A query block on a cached prefix, 32 heads x 128, bf16: lower-right flash vs split cuDNN (+ LSE merge) vs a
+    fresh causal pass over all rows; the relative error of each against a float32 lower-right reference."""
+    for c, n in ((16384, 16384), (65536, 65536), (131072, 4096), (2048, 30720)):
+        row: dict[str, Any] = {"cached": c, "new": n}
+        q = torch.randn(1, 32, n, 128, device=DEVICE, dtype=torch.bfloat16)
+        k = torch.randn(1, 32, c + n, 128, device=DEVICE, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ref = attention.lower_right_sdpa(q.float(), k.float(), v.float(), None) if c + n <= 40000 else None
+        for name, fn in (("lower_right", attention.lower_right_sdpa), ("split_cudnn", attention.split_sdpa)):
+            try:
+                out, t = timed(lambda: fn(q, k, v, None), args.repeats)
+                row[f"{name}_s"] = t
+                if ref is not None:
+                    row[f"{name}_rel_err"] = float((out.float() - ref).norm() / ref.norm())
+            except RuntimeError as e:
+                row[f"{name}_error"] = repr(e)[:300]
+        qf = torch.randn(1, 32, c + n, 128, device=DEVICE, dtype=torch.bfloat16)
+        _, row["fresh_causal_all_rows_s"] = timed(
+            lambda: torch.nn.functional.scaled_dot_product_attention(qf, k, v, is_causal=True), args.repeats)
+        res.setdefault("kernels", []).append(row)
+        print("kernels", json.dumps(row), flush=True)
+        save()
+        del q, k, v, qf, ref
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("dense", "mla"))
+    p.add_argument("what", choices=("dense", "mla", "kernels"))
     p.add_argument("--out", required=True)
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--long", type=int, default=0, help="dense: also fresh vs half-on-cache prefill at this length")
@@ -307,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--grid-only", action="store_true", help="dense: only the runner vs naive grid")
+    p.add_argument("--prefill-only", action="store_true", help="dense: only the prefill cases")
     p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0, 50, 100])
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[131072, 262144])
@@ -320,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(res, indent=1))
 
     try:
-        (dense if args.what == "dense" else mla)(args, res, save)
+        {"dense": dense, "mla": mla, "kernels": kernels}[args.what](args, res, save)
     except Exception as e:  # noqa: BLE001 - what was measured before the failure is kept
         res["error"] = repr(e)[:500]
         save()

@@ -106,3 +106,19 @@ def test_mla_absorbed_decode_equals_hf_decode_alone_and_in_a_left_padded_batch()
     padded[1, :11] = 0
     for a, b in zip(_greedy_steps(ref, padded, 6, mask), _greedy_steps(fast, padded, 6, mask)):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+
+
+def test_two_attention_parts_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
+    """The merge ragkit.attention's CUDA path uses (checked here with exact float64 parts on CPU)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k2, v2 = torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 7, 8, generator=g,
+                                                                                   dtype=torch.float64)
+
+    def part(keys, values):
+        s = q @ keys.transpose(-1, -2) / 8 ** 0.5
+        return s.softmax(-1) @ values, s.logsumexp(-1)
+
+    want = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([k, k2], 2), torch.cat([v, v2], 2))
+    got = attention.merge_by_lse(*part(k, v), *part(k2, v2))
+    assert torch.allclose(got, want, atol=1e-12)

@@ -21,8 +21,8 @@ on CUDA fewer rows are taken when they would not fit in half the free memory.
 
 Attention. On CUDA the model is switched to ragkit's mask-free attention (:mod:`ragkit.attention`): a cell's
 tail on the shared cache attends lower-right causally without the query x key mask transformers' ``sdpa`` builds
-(on the H200, 7B-dense shape: a 32k tail on a 46-token cache 88 -> 54 us/token, fresh 43; at 128k, half on half,
-19.4 -> 12.7 s and 36.5 -> 15.3 GiB transient), and MLA models decode on their latent cache (:mod:`ragkit.mla`).
+(on the H200, 7B-dense shape: a 32k tail on a 46-token cache 87 -> 45 us/token, fresh 43; at 128k, half on half,
+19.2 -> 7.7 s and 36.5 -> 16.1 GiB transient), and MLA models decode on their latent cache (:mod:`ragkit.mla`).
 On a CPU SDPA has no lower-right kernel, so the model is left as it is. ``prefill_chunk`` feeds long stretches
 in chunks of that many tokens (activation memory bounded by the chunk instead of the prompt; None: one call).
 
