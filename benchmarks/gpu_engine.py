@@ -230,9 +230,9 @@ def dense(args, res: dict, save: Callable[[], None]) -> None:
             if args.long:
                 _prefill_cases(model, cfg, res, [(args.long // 2, args.long // 2)], 1, warm=False)
             return
-        if args.grid_only:  # the runner vs naive at --length with --depths, one seed, bs8 only
+        if args.grid_only:  # the runner vs naive at --length with --depths and --seeds, bs8 only
             _runner_vs_naive(model, cfg, res, args.length, args.max_new, args.repeats,
-                             variants=(("runner_bs8", 8, True),), depths=tuple(args.depths), seeds=(1,))
+                             variants=(("runner_bs8", 8, True),), depths=tuple(args.depths), seeds=tuple(args.seeds))
             return
         L = args.length
         _prefill_cases(model, cfg, res, [(0, L), (46, L - 46), (L // 2, L // 2)], args.repeats)
@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-only", action="store_true", help="dense: only the runner vs naive grid")
     p.add_argument("--prefill-only", action="store_true", help="dense: only the prefill cases")
     p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0, 50, 100])
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[131072, 262144])
     args = p.parse_args(argv)
