@@ -23,8 +23,8 @@ from evals.core.scoring import contains_value, value_fraction
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.core.store import RunDir, provenance
 from evals.core import backend as backends  # (the settings field is named backend)
-from evals.core.targets import Retriever, load_target
-from evals.needle.token_cache import TOKENS_DIR, CachedCodec, tokenizer_fingerprint
+from evals.core.targets import Retriever, load_target, tokenizer_fingerprint
+from evals.needle.token_cache import TOKENS_DIR, CachedCodec
 
 SUITE = "needle"
 MODES = ("context", "rag", "both")

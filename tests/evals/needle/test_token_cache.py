@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from evals.needle.haystack import Estimator, Frame, SentencePool, TokenizerCodec, fit_prompt
 from evals.needle.needles import make_needle
-from evals.needle.token_cache import CachedCodec, tokenizer_fingerprint
+from evals.core.targets import tokenizer_fingerprint
+from evals.needle.token_cache import CachedCodec
 
 
 def _fit(codec, pool, depth):
