@@ -179,7 +179,7 @@ def _runner_vs_naive(model, cfg, res: dict, length: int, max_new: int, repeats: 
             return {d.index: d for d in rows}
         return go
 
-    from evals.decode import GreedyDecoder
+    from evals.core.decode import GreedyDecoder
 
     row: dict[str, Any] = {"length": length, "cells": len(prompts), "max_new_tokens": max_new}
     torch.cuda.reset_peak_memory_stats()

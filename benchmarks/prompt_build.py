@@ -1,5 +1,5 @@
 """Time to build a needle length's prompts (exact-length fit, control, offsets) with the SmolLM2 tokenizer:
-a fresh run directory vs a resumed one whose ``tokens/`` cache holds the texts (evals/token_cache.py).
+a fresh run directory vs a resumed one whose ``tokens/`` cache holds the texts (evals/needle/token_cache.py).
 
     python -m benchmarks.prompt_build --length 32768 --out benchmarks/results/prompt_build.json
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from evals.haystack import Estimator, SentencePool, TokenizerCodec
-from evals.needle import NeedleSettings, build_cell, haystack_paths
-from evals.spec import Cell
-from evals.targets import tokenizer_fingerprint
-from evals.token_cache import CachedCodec
+from evals.needle.haystack import Estimator, SentencePool, TokenizerCodec
+from evals.needle.suite import NeedleSettings, build_cell, haystack_paths
+from evals.core.spec import Cell
+from evals.core.targets import tokenizer_fingerprint
+from evals.needle.token_cache import CachedCodec
 from ragkit import models
 
 

@@ -15,7 +15,7 @@ Two functions are registered under :data:`NAME` (see :func:`use_lower_right`):
 - an attention function that, with no mask, calls SDPA causally (lower-right) and otherwise exactly as ``sdpa``.
 
 On a CPU SDPA has no lower-right kernel and materializes the pattern, so there is nothing to gain there; the
-outputs equal the default path's (tests/test_attention.py) and ragkit switches it on for CUDA models only.
+outputs equal the default path's (tests/ragkit/test_attention.py) and ragkit switches it on for CUDA models only.
 Models with latent attention (Mistral-4's MLA) route their decode steps through :mod:`ragkit.mla` (absorbed
 ``kv_b_proj``) when :func:`use_lower_right` absorbs them; their prefill expands the latents as transformers does.
 """

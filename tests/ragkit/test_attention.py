@@ -44,8 +44,8 @@ def test_tail_on_cached_prefix_equals_sdpa_without_building_a_mask(smollm2_model
 
 
 def test_needle_group_answers_unchanged_on_the_lower_right_path(smollm2_model, smollm2, repo_root):
-    from evals.decode import GreedyDecoder
-    from evals.targets import wrap
+    from evals.core.decode import GreedyDecoder
+    from evals.core.targets import wrap
 
     target = wrap(smollm2)
     tail = smollm2.encode_prompt(smollm2.chat_prompt("Name the first word of this text. " * 12))
