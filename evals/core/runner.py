@@ -54,6 +54,9 @@ class Suite(Protocol):
 
 @dataclass
 class RunStats:
+    """Totals of a run. ``computed_tokens``: prompt tokens the model was fed (each shared-prefix token once, on
+    the cell that first needed it), which the progress bar's tok/s counts; ``prompt_tokens``: the cells' lengths."""
+
     cells: int = 0
     prompt_tokens: int = 0
     computed_tokens: int = 0
@@ -62,7 +65,7 @@ class RunStats:
 
 
 def progress_columns() -> tuple:
-    """The progress bar of every run: cells done of total, prompt tokens per second, elapsed, ETA."""
+    """The progress bar of every run: cells done of total, computed prompt tokens per second, elapsed, ETA."""
     return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("cells · {task.fields[tps]} tok/s · elapsed"), TimeElapsedColumn(),
             TextColumn("· ETA"), TimeRemainingColumn())
@@ -101,7 +104,7 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
                 stats.prompt_tokens += len(job.ids)
                 stats.computed_tokens += d.computed_tokens
                 stats.seconds = time.perf_counter() - t_start
-                progress.update(bar, advance=1, tps=f"{stats.prompt_tokens / max(stats.seconds, 1e-9):,.0f}")
+                progress.update(bar, advance=1, tps=f"{stats.computed_tokens / max(stats.seconds, 1e-9):,.0f}")
     return stats
 
 

@@ -23,8 +23,9 @@ from evals.core.scoring import contains_value, value_fraction
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.core.store import RunDir, provenance
 from evals.core import backend as backends  # (the settings field is named backend)
-from evals.core.targets import Retriever, load_target
 from evals.core.portable import portable_value
+from evals.core.targets import Retriever, load_target, tokenizer_fingerprint
+from evals.needle.token_cache import TOKENS_DIR, CachedCodec
 
 SUITE = "needle"
 MODES = ("context", "rag", "both")
@@ -120,7 +121,8 @@ class NeedleSuite:
         self.max_new_tokens = settings.max_new_tokens
         self.lengths = lengths
         self.config = config_hash({**settings.hashed(), "pool": pool.fingerprint})
-        self.est = Estimator(target.codec, pool)
+        self.codec = CachedCodec(target.codec, run_dir.path / TOKENS_DIR, tokenizer_fingerprint(target.llm.tokenizer))
+        self.est = Estimator(self.codec, pool)
         self.retriever = Retriever(settings.chunk_size, settings.top_k)
 
     def cells(self) -> list[Cell]:
@@ -149,7 +151,7 @@ class NeedleSuite:
         return ("context", cell["length"], cell["seed"])
 
     def build(self, cell: Cell) -> tuple[Needle, Frame, Built]:
-        return build_cell(self.target.codec, self.pool, self.est, self.s, cell)
+        return build_cell(self.codec, self.pool, self.est, self.s, cell)
 
     def prepare(self, cells: Sequence[Cell]) -> Group:
         jobs = [self._job(c) for c in cells]
@@ -182,8 +184,8 @@ class NeedleSuite:
         chunks = self.retriever.top_chunks(index_dir, haystack, needle.question)
         rank = next((i + 1 for i, c in enumerate(chunks) if needle.sentences[0] in c
                      or contains_value(c, needle.expected[0])), None)
-        text = self.target.codec.render(frame.user("\n\n".join(chunks)), frame.answer_prefix)
-        ids = self.target.codec.encode(text)
+        text = self.codec.render(frame.user("\n\n".join(chunks)), frame.answer_prefix)
+        ids = self.codec.encode(text)
         row.update(prompt_tokens=len(ids), actual_tokens=len(ids) + self.max_new_tokens,
                    retrieved=rank is not None if cell["kind"] == "needle" else None,
                    retrieval_rank=rank if cell["kind"] == "needle" else None, chunks=chunks)

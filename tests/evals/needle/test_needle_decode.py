@@ -70,6 +70,32 @@ def test_rows_that_end_early_keep_their_answers_and_each_row_stops_at_max_new_to
     assert [got[i].new_ids for i in range(len(prompts))] == expected
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_computed_tokens_add_up_to_the_prompt_tokens_the_model_was_fed(target, group, batch_size):
+    """Counted at the model's input (a forward hook): the shared prefix is computed once, on the first cell that
+    needs each stretch of it, and that cell's row says so; rows still split every prompt into reused + computed."""
+    prompts, base, _ = group
+    fed = []
+    hook = target.model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    try:  # no decode steps: every forward is prefill
+        rows = list(GreedyDecoder(target.model, target.eos_ids, 0, batch_size=batch_size).run_group(prompts, base))
+    finally:
+        hook.remove()
+    assert sum(d.computed_tokens for d in rows) == sum(fed) < sum(len(p) for p in prompts)
+    assert all(d.reused_tokens + d.computed_tokens == len(prompts[d.index]) for d in rows)
+    assert rows[0].reused_tokens == 0  # the first cell finds an empty cache
+
+
+def test_chunked_prefill_answers_like_generate_and_bad_chunks_are_refused(target, group):
+    prompts, base, naive = group
+    decoder = GreedyDecoder(target.model, target.eos_ids, MAX_NEW, batch_size=1, prefill_chunk=50)
+    got = {d.index: d.new_ids for d in decoder.run_group(prompts, base)}
+    assert [got[i] for i in range(len(prompts))] == naive
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1, got 0"):
+        GreedyDecoder(target.model, target.eos_ids, 4, prefill_chunk=0)
+
+
 def test_default_batch_size_is_one_on_cpu_eight_on_cuda_and_bad_sizes_are_refused(target):
     assert default_batch_size("cpu") == 1 and default_batch_size("cuda:0") == 8
     assert GreedyDecoder(target.model, target.eos_ids, 4).batch_size == default_batch_size(target.model.device)

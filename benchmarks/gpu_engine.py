@@ -1,0 +1,370 @@
+"""GPU engine at long context: prefill on a cached prefix vs fresh, decode steps, runner vs naive loop, and the
+real-width Mistral-4 (MLA) chunked prefill and absorbed decode. Random bf16 weights (no real weights reach the GPU
+machine); every timing a median of ``--repeats`` after a warm-up, CUDA-synchronized.
+
+    python -m benchmarks.gpu_engine dense --out results.json      # 7B-dense Llama shape
+    python -m benchmarks.gpu_engine mla --out results.json        # Mistral-Small-4 width, --layers layers
+    python -m benchmarks.gpu_engine kernels --out results.json    # the attention kernels alone
+
+dense: per-token prefill time of a fresh prompt, of a tail on a cached prefix under transformers' ``sdpa`` (an
+explicit query x key mask) and under ragkit's mask-free path (``ragkit.attention``); decode step ms at batch 1 on
+a DynamicCache (both paths) and with a StaticCache + ``torch.compile(mode="reduce-overhead")`` (CUDA graphs);
+and a needle-shaped grid at ``--length`` (random-token haystack, a 24-token needle at 5 depths x 2 seeds, plus a
+control) decoded by evals.decode's runner vs one ``generate()`` per cell (answers compared).
+kernels: the attention of a query block on a cached prefix alone (lower-right flash vs two cuDNN calls merged).
+mla: fresh prefill, prefill of the second half on a cached first half, and chunked prefill, at each
+``--lengths`` (time, peak GiB), and the decode step at that cache with HF's expand-the-cache MLA vs absorbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+from ragkit import attention
+
+DENSE = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=14336, vocab_size=49152, max_position_embeddings=262144, rope_theta=1e6)
+DEVICE = "cuda"
+BF16_TFLOPS, HBM_TBS = 790e12, 4.3e12  # measured ceilings of this workplace's H200 (KINDS.md)
+
+
+def timed(fn: Callable[[], Any], repeats: int, warm_up: Callable[[], Any] | None = None) -> tuple[Any, list[float]]:
+    """``warm_up`` (default: ``fn``) once, then ``repeats`` CUDA-synchronized timings of ``fn`` (seconds)."""
+    (warm_up or fn)()
+    times, out = [], None
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return out, times
+
+
+def med(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def _forward(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+
+
+def _prefill_cases(model, cfg, res: dict, cases: list[tuple[int, int]], repeats: int, warm: bool = True):
+    """(cached, new) cases: the time of feeding ``new`` tokens on a cache of ``cached`` (0: fresh), per mode;
+    the prefix is prefilled again (untimed) before each timed tail."""
+    for mode in ("sdpa", attention.NAME):
+        model.set_attn_implementation(attention.register() if mode != "sdpa" else "sdpa")
+        for cached, new in cases:
+            row: dict[str, Any] = {"mode": mode, "cached": cached, "new": new}
+            try:
+                ids = torch.randint(3, cfg.vocab_size, (1, cached + new), device=DEVICE)
+                times, peaks = [], []
+                for r in range(repeats + int(warm)):
+                    cache = DynamicCache(config=cfg)
+                    if cached:
+                        _forward(model, ids[:, :cached], cache)
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    t = time.perf_counter()
+                    _forward(model, ids[:, cached:], cache)
+                    torch.cuda.synchronize()
+                    if r >= int(warm):
+                        times.append(time.perf_counter() - t)
+                        peaks.append((torch.cuda.max_memory_allocated() - base) / 2**30)
+                    del cache
+                    torch.cuda.empty_cache()
+                row.update(times_s=times, median_s=med(times), per_token_us=med(times) / new * 1e6,
+                           transient_peak_gib=max(peaks))
+                del ids
+            except torch.OutOfMemoryError as e:
+                row["oom"] = str(e)[:200]
+            torch.cuda.empty_cache()
+            res.setdefault("prefill", []).append(row)
+            print("prefill", json.dumps(row), flush=True)
+
+
+def _decode_steps(model, cfg, res: dict, cache_len: int, steps: int = 32):
+    """Decode step ms at batch 1 on a ``cache_len`` DynamicCache (both attention paths), and compiled+static."""
+    ids = torch.randint(3, cfg.vocab_size, (1, cache_len), device=DEVICE)
+    tok = torch.randint(3, cfg.vocab_size, (1, 1), device=DEVICE)
+    for mode in ("sdpa", attention.NAME):
+        model.set_attn_implementation(attention.register() if mode != "sdpa" else "sdpa")
+        cache = DynamicCache(config=cfg)
+        _forward(model, ids, cache)
+        for _ in range(3):
+            _forward(model, tok, cache)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            _forward(model, tok, cache)
+        torch.cuda.synchronize()
+        res[f"decode_ms_{mode}"] = (time.perf_counter() - t) / steps * 1000
+        print("decode", mode, res[f"decode_ms_{mode}"], flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    model.set_attn_implementation("sdpa")
+    try:
+        from transformers import StaticCache
+
+        sc = StaticCache(config=cfg, max_cache_len=cache_len + 64)
+        model(input_ids=ids, cache=sc, use_cache=True, logits_to_keep=1,
+              cache_position=torch.arange(cache_len, device=DEVICE))
+        step = torch.compile(lambda t, pos: model(input_ids=t, cache=sc, use_cache=True, logits_to_keep=1,
+                                                  cache_position=pos).logits, mode="reduce-overhead")
+        t0 = time.perf_counter()
+        for i in range(4):
+            step(tok, torch.tensor([cache_len + i], device=DEVICE))
+        torch.cuda.synchronize()
+        res["compile_s"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        for i in range(4, 4 + steps):
+            step(tok, torch.tensor([cache_len + i], device=DEVICE))
+        torch.cuda.synchronize()
+        res["decode_ms_static_compiled"] = (time.perf_counter() - t) / steps * 1000
+        del sc
+    except Exception as e:  # noqa: BLE001 - a failed compile is a result, not a crash
+        res["static_compiled_error"] = repr(e)[:300]
+    print("decode static+compiled", res.get("decode_ms_static_compiled"), res.get("static_compiled_error"), flush=True)
+    torch.cuda.empty_cache()
+
+
+def _grid(cfg, length: int, max_new: int, depths=(0, 25, 50, 75, 100), seeds=(1, 2)) -> tuple[list[list[int]], list[int]]:
+    """Needle-shaped prompts: one random haystack, a 24-token needle at ``depths`` for each seed, and the control."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randint(3, cfg.vocab_size, (length - max_new,), generator=gen).tolist()
+    prompts = []
+    for seed in seeds:
+        needle = torch.randint(3, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(seed)).tolist()
+        for depth in depths:
+            cut = round((len(base) - 64) * depth / 100)
+            prompts.append(base[:cut] + needle + base[cut:len(base) - 24])
+    return prompts + [base], base
+
+
+def _runner_vs_naive(model, cfg, res: dict, length: int, max_new: int, repeats: int,
+                     variants=(("runner_bs8", 8, True), ("runner_bs8_sdpa_mask", 8, False), ("runner_bs1", 1, True)),
+                     **grid):
+    prompts, base = _grid(cfg, length, max_new, **grid)
+    eos = [10**9]  # random weights: every cell decodes its whole budget
+
+    def naive():
+        model.set_attn_implementation("sdpa")
+        out = []
+        with torch.inference_mode():
+            for p in prompts:
+                x = torch.tensor([p], device=DEVICE)
+                out.append(model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                                          do_sample=False, pad_token_id=0)[0, len(p):].tolist())
+        return out
+
+    def runner(batch: int, lower_right: bool, n: int = len(prompts)):
+        def go():
+            model.set_attn_implementation("sdpa")
+            decoder = GreedyDecoder(model, eos, max_new, batch_size=batch)  # on CUDA: switches to ragkit's path
+            if not lower_right:
+                model.set_attn_implementation("sdpa")
+            rows = list(decoder.run_group(prompts[:n], base))
+            return {d.index: d for d in rows}
+        return go
+
+    from evals.core.decode import GreedyDecoder
+
+    row: dict[str, Any] = {"length": length, "cells": len(prompts), "max_new_tokens": max_new}
+    torch.cuda.reset_peak_memory_stats()
+    want, t = timed(naive, 1, warm_up=lambda: model.generate(torch.tensor([prompts[0][:4096]], device=DEVICE),
+                                                               max_new_tokens=4, do_sample=False, pad_token_id=0))
+    row.update(naive_s=t, naive_median_s=med(t), naive_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    print("naive", t, flush=True)
+    for name, batch, lr in variants:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        got, t = timed(runner(batch, lr), repeats, warm_up=runner(batch, lr, 2))
+        row[name] = {"times_s": t, "median_s": med(t), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                     "speedup_vs_naive": row["naive_median_s"] / med(t),
+                     "same_answers": sum(got[i].new_ids == want[i] for i in range(len(prompts))),
+                     "computed_tokens": sum(d.computed_tokens for d in got.values()),
+                     "prompt_tokens": sum(len(p) for p in prompts)}
+        print(name, json.dumps(row[name]), flush=True)
+    res.setdefault("runner_vs_naive", []).append(row)
+    model.set_attn_implementation("sdpa")
+
+
+def _random_bf16(model_class, cfg):
+    """``model_class(cfg)`` with random bf16 weights (seed 0) made on the device, on transformers' sdpa."""
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = model_class(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def dense(args, res: dict, save: Callable[[], None]) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**DENSE)
+    model = _random_bf16(LlamaForCausalLM, cfg)
+    params = sum(p.numel() for p in model.parameters())
+    non_emb = params - 2 * cfg.vocab_size * cfg.hidden_size
+    res.update(model="random Llama, 7B-dense shape", config=DENSE, params=params, non_embedding_params=non_emb,
+               weights_gib=torch.cuda.memory_allocated() / 2**30,
+               decode_floor_ms=params * 2 / HBM_TBS * 1000)
+    save()
+    with torch.inference_mode():
+        if args.prefill_only:  # the prefill cases alone (at --length, and --long if given)
+            L = args.length
+            _prefill_cases(model, cfg, res, [(0, L), (46, L - 46), (L // 2, L // 2)], args.repeats)
+            if args.long:
+                _prefill_cases(model, cfg, res, [(args.long // 2, args.long // 2)], 1, warm=False)
+            return
+        if args.grid_only:  # the runner vs naive at --length with --depths and --seeds, bs8 only
+            _runner_vs_naive(model, cfg, res, args.length, args.max_new, args.repeats,
+                             variants=(("runner_bs8", 8, True),), depths=tuple(args.depths), seeds=tuple(args.seeds))
+            return
+        L = args.length
+        _prefill_cases(model, cfg, res, [(0, L), (46, L - 46), (L // 2, L // 2)], args.repeats)
+        save()
+        _decode_steps(model, cfg, res, 8192)
+        save()
+        _runner_vs_naive(model, cfg, res, L, args.max_new, args.repeats)
+        save()
+        if args.long:
+            _prefill_cases(model, cfg, res, [(0, args.long), (args.long // 2, args.long // 2)], 1, warm=False)
+            save()
+
+
+def mla(args, res: dict, save: Callable[[], None]) -> None:
+    from transformers import Mistral4Config, Mistral4ForCausalLM
+
+    cfg = Mistral4Config(num_hidden_layers=args.layers, first_k_dense_replace=0)
+    model = _random_bf16(Mistral4ForCausalLM, cfg)
+    res.update(model=f"random Mistral4ForCausalLM, real width, {args.layers} MoE layers",
+               params=sum(p.numel() for p in model.parameters()), weights_gib=torch.cuda.memory_allocated() / 2**30)
+    save()
+    with torch.inference_mode():
+        for T in args.lengths:
+            for mode, chunk in (("sdpa", None), (attention.NAME, None), (attention.NAME, args.chunk)):
+                row: dict[str, Any] = {"T": T, "mode": mode, "chunk": chunk}
+                model.set_attn_implementation(attention.register() if mode != "sdpa" else "sdpa")
+                try:
+                    ids = torch.randint(3, cfg.vocab_size, (1, T), device=DEVICE)
+                    for label, start in (("fresh", 0), ("second_half", T // 2)):
+                        torch.cuda.empty_cache()
+                        cache = DynamicCache(config=cfg)
+                        if start:
+                            _forward(model, ids[:, :start], cache)
+                        torch.cuda.reset_peak_memory_stats()
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        step = chunk or T
+                        for s in range(start, T, step):
+                            _forward(model, ids[:, s:min(T, s + step)], cache)
+                        torch.cuda.synchronize()
+                        row[f"{label}_s"] = time.perf_counter() - t
+                        row[f"{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    tok = torch.randint(3, cfg.vocab_size, (1, 1), device=DEVICE)
+                    for absorbed in (False, True):
+                        if absorbed:
+                            attention.use_lower_right(model)  # absorbs kv_b_proj for decode steps
+                        _forward(model, tok, cache)
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        for _ in range(8):
+                            _forward(model, tok, cache)
+                        torch.cuda.synchronize()
+                        row["decode_ms_absorbed" if absorbed else "decode_ms_expand"] = (time.perf_counter() - t) / 8e-3
+                    _restore_expand(model)
+                    del cache, ids
+                except torch.OutOfMemoryError as e:
+                    row["oom"] = str(e)[:200]
+                    _restore_expand(model)
+                torch.cuda.empty_cache()
+                res.setdefault("runs", []).append(row)
+                print("mla", json.dumps(row), flush=True)
+                save()
+
+
+def _restore_expand(model) -> None:
+    """Back to transformers' own MLA (for the next case's baseline)."""
+    for m in model.modules():
+        if hasattr(m, "ragkit_expand_kv"):
+            m.expand_kv = m.ragkit_expand_kv
+            del m.ragkit_expand_kv
+
+
+def kernels(args, res: dict, save: Callable[[], None]) -> None:
+    """A query block on a cached prefix, 32 heads x 128, bf16: lower-right flash vs split cuDNN (+ LSE merge) vs a
+    fresh causal pass over all rows; the relative error of each against a float32 lower-right reference."""
+    for c, n in ((16384, 16384), (65536, 65536), (131072, 4096), (2048, 30720)):
+        row: dict[str, Any] = {"cached": c, "new": n}
+        q = torch.randn(1, 32, n, 128, device=DEVICE, dtype=torch.bfloat16)
+        k = torch.randn(1, 32, c + n, 128, device=DEVICE, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ref = attention.lower_right_sdpa(q.float(), k.float(), v.float(), None) if c + n <= 40000 else None
+        for name, fn in (("lower_right", attention.lower_right_sdpa), ("split_cudnn", attention.split_sdpa)):
+            try:
+                out, t = timed(lambda: fn(q, k, v, None), args.repeats)
+                row[f"{name}_s"] = t
+                if ref is not None:
+                    row[f"{name}_rel_err"] = float((out.float() - ref).norm() / ref.norm())
+            except RuntimeError as e:
+                row[f"{name}_error"] = repr(e)[:300]
+        qf = torch.randn(1, 32, c + n, 128, device=DEVICE, dtype=torch.bfloat16)
+        _, row["fresh_causal_all_rows_s"] = timed(
+            lambda: torch.nn.functional.scaled_dot_product_attention(qf, k, v, is_causal=True), args.repeats)
+        res.setdefault("kernels", []).append(row)
+        print("kernels", json.dumps(row), flush=True)
+        save()
+        del q, k, v, qf, ref
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("dense", "mla", "kernels"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--length", type=int, default=32768)
+    p.add_argument("--long", type=int, default=0, help="dense: also fresh vs half-on-cache prefill at this length")
+    p.add_argument("--max-new", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--grid-only", action="store_true", help="dense: only the runner vs naive grid")
+    p.add_argument("--prefill-only", action="store_true", help="dense: only the prefill cases")
+    p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0, 50, 100])
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+    p.add_argument("--chunk", type=int, default=16384)
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[131072, 262144])
+    args = p.parse_args(argv)
+    res: dict[str, Any] = {"what": args.what, "args": vars(args), "gpu": torch.cuda.get_device_name(),
+                           "torch": torch.__version__, "transformers": transformers.__version__,
+                           "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = Path(args.out)
+
+    def save():
+        out.write_text(json.dumps(res, indent=1))
+
+    try:
+        {"dense": dense, "mla": mla, "kernels": kernels}[args.what](args, res, save)
+    except Exception as e:  # noqa: BLE001 - what was measured before the failure is kept
+        res["error"] = repr(e)[:500]
+        save()
+        raise
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
