@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "ServerUnavailableError": "ragkit.errors",
     "ServerRequestError": "ragkit.errors",
     "BadServerResponseError": "ragkit.errors",
+    "StructuredOutputError": "ragkit.structured",
 }
 
 __all__ = sorted(_EXPORTS)
