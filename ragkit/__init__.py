@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "ServerUnavailableError": "ragkit.errors",
     "ServerRequestError": "ragkit.errors",
     "BadServerResponseError": "ragkit.errors",
+    "StructuredOutputError": "ragkit.structured",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -76,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ragkit.planner import MemoryPlan, plan  # noqa: F401
     from ragkit.remote import OpenAICompatibleLLM  # noqa: F401
     from ragkit.store import FaissVectorStore, IndexDirectory  # noqa: F401
+    from ragkit.structured import StructuredOutputError  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -36,15 +36,17 @@ from llama_index.core.llms.custom import CustomLLM
 from ragkit import adapters as lora
 from ragkit import loading, models
 from ragkit.errors import ContextWindowExceededError, ModelLoadError
+from ragkit.structured import StructuredPredictMixin
 
-_GENERATION_KWARGS = {"max_new_tokens", "temperature", "top_p", "stop"}
+_GENERATION_KWARGS = {"max_new_tokens", "temperature", "top_p", "stop", "json_schema"}
 
 
-class LocalLLM(CustomLLM):
+class LocalLLM(StructuredPredictMixin, CustomLLM):
     """A local transformers model behind the LlamaIndex LLM interface.
 
     ``model`` is ``"default"`` (the embedded SmolLM2-135M-Instruct), a Hugging Face id already
-    in the local hub cache, a model directory, or a ``.gguf`` file. See docs/llm.md.
+    in the local hub cache, a model directory, or a ``.gguf`` file. See docs/llm.md; structured (JSON-schema)
+    answers: docs/structured.md.
     ``adapter``: one or several PEFT LoRA directories (safetensors), checked against the base before
     its weights load and all active at once; ``merge_adapter`` folds them into an unquantized base
     (docs/lora.md).
@@ -211,7 +213,8 @@ class LocalLLM(CustomLLM):
     def generate_ids(self, input_ids: Sequence[int], **gen: Any) -> list[int]:
         """Generate from ``input_ids``; returns the new token ids only.
 
-        ``gen``: max_new_tokens, temperature, top_p, stop (strings that end generation).
+        ``gen``: max_new_tokens, temperature, top_p, stop (strings that end generation), json_schema (a
+        pydantic model class or JSON-schema dict: decoding is constrained to one object of it, docs/structured.md).
         """
         import torch
 
@@ -225,9 +228,11 @@ class LocalLLM(CustomLLM):
         ids = self.encode_prompt(prompt if formatted else self.chat_prompt(prompt))
         new_ids = self.generate_ids(ids, **kwargs)
         text = _cut_at_stop(self._decode(new_ids), kwargs.get("stop"))
-        return CompletionResponse(
-            text=text, additional_kwargs={"prompt_tokens": len(ids), "completion_tokens": len(new_ids)}
-        )
+        budget = kwargs.get("max_new_tokens") or self.max_new_tokens
+        ended = bool(new_ids) and new_ids[-1] in self._eos_ids()
+        return CompletionResponse(text=text, additional_kwargs={
+            "prompt_tokens": len(ids), "completion_tokens": len(new_ids),
+            "finish_reason": "length" if len(new_ids) >= budget and not ended else "stop"})
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
@@ -270,9 +275,20 @@ class LocalLLM(CustomLLM):
             config.stop_strings = stops
         ids = torch.tensor([list(input_ids)], device=self.device)
         args: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "generation_config": config}
+        if gen.get("json_schema") is not None:
+            from ragkit import structured
+
+            args["logits_processor"] = [structured.logits_processor(
+                self._tokenizer, self._model.config.get_text_config().vocab_size, gen["json_schema"], self._eos_ids())]
         if stops:
             args["tokenizer"] = self._tokenizer  # generate needs it to match stop strings
         return args
+
+    def _eos_ids(self) -> list[int]:
+        """The token ids that end generation (the generation config's, else the tokenizer's)."""
+        eos = self._model.generation_config.eos_token_id
+        eos = self._tokenizer.eos_token_id if eos is None else eos
+        return [eos] if isinstance(eos, int) else list(eos or [])
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

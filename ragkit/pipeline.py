@@ -30,6 +30,9 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 
+from pydantic import BaseModel
+
+from ragkit import structured
 from ragkit.context import STOP_SEQUENCES, AssembledContext, assemble_context, get_ordering
 from ragkit.errors import (
     EmbedderMismatchError,
@@ -75,6 +78,7 @@ class Answer:
     completion_tokens: int
     dropped: list[Source] = field(default_factory=list)  # retrieved, but did not fit the context window
     ordering: str = "score"
+    output: Any = None  # with query(output_cls=Model): the validated Model instance
 
     def __str__(self) -> str:
         return self.text
@@ -350,21 +354,34 @@ class Pipeline:
             self._llm = LocalLLM(os.fspath(self._llm_arg), max_new_tokens=self.max_new_tokens)
         return self._llm
 
-    def assemble(self, question: str, nodes: list[NodeWithScore], ordering: str | None = None) -> AssembledContext:
-        """The prompt the LLM would get for ``question`` over ``nodes`` (fitted to its context window)."""
+    def assemble(self, question: str, nodes: list[NodeWithScore], ordering: str | None = None,
+                 output_cls: type[BaseModel] | None = None) -> AssembledContext:
+        """The prompt the LLM would get for ``question`` over ``nodes`` (fitted to its context window).
+
+        With ``output_cls`` the question carries the JSON-schema instruction, so the budget counts it.
+        """
         llm = self.llm
+        if output_cls is not None:
+            question = f"{question}\n{structured.instruction(output_cls)}"
         reserve = int(getattr(llm, "max_new_tokens", self.max_new_tokens))
         return assemble_context(nodes, question, counter=llm, context_window=int(llm.context_window),
                                 reserve_tokens=reserve, ordering=ordering or self.ordering)
 
     def query(self, question: str, top_k: int | None = None, filters: Any = None,
-              ordering: str | None = None) -> Answer:
-        """Retrieve, fit the chunks into the LLM's context window, and answer."""
+              ordering: str | None = None, output_cls: type[BaseModel] | None = None) -> Answer:
+        """Retrieve, fit the chunks into the LLM's context window, and answer.
+
+        ``output_cls``: a pydantic model class; the answer is decoded under its JSON schema and returned,
+        validated, as ``Answer.output`` (StructuredOutputError with the raw text if it is not one). docs/structured.md.
+        """
         log.info("retrieving the %d most similar chunks", self.top_k if top_k is None else top_k)
         nodes = self.retrieve(question, top_k=top_k, filters=filters)
-        ctx = self.assemble(question, nodes, ordering)
+        ctx = self.assemble(question, nodes, ordering, output_cls)
         log.info("generating the answer from %d chunks (%d prompt tokens)", len(ctx.nodes), ctx.prompt_tokens)
-        response = self.llm.chat(ctx.messages, stop=list(STOP_SEQUENCES))
+        gen: dict[str, Any] = {"json_schema": output_cls} if output_cls is not None else {"stop": list(STOP_SEQUENCES)}
+        response = self.llm.chat(ctx.messages, **gen)
+        output = None if output_cls is None else structured.from_response(
+            response, output_cls, int(getattr(self.llm, "max_new_tokens", self.max_new_tokens)))
         text = (response.message.content or "").strip()
         usage = _usage(response)
         return Answer(
@@ -374,6 +391,7 @@ class Pipeline:
             completion_tokens=int(usage.get("completion_tokens", self.llm.count_tokens(text))),
             dropped=[_to_source(n) for n in ctx.dropped],
             ordering=ctx.ordering,
+            output=output,
         )
 
     def info(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from ragkit.errors import (
     ServerUnavailableError,
 )
 from ragkit.llm import LocalLLM, _context_window, _cut_at_stop
+from ragkit.structured import StructuredPredictMixin, json_schema
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ ENV_BASE_URL = "RAGKIT_BASE_URL"
 ENV_MODEL = "RAGKIT_MODEL"
 ENV_API_KEYS = ("RAGKIT_API_KEY", "OPENAI_API_KEY")
 _warned_mismatch = threading.Event()  # the first mismatch is logged; every one is in the response
-_GENERATION_KWARGS = {"max_new_tokens", "temperature", "top_p", "stop"}
+_GENERATION_KWARGS = {"max_new_tokens", "temperature", "top_p", "stop", "json_schema"}
 
 
-class OpenAICompatibleLLM(CustomLLM):
+class OpenAICompatibleLLM(StructuredPredictMixin, CustomLLM):
     """A model behind an OpenAI-compatible HTTP server, with LocalLLM's token-exact interface.
 
     ``base_url``: e.g. ``http://127.0.0.1:8000/v1`` (``$RAGKIT_BASE_URL``; ``/v1`` is added to a bare
@@ -72,6 +73,8 @@ class OpenAICompatibleLLM(CustomLLM):
     ``"default"``; None = the served model name if it resolves offline, else the server's ``/tokenize``.
     ``prompt_format``: ``"text"`` sends the rendered prompt text, ``"ids"`` sends the local token ids
     (vLLM and llama.cpp accept them; then the server sees exactly the counted tokens).
+    ``json_schema=`` (generation argument; ``structured_predict``, ``as_structured_llm``): the schema goes to
+    the server as ``response_format`` (json_schema), and what comes back is validated here (docs/structured.md).
     """
 
     model_name: str = Field(description="The served model name sent with every request.")
@@ -249,6 +252,11 @@ class OpenAICompatibleLLM(CustomLLM):
             args["top_p"] = self.top_p if gen.get("top_p") is None else gen["top_p"]
         if gen.get("stop"):
             args["stop"] = gen["stop"]
+        if gen.get("json_schema") is not None:
+            schema = json_schema(gen["json_schema"])
+            # vLLM and llama.cpp read response_format (chat and completions); llama.cpp's completions also json_schema
+            args["extra_body"] = {"response_format": {"type": "json_schema", "json_schema": {
+                "name": str(schema.get("title") or "answer"), "schema": schema, "strict": True}}, "json_schema": schema}
         return args
 
     def _complete(self, ids: list[int], text: str | None, gen: dict[str, Any]) -> CompletionResponse:

@@ -22,7 +22,7 @@ PACKAGES = ("ragkit", "evals")
 
 # Changing the public API? Change it here too, in the same commit, and say so in the docs.
 RAGKIT_ALL = [
-    "AdapterError", "FinetuneError", "read_adapters",
+    "AdapterError", "FinetuneError", "StructuredOutputError", "read_adapters",
     "BadServerResponseError", "ContextWindowExceededError", "EmbedderMismatchError", "EmptyIndexError",
     "FaissVectorStore", "IndexCorruptError", "IndexDirectory", "IndexLockedError", "IndexNotFoundError",
     "IngestError", "InvalidQueryError", "LocalLLM", "MemoryPlan", "MemoryPlanError", "ModelLoadError",
