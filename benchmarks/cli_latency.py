@@ -7,6 +7,7 @@ every timing, medians) go to ``benchmarks/results/cli_latency_<label>.json`` and
 
     python benchmarks/cli_latency.py --label before
     python benchmarks/cli_latency.py --label after --query-reps 3
+    RAGKIT_CODE_LABEL=base PYTHONPATH=/path/to/old/checkout python benchmarks/cli_latency.py --label old --verbs info retrieve
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--label", required=True, help="name of this measurement (before/after)")
     ap.add_argument("--reps", type=int, default=3, help="runs of info and retrieve")
     ap.add_argument("--query-reps", type=int, default=1, help="runs of query (each loads the LLM)")
+    ap.add_argument("--verbs", nargs="+", default=["info", "retrieve", "query"], help="verbs to time")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +80,7 @@ def main() -> None:
                       args.query_reps),
         }
         rows = []
-        for verb, (argv, reps) in verbs.items():
+        for verb, (argv, reps) in ((v, verbs[v]) for v in args.verbs):
             for rep in range(reps):
                 rows.append({"verb": verb, "rep": rep, **run_timed(argv)})
                 print(rows[-1], flush=True)
@@ -95,6 +97,7 @@ def main() -> None:
                     "load_average_at_end": os.getloadavg()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "corpus_file": str(CORPUS_FILE.relative_to(ROOT)),
+        "ragkit_code": os.environ.get("RAGKIT_CODE_LABEL", "this checkout"),
         "runs": rows,
         "medians": medians.reset_index().to_dict(orient="records"),
     }
