@@ -161,6 +161,15 @@ def resolve_llm(model: str | os.PathLike[str], gguf_file: str | None = None) -> 
     return resolve(model, gguf_file=gguf_file, default=default_llm_path() if os.fspath(model) == DEFAULT else None)
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def shipped_config(model_id: str) -> Path | None:
+    """The config.json ragkit ships for a hub id its docs name (ragkit/configs/README.md), or None."""
+    path = SHIPPED_CONFIGS / (model_id.replace("/", "--") + ".json")
+    return path if "/" in model_id and path.is_file() else None
+
+
 def resolve_embedder(model: str | os.PathLike[str]) -> ModelSource:
     """Resolve an embedder argument; ``"default"`` is the embedded all-MiniLM-L6-v2 directory."""
     return resolve(model, default=default_embedder_path() if os.fspath(model) == DEFAULT else None)

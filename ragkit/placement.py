@@ -124,7 +124,7 @@ def load_config(model_or_config: Any):
     """(config, label) from a config object, dict, config.json, model dir, .gguf, cached hub id or "default"."""
     from transformers import AutoConfig, PretrainedConfig
 
-    from ragkit.models import gguf_cache_path, resolve_llm
+    from ragkit.models import gguf_cache_path, resolve_llm, shipped_config
 
     if isinstance(model_or_config, PretrainedConfig):
         return model_or_config, getattr(model_or_config, "_name_or_path", "") or model_or_config.model_type
@@ -133,7 +133,16 @@ def load_config(model_or_config: Any):
     path = Path(str(model_or_config)).expanduser()
     if path.is_file() and path.suffix == ".json":
         return _config_from_dict(json.loads(path.read_text())), path.parent.name if path.name == "config.json" else path.stem
-    source = resolve_llm(str(model_or_config))  # raises ModelNotFoundError saying where it looked
+    try:
+        source = resolve_llm(str(model_or_config))  # raises ModelNotFoundError saying where it looked
+    except ModelNotFoundError as exc:
+        shipped = shipped_config(str(model_or_config))
+        if shipped is None:
+            raise ModelNotFoundError(
+                f"{exc} To plan, only its config.json is needed: on a connected machine `hf download "
+                f"{model_or_config} config.json`, or pass the path of a config.json."
+            ) from exc
+        return _config_from_dict(json.loads(shipped.read_text())), str(model_or_config)
     if source.is_gguf:
         converted = gguf_cache_path(source.path) / "config.json"  # LocalLLM loads GGUF through this cache
         if converted.is_file():
@@ -141,7 +150,8 @@ def load_config(model_or_config: Any):
         return AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name), source.path.stem
     if not (source.path / "config.json").is_file():
         raise ModelNotFoundError(f"{source.path} has no config.json; pass a Hugging Face model directory.")
-    return _config_from_dict(json.loads((source.path / "config.json").read_text())), source.path.name
+    label = source.name if "snapshots" in source.path.parts else source.path.name  # a hub id, not its hash
+    return _config_from_dict(json.loads((source.path / "config.json").read_text())), label
 
 
 def _config_from_dict(data: dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,32 @@ def test_plan_command_prints_the_table():
     assert run.returncode == 0, run.stderr
     assert "Per-GPU split (headroom 12%)" in run.stdout
     assert "23,040 B" in run.stdout and "max_memory={0:" in run.stdout
+
+
+def test_plan_of_the_flagship_by_hub_id_works_offline_on_a_fresh_machine(tmp_path):
+    """No hub cache at all: the config ragkit ships for the model its docs name is used, titled by the id."""
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "empty-hub"), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-m", "ragkit.cli", "plan", "mistralai/Mistral-Small-4-119B-2603",
+                          "--quant", "nf4"], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "Memory plan: mistralai/Mistral-Small-4-119B-2603 (Mistral3ForConditionalGeneration)" in run.stdout
+
+
+def test_a_cached_hub_config_is_titled_by_its_model_id_and_an_uncached_id_says_config_json_suffices(tmp_path):
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(MS4.read_text())
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-m", "ragkit.cli", "plan", "acme/tiny"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "Memory plan: acme/tiny (" in run.stdout and "0" * 40 not in run.stdout
+    run = subprocess.run([sys.executable, "-m", "ragkit.cli", "plan", "acme/absent"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 2 and run.stderr.startswith("Error: "), run.stderr
+    assert "hf download acme/absent config.json" in run.stderr
 
 
 def test_plan_command_fails_cleanly_on_bad_gpus():
