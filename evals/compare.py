@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 from xml.etree import ElementTree as ET
 
+from evals.scorers import scorer_of
 from evals.scoring import wilson
 from evals.stats import mcnemar_exact
 from evals.store import RunDir
@@ -167,6 +168,16 @@ def _check_settings(base: dict, cand: dict) -> None:
                                 "tokens, so cells are not paired; compare models that share a tokenizer")
 
 
+def _check_scorers(base: dict[tuple, dict], cand: dict[tuple, dict]) -> None:
+    """Both runs scored by one and the same scorer (name and version), or InvalidComparison saying how to fix it."""
+    used = {name: sorted({scorer_of(r) for r in rows.values()}) for name, rows in (("baseline", base),
+                                                                                   ("candidate", cand))}
+    if len(used["baseline"]) > 1 or len(used["candidate"]) > 1 or used["baseline"] != used["candidate"]:
+        raise InvalidComparison(f"the runs were scored differently (baseline {', '.join(used['baseline'])}; "
+                                f"candidate {', '.join(used['candidate'])}); re-score both with the same scorer: "
+                                "python -m evals.needle --rescore RUN --scorer NAME (or evals.lost_in_middle)")
+
+
 def _describe(key: tuple, layout: Layout) -> str:
     return ", ".join(f"{k}={v}" for k, v in zip(layout.coords, key) if v is not None)
 
@@ -223,6 +234,7 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout
         problems.append("the baseline has no scored cells")
     if problems:
         raise InvalidComparison("; ".join(problems))
+    _check_scorers(base, cand)
     lengths = [k for k in base if base[k].get("prompt_tokens") is not None and cand[k].get("prompt_tokens") is not None
                and base[k]["prompt_tokens"] != cand[k]["prompt_tokens"]]
     if lengths:

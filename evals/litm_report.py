@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.report import rate_table
+from evals.report import rate_table, scoring_line
 from evals.scoring import wilson
 from evals.stats import mcnemar_exact
 from evals.store import RunDir
@@ -162,7 +162,10 @@ def markdown(df: pd.DataFrame, run: dict, name: str) -> str:
              f"- **Longest prompts** (tokens incl. answer budget): {run.get('longest_prompts')}",
              f"- **Code**: git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}; "
              f"created {run.get('created')}; config {run.get('config')}", "",
-             "Accuracy = a gold answer occurs in the reply (SQuAD-normalized, whole words); "
+             scoring_line(df, df), "",
+             "Accuracy = the reply commits to a gold answer (strict: SQuAD-normalized, whole words, in a clause that "
+             "is neither negated nor hedged; for key-value, no other UUID claimed) or, lenient, a gold answer occurs "
+             "anywhere in it — `scorer` in each row says which; "
              "`k/n = rate (95% Wilson interval)`. Paired tests: exact McNemar on the same items "
              "(`A only` / `B only` = items only A / only B got right; * = p < 0.05).", ""]
     qa = df[df["task"] == "qa"]

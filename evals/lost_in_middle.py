@@ -22,6 +22,8 @@ from evals.errors import SettingsError, TooLongError, cli_exit
 from evals.kv import KVObject, kv_user_text, make_kv
 from evals.passages import DISTRACTORS, Distractors, PassagePool, QAItem, load_qa, place_gold, select_questions
 from evals.runner import Group, Job, run
+from evals import scorers
+from evals.rescore import rescore
 from evals.scoring import answer_match
 from evals.spec import Cell, config_hash, load_suite_file, merge_settings, parse_ints
 from evals.store import RunDir, provenance
@@ -102,8 +104,9 @@ class LitmSettings(backends.Settings):
     resume: bool = False
     progress: bool = True
     cache_dir: str | None = None
+    scorer: str = scorers.DEFAULT  # re-runnable from the stored answers (--rescore), so not hashed
 
-    RUN_CONTROL = ("out", "resume", "progress", "cache_dir", "device", *backends.RUN_CONTROL)
+    RUN_CONTROL = ("out", "resume", "progress", "cache_dir", "device", "scorer", *backends.RUN_CONTROL)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -136,6 +139,7 @@ class LitmSettings(backends.Settings):
             raise SettingsError("--questions and --rag-top-k must be >= 1, --chunk-tokens >= 32")
         if self.max_new_tokens is None:
             self.max_new_tokens = 48 if self.kv else 32
+        scorers.check(self.scorer)
         backends.check(self)
 
     @property
@@ -269,8 +273,12 @@ class LitmSuite:
             "recipe": {"chunks": [n.node.node_id for n in ctx.nodes]}}
 
     def score(self, job: Job, answer: str) -> dict[str, Any]:
-        found = answer_match(answer, job.payload)
-        return {"found": found, "score": float(found)}
+        return scorers.record(scorers.qa_scores(answer, job.payload, job.cell["task"]), self.s.scorer)
+
+
+def rescore_row(row: dict[str, Any], scorer: str) -> dict[str, Any]:
+    """A stored row's score fields under ``scorer``."""
+    return scorers.record(scorers.qa_scores(row["answer"], row["expected"], row["task"]), scorer)
 
     # ---- length safety
     def check_lengths(self) -> dict[str, int]:
@@ -363,18 +371,29 @@ def _parser() -> argparse.ArgumentParser:
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     backends.add_flags(a)
     a("--config", help="YAML suite file (evals/suites/litm*.yaml); flags given on the command line win")
+    a("--scorer", choices=tuple(scorers.SCORERS), help="strict: the answer commits to a gold answer, not hedged "
+      "or negated, no other key's value claimed (default); lenient: a gold answer occurs anywhere in the reply")
+    a("--rescore", metavar="RUN", help="re-score the stored answers of run directory RUN with --scorer (no "
+      "generation) and rewrite its report; with --out into a new run directory instead of RUN itself")
     return p
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> LitmSettings:
     args = _parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "rescore")}
     known = {f for f in LitmSettings.__dataclass_fields__ if f != "RUN_CONTROL"}
     return LitmSettings(**merge_settings(load_suite_file(args.config) if args.config else {}, flags, known))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def command() -> None:
+        args = _parser().parse_args(argv)
+        if args.rescore:
+            scorer = args.scorer or scorers.DEFAULT
+            run_dir = rescore(args.rescore, scorer, rescore_row, args.out)
+            litm_report.write_report(run_dir)
+            print(f"re-scored {args.rescore} with {scorer}; report: {run_dir.path / 'report.md'}")
+            return
         execute(settings_from_args(argv))
 
     return cli_exit(command)

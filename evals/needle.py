@@ -19,7 +19,9 @@ from evals.haystack import (STARTS, Built, Codec, Estimator, Frame, Recipe, Sent
                              start_sentence)
 from evals.needles import NEEDLE_TYPES, Needle, make_needle
 from evals.runner import Group, Job, run
-from evals.scoring import contains_value, value_fraction
+from evals import scorers
+from evals.rescore import rescore
+from evals.scoring import contains_value
 from evals.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.store import RunDir, provenance
 from evals import backend as backends  # (the settings field is named backend)
@@ -62,8 +64,10 @@ class NeedleSettings(backends.Settings):
     skip_too_long: bool = False
     progress: bool = True
     threads: int | None = None
+    scorer: str = scorers.DEFAULT  # re-runnable from the stored answers (--rescore), so not hashed
 
-    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", *backends.RUN_CONTROL)
+    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", "scorer",
+                   *backends.RUN_CONTROL)
 
     def __post_init__(self) -> None:
         self.lengths = parse_lengths(self.lengths)
@@ -80,6 +84,7 @@ class NeedleSettings(backends.Settings):
             raise SettingsError(f"--needle {self.needle!r} is unknown; choose one of {', '.join(NEEDLE_TYPES)}")
         if self.max_new_tokens is None:
             self.max_new_tokens = 96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32
+        scorers.check(self.scorer)
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
         backends.check(self)
@@ -189,10 +194,18 @@ class NeedleSuite:
         return Job(cell, ids, row, needle)
 
     def score(self, job: Job, answer: str) -> dict[str, Any]:
-        needle: Needle = job.payload
-        frac = value_fraction(answer, needle.expected)
-        return {"score": frac, "found": frac == 1.0,
-                "distractor_answered": any(contains_value(answer, v) for v in needle.distractors)}
+        return score_answer(answer, job.payload, self.s.scorer)
+
+
+def score_answer(answer: str, needle: Needle, scorer: str) -> dict[str, Any]:
+    """The row fields a scorer writes for one answer (both verdicts, the chosen one as score/found)."""
+    return {**scorers.record(scorers.needle_scores(answer, [needle]), scorer),
+            "distractor_answered": any(contains_value(answer, v) for v in needle.distractors)}
+
+
+def rescore_row(row: dict[str, Any], scorer: str) -> dict[str, Any]:
+    """A stored row's score fields under ``scorer`` (the needle is rebuilt from its type and seed)."""
+    return score_answer(row["answer"], make_needle(row["needle"], row["seed"]), scorer)
 
 
 # ---------------------------------------------------------------- command line
@@ -226,14 +239,18 @@ def _parser() -> argparse.ArgumentParser:
     a("--rebuild-prompt", nargs=2, metavar=("RUN", "CELL"),
       help="print the exact prompt of cell CELL of run directory RUN (fails if its token count differs)")
     a("--report", metavar="RUN", help="rewrite summary.csv, heatmap.png and report.md of run directory RUN")
+    a("--rescore", metavar="RUN", help="re-score the stored answers of run directory RUN with --scorer (no "
+      "generation) and rewrite its report; with --out into a new run directory instead of RUN itself")
+    a("--scorer", choices=tuple(scorers.SCORERS), help="strict: the answer commits to the value(s), not hedged, "
+      "not negated, no other value claimed (default); lenient: the values occur anywhere in the answer")
     return p
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> tuple[NeedleSettings | None, argparse.Namespace]:
     args = _parser().parse_args(argv)
-    if args.rebuild_prompt or args.report:
+    if args.rebuild_prompt or args.report or args.rescore:
         return None, args
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "rebuild_prompt", "report")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "rebuild_prompt", "report", "rescore")}
     known = {f for f in NeedleSettings.__dataclass_fields__ if f != "RUN_CONTROL"}
     merged = merge_settings(load_suite_file(args.config) if args.config else {}, flags, known)
     if not merged.get("lengths"):
@@ -314,6 +331,11 @@ def _command(argv: Sequence[str] | None) -> int:
     if args.report:
         report.write_needle_report(RunDir(args.report))
         print(f"report: {Path(args.report) / 'report.md'}")
+        return 0
+    if args.rescore:
+        run_dir = rescore(args.rescore, args.scorer or scorers.DEFAULT, rescore_row, args.out)
+        report.write_needle_report(run_dir)
+        print(f"re-scored {args.rescore} with {args.scorer or scorers.DEFAULT}; report: {run_dir.path / 'report.md'}")
         return 0
     if settings is None:
         sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from evals.scorers import scorer_of
 from evals.scoring import wilson
 from evals.store import RunDir
 
@@ -31,6 +32,9 @@ def needle_summary(rows: list[dict]) -> pd.DataFrame:
     extra = {"prompt_tokens": "mean", "actual_tokens": "mean", "target_tokens": "first"}
     if "needle_depth_actual" in df:
         extra["needle_depth_actual"] = "mean"
+    if "found_lenient" in df:
+        df["found_lenient"] = df["found_lenient"].astype(float)
+        extra["found_lenient"] = "sum"
     if "retrieved" in df:
         df["retrieved"] = df["retrieved"].astype(float)
         extra.update(retrieved="mean", retrieval_rank="median")
@@ -104,6 +108,20 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} ({100 * k / n:.0f}%, 95% CI {100 * lo:.0f}–{100 * hi:.0f}%)" if n else "0/0"
 
 
+def scoring_line(df: pd.DataFrame, nd: pd.DataFrame) -> str:
+    """Which scorer counted ``found`` in the rows ``df``, and what the other one says about the scored cells ``nd``."""
+    used = sorted({scorer_of(r) for r in df.to_dict("records")})
+    line = f"- **Scoring**: {', '.join(f'`{u}`' for u in used)}"
+    if len(used) > 1:
+        line += " (**mixed**: re-score the run with `--rescore RUN --scorer NAME`)"
+    if {"found_strict", "found_lenient"} <= set(nd.columns) and len(nd):
+        strict, lenient = nd["found_strict"].astype(bool), nd["found_lenient"].astype(bool)
+        line += (f"; strict (committed, not hedged or negated, no other value claimed) finds "
+                 f"{int(strict.sum())}/{len(nd)}, lenient (value anywhere in the answer, as NIAH v2 and RULER "
+                 f"count) {int(lenient.sum())}/{len(nd)}; **{int((strict != lenient).sum())} cells differ**")
+    return line
+
+
 def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
     m, st = run.get("model", {}), run.get("settings", {})
     git = run.get("git", {})
@@ -118,7 +136,8 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         + ("each seed its own text (`--haystack-start seed`)" if st.get("haystack_start") == "seed"
            else "one text for every seed (`--haystack-start fixed`)"),
         f"- **Code**: git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}; "
-        f"created {run.get('created')}; config {run.get('config')}", "",
+        f"created {run.get('created')}; config {run.get('config')}",
+        scoring_line(df, df[df["kind"] == "needle"]), "",
         "## Result", "",
     ]
     planned = (len(st.get("lengths", [])) * len(st.get("seeds", [])) * (len(st.get("depths", [])) + bool(st.get("controls")))
