@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.report import rate_table, scoring_line
+from evals.report import code_line, rate_table, scoring_line
 from evals.scoring import wilson
 from evals.stats import mcnemar_exact
 from evals.store import RunDir
@@ -160,7 +160,7 @@ def markdown(df: pd.DataFrame, run: dict, name: str) -> str:
              f"kv pairs {st.get('kv_pairs')}; orderings {st.get('orderings')} (RAG top-{st.get('rag_top_k')}, "
              f"{st.get('chunk_tokens')}-token chunks); answer budget {st.get('max_new_tokens')} tokens",
              f"- **Longest prompts** (tokens incl. answer budget): {run.get('longest_prompts')}",
-             f"- **Code**: git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}; "
+             f"- **Code**: {code_line(git)}; "
              f"created {run.get('created')}; config {run.get('config')}", "",
              scoring_line(df, df), "",
              "Accuracy = the reply commits to a gold answer (strict: SQuAD-normalized, whole words, in a clause that "

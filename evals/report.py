@@ -55,8 +55,19 @@ def write_needle_report(run_dir: RunDir) -> pd.DataFrame:
     title = (f"{run_dir.path.name}: {m.get('loaded_from') or m.get('name')}, quant {m.get('quant')}, "
              f"{m.get('dtype')} · needle {st.get('needle')}, seeds {st.get('seeds')}")
     heatmap(df, run_dir.path / "heatmap.png", title)
+    needle_misses(df).to_csv(run_dir.path / "misses.csv", index=False)
     (run_dir.path / "report.md").write_text(needle_markdown(df, run, run_dir.path.name))
     return summary
+
+
+MISSES_SHOWN = 30  # misses listed in report.md; misses.csv has every one
+
+
+def needle_misses(df: pd.DataFrame) -> pd.DataFrame:
+    """Every needle cell the scorer did not credit, with what was expected and answered."""
+    cols = [c for c in ("mode", "genre", "length", "depth", "seed", "needle_depth_actual", "expected", "answer",
+                        "found_strict", "found_lenient", "scorer", "cell_id") if c in df]
+    return df.loc[(df["kind"] == "needle") & (~df["found"].astype(bool)), cols]
 
 
 def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -108,6 +119,14 @@ def _rate(k: int, n: int) -> str:
     return f"{k}/{n} ({100 * k / n:.0f}%, 95% CI {100 * lo:.0f}–{100 * hi:.0f}%)" if n else "0/0"
 
 
+def code_line(git: dict) -> str:
+    """The code's commit as run.json records it, saying so when it is unknown or its dirty flag is."""
+    if not git.get("commit"):
+        return "git commit unknown (not run from a checkout)"
+    dirty = {True: " (dirty)", False: "", None: " (dirty: unknown)"}[git.get("dirty")]
+    return f"git {git['commit'][:10]}{dirty}"
+
+
 def scoring_line(df: pd.DataFrame, nd: pd.DataFrame) -> str:
     """Which scorer counted ``found`` in the rows ``df``, and what the other one says about the scored cells ``nd``."""
     used = sorted({scorer_of(r) for r in df.to_dict("records")})
@@ -135,7 +154,7 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         f"- **Haystack**: {', '.join(st.get('haystack', []))} (fingerprint {st.get('pool')}); "
         + ("each seed its own text (`--haystack-start seed`)" if st.get("haystack_start") == "seed"
            else "one text for every seed (`--haystack-start fixed`)"),
-        f"- **Code**: git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}; "
+        f"- **Code**: {code_line(git)}; "
         f"created {run.get('created')}; config {run.get('config')}",
         scoring_line(df, df[df["kind"] == "needle"]), "",
         "## Result", "",
@@ -170,12 +189,14 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
               "The bottom row is the no-needle control: how often the model produced the value without seeing it "
               "(should be 0). Exact numbers with 95% intervals are in `summary.csv`.", "",
               "## Misses", ""]
-    misses = df[(df["kind"] == "needle") & (~df["found"].astype(bool))]
+    misses = needle_misses(df)
     if misses.empty:
         lines.append("None.")
     else:
-        lines += ["| mode | length | depth | actual depth | expected | answer | cell |", "|---|---|---|---|---|---|---|"]
-        for r in misses.head(30).itertuples():
+        shown = misses.head(MISSES_SHOWN)
+        lines += [f"First {len(shown)} of {len(misses)} misses; all {len(misses)} are in `misses.csv`.", "",
+                  "| mode | length | depth | actual depth | expected | answer | cell |", "|---|---|---|---|---|---|---|"]
+        for r in shown.itertuples():
             ans = str(r.answer).replace("|", "\\|").replace("\n", " ")[:80]
             lines.append(f"| {r.mode} | {r.length} | {r.depth:g}% | {getattr(r, 'needle_depth_actual', '')}% | "
                          f"{', '.join(r.expected)} | {ans} | `{r.cell_id}` |")

@@ -41,6 +41,9 @@ def rescore(run: str | Path, scorer: str, score_row: Callable[[dict[str, Any], s
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, dst.results_path)
+    git = meta.get("git") or {}
+    if not git.get("commit") and git.get("dirty") is not None:  # older runs said dirty: false without a commit
+        meta["git"] = {**git, "dirty": None}
     meta.setdefault("rescored", []).append({
         "scorer": scorer, "scorer_version": SCORERS[scorer], "previous": before, "from": str(src.path),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

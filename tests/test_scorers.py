@@ -155,3 +155,19 @@ def test_regress_refuses_runs_scored_differently(tmp_path):
     assert result.invalid and "scored differently" in result.invalid and "--rescore" in result.invalid
     assert _run("evals.needle", "--rescore", str(NF4), "--out", str(tmp_path / "cand")).returncode == 0
     assert compare.compare("needle", tmp_path / "base", tmp_path / "cand").invalid is None
+
+
+def test_report_lists_first_misses_and_misses_csv_has_all(tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "nf4-10"
+    p = _run("evals.needle", "--rescore", str(REPO / "benchmarks/results/regress_smollm2_h200/nf4-10/niah10"),
+             "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    missed = [r for r in rows if r["kind"] == "needle" and not r["found"]]
+    assert len(missed) > 30
+    assert f"First 30 of {len(missed)} misses" in (out / "report.md").read_text()
+    assert sorted(pd.read_csv(out / "misses.csv")["cell_id"]) == sorted(r["cell_id"] for r in missed)
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["git"]["commit"] is None and meta["git"]["dirty"] is None  # was a false "dirty: false"
