@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 from xml.etree import ElementTree as ET
 
+from evals.haystack import DEFAULT_GENRE, GENRES, haystack_sets
+from evals.report import code_line
 from evals.scorers import scorer_of
 from evals.scoring import wilson
 from evals.stats import mcnemar_exact
@@ -38,7 +40,8 @@ def _band(depth: float) -> str:
 
 def _needle_groups(row: dict) -> list[str]:
     mode = "" if row["mode"] == "context" else f"{row['mode']} "
-    return [f"{mode}length {_length(row['length'])}", f"{mode}depth {_band(row['depth'])}"]
+    return [f"{mode}length {_length(row['length'])}", f"{mode}depth {_band(row['depth'])}",
+            f"{mode}genre {row['genre']}"]
 
 
 def _litm_groups(row: dict) -> list[str]:
@@ -56,8 +59,9 @@ def _needle_expected(meta: dict) -> set[tuple]:
     s = meta.get("settings", {})
     window = (meta.get("model") or {}).get("context_window") or float("inf")
     modes = ("context", "rag") if s.get("mode") == "both" else (s.get("mode"),)
-    return {(m, n, seed, float(d), s.get("needle"), "needle") for m in modes for n in s.get("lengths", ())
-            if m == "rag" or n <= window for seed in s.get("seeds", ()) for d in s.get("depths", ())}
+    return {(m, n, seed, float(d), s.get("needle"), "needle", g) for m in modes for n in s.get("lengths", ())
+            if m == "rag" or n <= window for seed in s.get("seeds", ()) for d in s.get("depths", ())
+            for g in haystack_sets(s.get("haystack") or GENRES[DEFAULT_GENRE])}
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "needle": Layout(("mode", "length", "seed", "depth", "needle", "kind"),
+    "needle": Layout(("mode", "length", "seed", "depth", "needle", "kind", "genre"),
                      lambda r: r.get("kind") == "needle", _needle_groups, _needle_expected),  # controls: no needle
     "lost_in_middle": Layout(("task", "qid", "item", "seed", "kind", "k", "position", "ordering"),
                              lambda r: True, _litm_groups),
@@ -139,9 +143,13 @@ def _key(row: dict, layout: Layout) -> tuple:
 
 
 def _scored_rows(run: RunDir, layout: Layout) -> tuple[dict[tuple, dict], int]:
-    """Scored rows by coordinates (a re-run cell: the last row wins) and the number of rows without a score."""
+    """Scored rows by coordinates (a re-run cell: the last row wins) and the number of rows without a score.
+    A needle row made before genres gets its run's one haystack set as its genre."""
     out, unscored = {}, 0
+    single = next(iter(haystack_sets(run.read_run().get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])))
     for row in run.rows():
+        if "genre" in layout.coords:
+            row.setdefault("genre", single)
         if not layout.scored(row):
             continue
         if not isinstance(row.get("found"), bool):
@@ -248,6 +256,7 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout
         for i, g in enumerate(layout.groups(base[key])):
             by_dimension += [{} for _ in range(i + 1 - len(by_dimension))]
             by_dimension[i].setdefault(g, []).append(key)
+    by_dimension = [dim for dim in by_dimension if len(dim) > 1 or not next(iter(dim)).split()[-2:-1] == ["genre"]]
     members = {"all cells": keys} | {g: ks for dim in by_dimension for g, ks in dim.items()}
     for name, keys in members.items():
         a = [base[k]["found"] for k in keys]
@@ -277,7 +286,7 @@ def _rate(k: int, n: int) -> str:
 def _who(meta: dict) -> str:
     s, git = meta.get("settings", {}), meta.get("git") or {}
     return (f"model {s.get('model')} · quant {s.get('quant')} · dtype {s.get('dtype') or 'default'}; "
-            f"git {git.get('commit', '?')}")
+            f"{code_line(git)}")
 
 
 def markdown(results: list[Comparison], alpha: float, min_drop: float, correction: str, exit_code: int) -> str:
