@@ -23,7 +23,7 @@ from evals.haystack import DEFAULT_GENRE, GENRES, haystack_sets
 from evals.report import code_line
 from evals.scorers import scorer_of
 from evals.scoring import wilson
-from evals.stats import mcnemar_exact
+from evals.stats import holm, mcnemar_exact
 from evals.store import RunDir
 
 # settings allowed to differ between baseline and candidate: what a regression job puts under test
@@ -191,11 +191,8 @@ def _describe(key: tuple, layout: Layout) -> str:
 
 
 def _holm(groups: list[GroupResult]) -> None:
-    order = sorted(range(len(groups)), key=lambda i: groups[i].p_value)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(groups) - rank) * groups[i].p_value))
-        groups[i].p_adjusted = running
+    for g, p in zip(groups, holm([g.p_value for g in groups])):
+        g.p_adjusted = p
 
 
 def compare(entry: str, baseline: Path, candidate: Path, alpha: float = 0.05, min_drop: float = 0.05,

@@ -47,8 +47,8 @@ class Codec(Protocol):
 
 def haystack_sets(items: Sequence[str] | str) -> dict[str, tuple[str, ...]]:
     """``--haystack`` items -> named sets of paths. An item is a genre name (GENRES), ``NAME=PATH[,PATH...]``,
-    or a path; the bare paths together form one set, called ``docs`` when they are the docs genre's paths and
-    ``custom`` otherwise (so ``--haystack corpora/sqlite corpora/python`` is the docs genre, as before)."""
+    or a path; the bare paths together form one set, named after the genre whose paths they are and ``custom``
+    otherwise (so ``--haystack corpora/sqlite corpora/python`` is the docs genre, as before)."""
     items = (items,) if isinstance(items, str) else tuple(items)
     sets: dict[str, tuple[str, ...]] = {}
     bare: list[str] = []
@@ -68,7 +68,7 @@ def haystack_sets(items: Sequence[str] | str) -> dict[str, tuple[str, ...]]:
             raise SettingsError(f"--haystack names the set {next(iter(new))!r} twice; give each set once")
         sets.update(new)
     if bare:
-        name = DEFAULT_GENRE if tuple(bare) == GENRES[DEFAULT_GENRE] else "custom"
+        name = next((g for g, p in GENRES.items() if p == tuple(bare)), "custom")
         if name in sets:
             raise SettingsError(f"--haystack: the paths {bare} form the set {name!r}, which is also named; "
                                 "give it once")

@@ -275,11 +275,6 @@ class LitmSuite:
     def score(self, job: Job, answer: str) -> dict[str, Any]:
         return scorers.record(scorers.qa_scores(answer, job.payload, job.cell["task"]), self.s.scorer)
 
-
-def rescore_row(row: dict[str, Any], scorer: str) -> dict[str, Any]:
-    """A stored row's score fields under ``scorer``."""
-    return scorers.record(scorers.qa_scores(row["answer"], row["expected"], row["task"]), scorer)
-
     # ---- length safety
     def check_lengths(self) -> dict[str, int]:
         """The longest prompt + answer of each configuration; TooLongError before any work if one does not fit."""
@@ -303,6 +298,11 @@ def rescore_row(row: dict[str, Any], scorer: str) -> dict[str, Any]:
             raise TooLongError(f"the longest prompts exceed the model's context window of {window} tokens: "
                                f"{'; '.join(problems)}; use fewer --docs / --kv-pairs (nothing was run)")
         return longest
+
+
+def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[str, Any]:
+    """A stored row's score fields under ``scorer`` (``run``: its run.json, unused here)."""
+    return scorers.record(scorers.qa_scores(row["answer"], row["expected"], row["task"]), scorer)
 
 
 # ---------------------------------------------------------------- run

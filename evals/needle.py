@@ -255,10 +255,13 @@ def score_answer(answer: str, needles: Sequence[Needle], scorer: str) -> dict[st
             "distractor_answered": any(contains_value(answer, v) for v in needles[0].distractors)}
 
 
-def rescore_row(row: dict[str, Any], scorer: str) -> dict[str, Any]:
-    """A stored row's score fields under ``scorer`` (the needles are rebuilt from their type and seeds)."""
+def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[str, Any]:
+    """A stored row's score fields under ``scorer`` (the needles are rebuilt from their type and seeds), and its
+    genre as the run's settings name it (rows made before genres, or by a single-set run, get that set's name)."""
     seeds = row.get("control_seeds") or [row["seed"]]
-    return score_answer(row["answer"], [make_needle(row["needle"], x) for x in seeds], scorer)
+    sets = haystack_sets(run.get("settings", {}).get("haystack") or DEFAULT_HAYSTACK)
+    genre = row.get("genre") if len(sets) > 1 else next(iter(sets))
+    return {**score_answer(row["answer"], [make_needle(row["needle"], x) for x in seeds], scorer), "genre": genre}
 
 
 # ---------------------------------------------------------------- command line

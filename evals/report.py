@@ -9,7 +9,7 @@ import pandas as pd
 
 from evals.haystack import DEFAULT_GENRE, GENRES, haystack_sets
 from evals.scorers import scorer_of
-from evals.stats import mcnemar_exact
+from evals.stats import holm, mcnemar_exact
 from evals.scoring import wilson
 from evals.store import RunDir
 
@@ -147,7 +147,7 @@ def _genres(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(df["genre"]))
 
 
-def genre_tests(df: pd.DataFrame, alpha: float = 0.05) -> list[tuple[str, str, str, int, int, int, float]]:
+def genre_tests(df: pd.DataFrame) -> list[tuple[str, str, str, int, int, int, float]]:
     """Paired exact McNemar of every two genres on the needle cells both hold (same mode, length, seed, depth):
     (mode, genre A, genre B, cells, found A, found B, p), Holm-adjusted over the pairs."""
     nd = df[df["kind"] == "needle"]
@@ -164,19 +164,14 @@ def genre_tests(df: pd.DataFrame, alpha: float = 0.05) -> list[tuple[str, str, s
                 if len(common):
                     t = mcnemar_exact(list(x[common]), list(y[common]))
                     tests.append([mode, a, b, len(common), int(x[common].sum()), int(y[common].sum()), t.p_value])
-    order = sorted(range(len(tests)), key=lambda i: tests[i][-1])
-    running = 0.0
-    for rank, i in enumerate(order):  # Holm step-down
-        running = max(running, min(1.0, (len(tests) - rank) * tests[i][-1]))
-        tests[i][-1] = running
-    return [tuple(t) for t in tests]
+    return [(*t[:-1], p) for t, p in zip(tests, holm([t[-1] for t in tests]))]
 
 
 def genre_lines(df: pd.DataFrame, alpha: float = 0.05) -> list[str]:
     """The report's first lines when a run has several genres: do they disagree significantly?"""
     if len(_genres(df)) < 2:
         return []
-    tests = genre_tests(df, alpha)
+    tests = genre_tests(df)
     bad = [t for t in tests if t[-1] < alpha]
     fmt = "; ".join(f"{mode} {a} {fa}/{n} vs {b} {fb}/{n} (paired p = {p:.3g})" for mode, a, b, n, fa, fb, p in tests)
     if bad:

@@ -18,9 +18,9 @@ from evals.scorers import SCORERS, check, scorer_of
 from evals.store import RESULTS, RunDir
 
 
-def rescore(run: str | Path, scorer: str, score_row: Callable[[dict[str, Any], str], dict[str, Any]],
+def rescore(run: str | Path, scorer: str, score_row: Callable[[dict[str, Any], str, dict[str, Any]], dict[str, Any]],
             out: str | Path | None = None) -> RunDir:
-    """Re-score every row of ``run`` with ``score_row(row, scorer)`` (the row's new fields) into ``out``
+    """Re-score every row of ``run`` with ``score_row(row, scorer, run_json)`` (the row's new fields) into ``out``
     (default: ``run`` itself); returns the run directory written."""
     check(scorer)
     src = RunDir(run)
@@ -34,7 +34,7 @@ def rescore(run: str | Path, scorer: str, score_row: Callable[[dict[str, Any], s
             raise RunDirError(f"{dst.path} already holds a run; choose another --out (nothing was changed)")
         dst.path.mkdir(parents=True, exist_ok=True)
     before = sorted({scorer_of(r) for r in rows})
-    new = [{**r, **score_row(r, scorer)} for r in rows]
+    new = [{**r, **score_row(r, scorer, meta)} for r in rows]
     tmp = dst.path / (RESULTS + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, default=str) + "\n" for r in new)

@@ -27,3 +27,14 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
     discordant = a_only + b_only
     p = 1.0 if discordant == 0 else float(binomtest(a_only, discordant, 0.5).pvalue)
     return McNemar(len(a), a_only, b_only, min(1.0, p))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values, in the order given (family-wise error over all of them)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    out = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        out[i] = running
+    return out

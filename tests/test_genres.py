@@ -28,6 +28,7 @@ def test_every_builtin_genre_has_a_notice_and_enough_prose(repo_root, genre):
     (["corpora/sqlite", "corpora/python"], {"docs": GENRES["docs"]}),
     (["docs", "novels", "noise"], {k: GENRES[k] for k in ("docs", "novels", "noise")}),
     (["corpora/sqlite"], {"custom": ("corpora/sqlite",)}),
+    (["noise"], {"noise": GENRES["noise"]}), (["corpora/austen"], {"novels": GENRES["novels"]}),
     (["books=corpora/austen,corpora/noise", "docs"], {"books": ("corpora/austen", "corpora/noise"),
                                                        "docs": GENRES["docs"]}),
 ])
