@@ -129,16 +129,17 @@ def test_rescore_committed_nf4_run_without_generating(tmp_path):
     assert [r["answer"] for r in rows] == [r["answer"] for r in old]
     assert {(r["scorer"], r["scorer_version"]) for r in rows} == {("strict", 1)}
     needles = [r for r in rows if r["kind"] == "needle"]
-    assert sum(r["found_lenient"] for r in needles) == sum(r["found"] for r in old if r["kind"] == "needle")
+    assert sum(r["found_lenient"] for r in needles) == sum(r["found_lenient"] for r in old if r["kind"] == "needle")
     assert sum(r["found_lenient"] and not r["found_strict"] for r in needles) == 5
     text = (tmp_path / "strict/report.md").read_text()
     assert "**5 cells differ**" in text and "`strict@1`" in text
     meta = json.loads((tmp_path / "strict/run.json").read_text())
-    assert meta["rescored"][-1]["previous"] == ["lenient@0"]
+    assert meta["rescored"][0]["previous"] == ["lenient@0"]  # the committed run was re-scored from the old rows
     p = _run("evals.needle", "--rescore", str(tmp_path / "strict"), "--scorer", "lenient")  # in place
     assert p.returncode == 0, p.stderr
     again = [json.loads(x) for x in (tmp_path / "strict/results.jsonl").read_text().splitlines()]
-    assert [r["found"] for r in again] == [r["found"] for r in old]
+    assert [r["found"] for r in again] == [r["found_lenient"] for r in old]
+    assert json.loads((tmp_path / "strict/run.json").read_text())["rescored"][-1]["previous"] == ["strict@1"]
 
 
 def test_rescore_refuses_an_occupied_out_and_a_missing_run(tmp_path):
@@ -149,12 +150,12 @@ def test_rescore_refuses_an_occupied_out_and_a_missing_run(tmp_path):
 
 
 def test_regress_refuses_runs_scored_differently(tmp_path):
-    shutil.copytree(FP32, tmp_path / "base")
-    assert _run("evals.needle", "--rescore", str(tmp_path / "base")).returncode == 0
-    result = compare.compare("needle", tmp_path / "base", NF4)
+    assert _run("evals.needle", "--rescore", str(NF4), "--scorer", "lenient", "--out", str(tmp_path / "lenient")
+                ).returncode == 0
+    result = compare.compare("needle", FP32, tmp_path / "lenient")
     assert result.invalid and "scored differently" in result.invalid and "--rescore" in result.invalid
-    assert _run("evals.needle", "--rescore", str(NF4), "--out", str(tmp_path / "cand")).returncode == 0
-    assert compare.compare("needle", tmp_path / "base", tmp_path / "cand").invalid is None
+    assert "strict@1" in result.invalid and "lenient@1" in result.invalid
+    assert compare.compare("needle", FP32, NF4).invalid is None  # both committed runs: strict@1
 
 
 def test_report_lists_first_misses_and_misses_csv_has_all(tmp_path):
