@@ -31,7 +31,7 @@ import torch
 
 from evals.core.decode import GreedyDecoder, default_batch_size
 from evals.needle.haystack import SentencePool
-from evals.needle.suite import NeedleSettings, NeedleSuite, haystack_paths
+from evals.needle.suite import NeedleSettings, NeedleSuite, haystack_paths, load_pools
 from evals.core.runner import run
 from evals.core.store import RunDir, versions
 from evals.core.targets import load_target
@@ -130,8 +130,7 @@ def main() -> None:
     target = load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens)
     batch = a.batch_size or default_batch_size(next(target.model.parameters()).device)
     device = torch.device(target.info["device"]).type
-    pool = SentencePool.from_paths(haystack_paths(s.haystack))
-    suite = NeedleSuite(s, target, pool, RunDir(tempfile.mkdtemp()), {"context": s.lengths, "rag": ()})
+    suite = NeedleSuite(s, target, load_pools(s), RunDir(tempfile.mkdtemp()), {"context": s.lengths, "rag": ()})
     warm_up(suite, target, batch)
     times: dict[str, list[float]] = {"naive": [], "runner": []}
     cpu: dict[str, list[float]] = {"naive": [], "runner": []}

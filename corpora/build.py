@@ -1,11 +1,14 @@
-"""Build the plain-text corpora in corpora/ from Debian documentation packages.
+"""Build the plain-text corpora in corpora/ from Debian packages (and one text written here).
 
-Run ``python corpora/build.py``. It downloads ``sqlite3-doc`` and ``python3.11-doc`` (or
-``python3-doc``) with ``apt-get download`` into a temporary directory, unpacks them with
-``dpkg -x``, converts the selected HTML pages to plain text and writes:
+Run ``python corpora/build.py``. It downloads ``sqlite3-doc``, ``python3.11-doc`` (or
+``python3-doc``) and ``r-cran-janeaustenr`` with ``apt-get download`` into a temporary directory,
+unpacks them with ``dpkg -x``, converts the selected HTML pages (and two of the novels, stored
+as R character vectors) to plain text and writes:
 
 - ``corpora/sqlite/<page>.txt`` and ``corpora/sqlite/NOTICE``
 - ``corpora/python/<section>_<page>.txt`` and ``corpora/python/NOTICE``
+- ``corpora/austen/<novel>.txt`` and ``corpora/austen/NOTICE`` (public-domain novels)
+- ``corpora/noise/noise.txt`` and ``corpora/noise/NOTICE`` (content-free filler, RULER-style)
 
 Text format (what ``corpora/qa`` and the tests rely on): the first line is the page title,
 then a blank line, then blocks (heading, paragraph, list item, table row, code block)
@@ -31,6 +34,19 @@ from tqdm import tqdm
 CORPORA = Path(__file__).resolve().parent
 
 SQLITE_PACKAGE = "sqlite3-doc"
+AUSTEN_PACKAGE = "r-cran-janeaustenr"
+AUSTEN_NOVELS = {"prideprejudice": "pride_and_prejudice", "persuasion": "persuasion"}  # R object -> file stem
+# The noise haystack: sentences that say nothing (after RULER's "The grass is green. The sky is blue. ..."),
+# of different lengths so a prompt can be fitted to an exact token count, repeated in a fixed order.
+NOISE_SENTENCES = (
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go, there and back again.",
+    "The river flows slowly past the old stone bridge.", "A day follows another day, and then another one.",
+    "The wind moves the leaves and the leaves move a little.",
+    "Nothing in particular happens here, and that is quite all right.",
+    "The road goes on and on, past fields, past hills, and past more fields again.", "Clouds pass by slowly.",
+    "Time goes by, as it always does, one hour after the other, without any hurry at all.", "It is calm here."
+)
+NOISE_REPEATS = 400
 PYTHON_PACKAGE = "python3.11-doc"
 PYTHON_FALLBACK = "python3-doc"  # a metapackage: its python3.N-doc dependency holds the HTML
 
@@ -348,6 +364,111 @@ def build_python(pkg: Package, outdir: Path) -> tuple[int, int]:
     return len(pages), total
 
 
+def r_character_vector(blob: bytes) -> list[str]:
+    """The strings of an R character vector serialized in XDR format (``X\\n``, version 2 or 3), as R's
+    lazy-load data bases store a data set; NA elements are dropped."""
+    import struct
+
+    if blob[:2] != b"X\n":
+        raise SystemExit("not an XDR-serialized R object")
+    pos = 2
+    version, = struct.unpack(">i", blob[pos:pos + 4])
+    pos += 12
+    if version == 3:
+        n, = struct.unpack(">i", blob[pos:pos + 4])
+        pos += 4 + n  # native encoding name
+    flags, length = struct.unpack(">ii", blob[pos:pos + 8])
+    if flags & 0xFF != 16:  # STRSXP
+        raise SystemExit(f"expected a character vector (type 16), found type {flags & 0xFF}")
+    pos += 8
+    out = []
+    for _ in range(length):
+        _, n = struct.unpack(">ii", blob[pos:pos + 8])
+        pos += 8
+        if n >= 0:
+            out.append(blob[pos:pos + n].decode("utf-8"))
+            pos += n
+    return out
+
+
+def _lazyload(data_dir: Path) -> dict[str, bytes]:
+    """The serialized objects of an R package's data/Rdata.rdb by name. The index (Rdata.rdx) is a list whose
+    ``variables`` element holds one (offset, length) integer pair per object, named in order."""
+    import gzip
+    import struct
+    import zlib
+
+    index = gzip.decompress((data_dir / "Rdata.rdx").read_bytes())
+    pairs = [struct.unpack(">ii", m.group(1)) for m in re.finditer(rb"\x00\x00\x00\x0d\x00\x00\x00\x02(.{8})",
+                                                                    index, re.S)]
+    names = []
+    for m in re.finditer(rb"\x00\x04\x00\x09\x00\x00\x00([\x01-\x7f])", index):
+        name = index[m.end(): m.end() + m.group(1)[0]].decode("ascii", "replace")
+        if name.isidentifier() and name not in ("names", "variables", "references", "compressed"):
+            names.append(name)
+    rdb = (data_dir / "Rdata.rdb").read_bytes()
+    return {name: zlib.decompress(rdb[off + 4: off + ln]) for name, (off, ln) in zip(names, pairs)}
+
+
+def austen_text(lines: list[str]) -> tuple[str, str]:
+    """Title and body of a novel given as its lines (Project Gutenberg's layout: paragraphs separated by empty
+    lines): paragraphs joined into one line each, chapter headings kept as their own blocks."""
+    paras, cur = [], []
+    for line in lines + [""]:
+        if line.strip():
+            cur.append(line.strip())
+        elif cur:
+            paras.append(unicodedata.normalize("NFC", " ".join(" ".join(cur).split())))
+            cur = []
+    title = paras[0].title()
+    return title, "\n\n".join(p for p in paras[1:] if p.lower() != "by jane austen")
+
+
+def build_austen(pkg: Package, outdir: Path) -> tuple[int, int]:
+    """Two of Jane Austen's novels from the R package's data; return (files, bytes)."""
+    data = _lazyload(next((pkg.root / "usr/lib/R/site-library").glob("janeaustenr/data")))
+    _reset(outdir)
+    total = 0
+    for name, stem in AUSTEN_NOVELS.items():
+        title, body = austen_text(r_character_vector(data[name]))
+        total += _write_txt(outdir / f"{stem}.txt", title, body)
+    copyright_file = pkg.root / "usr/share/doc" / pkg.name / "copyright"
+    notice = (
+        f"Source: Debian package {pkg.name} {pkg.version} (the R package janeaustenr by Julia Silge,\n"
+        "https://cran.r-project.org/package=janeaustenr), which ships the text of Jane Austen's six\n"
+        "novels as prepared by Project Gutenberg.\n\n"
+        "Licence of the text: public domain. Jane Austen died in 1817; Pride and Prejudice (1813) and\n"
+        "Persuasion (1817/1818) are in the public domain. The Project Gutenberg licence text and\n"
+        "trademark do not come with the package's data and are not used here.\n\n"
+        "The package's copyright file (it covers the R code and data packaging, MIT licence) says:\n\n"
+        + _indent(copyright_file.read_text(encoding="utf-8"))
+        + f"\nThe *.txt files here ({', '.join(f'{s}.txt' for s in AUSTEN_NOVELS.values())}) are the\n"
+        "package's line vectors of those two novels joined into paragraphs by corpora/build.py\n"
+        "(text otherwise unchanged).\n"
+    )
+    (outdir / "NOTICE").write_text(notice, encoding="utf-8")
+    return len(AUSTEN_NOVELS), total
+
+
+def build_noise(outdir: Path) -> tuple[int, int]:
+    """The content-free noise haystack; return (files, bytes)."""
+    import random
+
+    _reset(outdir)
+    rng = random.Random("noise")
+    blocks = []
+    for _ in range(NOISE_REPEATS):
+        order = list(NOISE_SENTENCES)
+        rng.shuffle(order)
+        blocks.append(" ".join(order))
+    total = _write_txt(outdir / "noise.txt", "Noise", "\n\n".join(blocks))
+    (outdir / "NOTICE").write_text(
+        "Written for ragkit (corpora/build.py: NOISE_SENTENCES, shuffled in a fixed order and repeated).\n"
+        "After the 'noise' haystack of RULER (Hsieh et al., 2024): sentences that carry no content.\n"
+        "Licence: public domain (CC0 1.0); no third-party text.\n", encoding="utf-8")
+    return 1, total
+
+
 def _indent(text: str) -> str:
     return "".join(f"    {ln}".rstrip() + "\n" for ln in text.rstrip().split("\n"))
 
@@ -363,9 +484,12 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         sqlite = fetch(SQLITE_PACKAGE, work)
         python = fetch(python_doc_package(), work)
+        austen = fetch(AUSTEN_PACKAGE, work)
         for label, (files, size) in (
             (f"sqlite ({sqlite.name} {sqlite.version})", build_sqlite(sqlite, args.out / "sqlite")),
             (f"python ({python.name} {python.version})", build_python(python, args.out / "python")),
+            (f"austen ({austen.name} {austen.version})", build_austen(austen, args.out / "austen")),
+            ("noise (written here)", build_noise(args.out / "noise")),
         ):
             print(f"{label}: {files} files, {size:,} bytes")
 

@@ -20,9 +20,12 @@ from typing import Any, Callable
 from xml.etree import ElementTree as ET
 
 from evals.core.scoring import wilson
-from evals.core.stats import mcnemar_exact, min_flagged_drop
+from evals.core.stats import mcnemar_exact, min_flagged_drop, holm
 from evals.core.store import RunDir
 from evals.core.portable import portable_path
+from evals.needle.haystack import DEFAULT_GENRE, GENRES, haystack_sets
+from evals.core.report import code_line
+from evals.core.scorers import scorer_of
 
 # settings allowed to differ between baseline and candidate: what a regression job puts under test
 UNDER_TEST = ("model", "quant", "dtype", "backend", "tokenizer", "adapter")
@@ -38,7 +41,8 @@ def _band(depth: float) -> str:
 
 def _needle_groups(row: dict) -> list[str]:
     mode = "" if row["mode"] == "context" else f"{row['mode']} "
-    return [f"{mode}length {_length(row['length'])}", f"{mode}depth {_band(row['depth'])}"]
+    return [f"{mode}length {_length(row['length'])}", f"{mode}depth {_band(row['depth'])}",
+            f"{mode}genre {row['genre']}"]
 
 
 def _litm_groups(row: dict) -> list[str]:
@@ -56,8 +60,9 @@ def _needle_expected(meta: dict) -> set[tuple]:
     s = meta.get("settings", {})
     window = (meta.get("model") or {}).get("context_window") or float("inf")
     modes = ("context", "rag") if s.get("mode") == "both" else (s.get("mode"),)
-    return {(m, n, seed, float(d), s.get("needle"), "needle") for m in modes for n in s.get("lengths", ())
-            if m == "rag" or n <= window for seed in s.get("seeds", ()) for d in s.get("depths", ())}
+    return {(m, n, seed, float(d), s.get("needle"), "needle", g) for m in modes for n in s.get("lengths", ())
+            if m == "rag" or n <= window for seed in s.get("seeds", ()) for d in s.get("depths", ())
+            for g in haystack_sets(s.get("haystack") or GENRES[DEFAULT_GENRE])}
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "needle": Layout(("mode", "length", "seed", "depth", "needle", "kind"),
+    "needle": Layout(("mode", "length", "seed", "depth", "needle", "kind", "genre"),
                      lambda r: r.get("kind") == "needle", _needle_groups, _needle_expected),  # controls: no needle
     "lost_in_middle": Layout(("task", "qid", "item", "seed", "kind", "k", "position", "ordering"),
                              lambda r: True, _litm_groups),
@@ -139,9 +144,13 @@ def _key(row: dict, layout: Layout) -> tuple:
 
 
 def _scored_rows(run: RunDir, layout: Layout) -> tuple[dict[tuple, dict], int]:
-    """Scored rows by coordinates (a re-run cell: the last row wins) and the number of rows without a score."""
+    """Scored rows by coordinates (a re-run cell: the last row wins) and the number of rows without a score.
+    A needle row made before genres gets its run's one haystack set as its genre."""
     out, unscored = {}, 0
+    single = next(iter(haystack_sets(run.read_run().get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])))
     for row in run.rows():
+        if "genre" in layout.coords:
+            row.setdefault("genre", single)
         if not layout.scored(row):
             continue
         if not isinstance(row.get("found"), bool):
@@ -168,16 +177,23 @@ def _check_settings(base: dict, cand: dict) -> None:
                                 "tokens, so cells are not paired; compare models that share a tokenizer")
 
 
+def _check_scorers(base: dict[tuple, dict], cand: dict[tuple, dict]) -> None:
+    """Both runs scored by one and the same scorer (name and version), or InvalidComparison saying how to fix it."""
+    used = {name: sorted({scorer_of(r) for r in rows.values()}) for name, rows in (("baseline", base),
+                                                                                   ("candidate", cand))}
+    if len(used["baseline"]) > 1 or len(used["candidate"]) > 1 or used["baseline"] != used["candidate"]:
+        raise InvalidComparison(f"the runs were scored differently (baseline {', '.join(used['baseline'])}; "
+                                f"candidate {', '.join(used['candidate'])}); re-score both with the same scorer: "
+                                "python -m evals.needle --rescore RUN --scorer NAME (or evals.lost_in_middle)")
+
+
 def _describe(key: tuple, layout: Layout) -> str:
     return ", ".join(f"{k}={v}" for k, v in zip(layout.coords, key) if v is not None)
 
 
 def _holm(groups: list[GroupResult]) -> None:
-    order = sorted(range(len(groups)), key=lambda i: groups[i].p_value)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(groups) - rank) * groups[i].p_value))
-        groups[i].p_adjusted = running
+    for g, p in zip(groups, holm([g.p_value for g in groups])):
+        g.p_adjusted = p
 
 
 def compare(entry: str, baseline: Path, candidate: Path, alpha: float = 0.05, min_drop: float = 0.05,
@@ -224,6 +240,7 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout
         problems.append("the baseline has no scored cells")
     if problems:
         raise InvalidComparison("; ".join(problems))
+    _check_scorers(base, cand)
     lengths = [k for k in base if base[k].get("prompt_tokens") is not None and cand[k].get("prompt_tokens") is not None
                and base[k]["prompt_tokens"] != cand[k]["prompt_tokens"]]
     if lengths:
@@ -237,6 +254,7 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout
         for i, g in enumerate(layout.groups(base[key])):
             by_dimension += [{} for _ in range(i + 1 - len(by_dimension))]
             by_dimension[i].setdefault(g, []).append(key)
+    by_dimension = [dim for dim in by_dimension if len(dim) > 1 or not next(iter(dim)).split()[-2:-1] == ["genre"]]
     members = {"all cells": keys} | {g: ks for dim in by_dimension for g, ks in dim.items()}
     for name, keys in members.items():
         a = [base[k]["found"] for k in keys]
@@ -268,7 +286,7 @@ def _who(meta: dict) -> str:
     adapters = [a["sha256"][:12] for a in s.get("adapter") or []]
     adapter = f" · adapter {'+'.join(adapters)}" if adapters else ""
     return (f"model {s.get('model')} · quant {s.get('quant')} · dtype {s.get('dtype') or 'default'}{adapter}; "
-            f"git {git.get('commit', '?')}")
+            f"{code_line(git)}")
 
 
 def _cells(n: int) -> str:

@@ -1,9 +1,11 @@
-"""Report helpers every suite uses: the rate table (found/n, rate, Wilson interval, mean score per group)."""
+"""Report helpers every suite uses: the rate table (found/n, rate, Wilson interval, mean score per group), the
+code and scoring lines of a report's header."""
 
 from __future__ import annotations
 
 import pandas as pd
 
+from evals.core.scorers import scorer_of
 from evals.core.scoring import wilson
 
 
@@ -17,3 +19,25 @@ def rate_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     out["ci_low"] = [round(a, 4) for a, _ in ci]
     out["ci_high"] = [round(b, 4) for _, b in ci]
     return out
+
+
+def code_line(git: dict) -> str:
+    """The code's commit as run.json records it, saying so when it is unknown or its dirty flag is."""
+    if not git.get("commit"):
+        return "git commit unknown (not run from a checkout)"
+    dirty = {True: " (dirty)", False: "", None: " (dirty: unknown)"}[git.get("dirty")]
+    return f"git {git['commit'][:10]}{dirty}"
+
+
+def scoring_line(df: pd.DataFrame, nd: pd.DataFrame) -> str:
+    """Which scorer counted ``found`` in the rows ``df``, and what the other one says about the scored cells ``nd``."""
+    used = sorted({scorer_of(r) for r in df.to_dict("records")})
+    line = f"- **Scoring**: {', '.join(f'`{u}`' for u in used)}"
+    if len(used) > 1:
+        line += " (**mixed**: re-score the run with `--rescore RUN --scorer NAME`)"
+    if {"found_strict", "found_lenient"} <= set(nd.columns) and len(nd):
+        strict, lenient = nd["found_strict"].astype(bool), nd["found_lenient"].astype(bool)
+        line += (f"; strict (committed, not hedged or negated, no other value claimed) finds "
+                 f"{int(strict.sum())}/{len(nd)}, lenient (value anywhere in the answer, as NIAH v2 and RULER "
+                 f"count) {int(lenient.sum())}/{len(nd)}; **{int((strict != lenient).sum())} cells differ**")
+    return line

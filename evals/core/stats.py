@@ -39,3 +39,14 @@ def min_flagged_drop(n: int, alpha: float, min_drop: float = 0.0) -> int | None:
     while b <= n and b / n < min_drop:
         b += 1
     return b if b <= n else None
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values, in the order given (family-wise error over all of them)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    out = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        out[i] = running
+    return out

@@ -36,9 +36,13 @@ def versions(packages: Iterable[str] = ("ragkit", "torch", "transformers", "toke
     return out
 
 
-def git_state(cwd: Path | None = None) -> dict[str, Any]:
-    """Commit and dirty flag of the checkout the code runs from (None outside a git checkout)."""
-    where = cwd or Path(__file__).resolve().parent
+def git_state(code: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the code that runs (``code``: one of its files, default this one): the git
+    checkout that file is tracked in; else the commit an
+    installer recorded (pip's direct_url.json, dirty unknown); else ``{"commit": None, "dirty": None}`` — never a
+    commit of some other repository this directory happens to sit in, never ``dirty: false`` without a commit."""
+    code = (code or Path(__file__)).resolve()
+    where = code.parent
 
     def git(*args: str) -> str | None:
         try:
@@ -47,9 +51,21 @@ def git_state(cwd: Path | None = None) -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    commit = git("rev-parse", "--verify", "HEAD")
+    if commit and git("ls-files", "--error-unmatch", "--", code.name) is not None:
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": commit, "dirty": bool(status) if status is not None else None, "source": "checkout"}
+    return installed_commit()
+
+
+def installed_commit(package: str = "ragkit") -> dict[str, Any]:
+    """The commit pip recorded when ``package`` was installed from a git URL (PEP 610), else commit None."""
+    try:
+        raw = metadata.distribution(package).read_text("direct_url.json")
+        commit = json.loads(raw or "{}").get("vcs_info", {}).get("commit_id")
+    except (metadata.PackageNotFoundError, json.JSONDecodeError, AttributeError):
+        commit = None
+    return {"commit": commit, "dirty": None, "source": "installed package" if commit else None}
 
 
 class RunDir:

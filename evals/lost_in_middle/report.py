@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.core.report import rate_table
+from evals.core.report import rate_table, code_line, scoring_line
 from evals.core.scoring import wilson
 from evals.core.stats import mcnemar_exact
 from evals.core.store import RunDir
@@ -160,9 +160,12 @@ def markdown(df: pd.DataFrame, run: dict, name: str) -> str:
              f"kv pairs {st.get('kv_pairs')}; orderings {st.get('orderings')} (RAG top-{st.get('rag_top_k')}, "
              f"{st.get('chunk_tokens')}-token chunks); answer budget {st.get('max_new_tokens')} tokens",
              f"- **Longest prompts** (tokens incl. answer budget): {run.get('longest_prompts')}",
-             f"- **Code**: git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}; "
+             f"- **Code**: {code_line(git)}; "
              f"created {run.get('created')}; config {run.get('config')}", "",
-             "Accuracy = a gold answer occurs in the reply (SQuAD-normalized, whole words); "
+             scoring_line(df, df), "",
+             "Accuracy = the reply commits to a gold answer (strict: SQuAD-normalized, whole words, in a clause that "
+             "is neither negated nor hedged; for key-value, no other UUID claimed) or, lenient, a gold answer occurs "
+             "anywhere in it — `scorer` in each row says which; "
              "`k/n = rate (95% Wilson interval)`. Paired tests: exact McNemar on the same items "
              "(`A only` / `B only` = items only A / only B got right; * = p < 0.05).", ""]
     qa = df[df["task"] == "qa"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
-from evals.core import backend as backends  # (the settings field is named backend)
+from evals.core import backend as backends, scorers  # (the settings field is named backend)
 from evals.lost_in_middle import report as litm_report
 from evals.core.errors import SettingsError, TooLongError, cli_exit
 from evals.lost_in_middle.kv import KVObject, kv_user_text, make_kv
@@ -26,6 +26,7 @@ from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, 
 from evals.core.store import RunDir, provenance
 from evals.core.targets import CorpusRAG, Target, cache_dir, load_embedder, orderings
 from evals.core.portable import portable_path
+from evals.core.rescore import rescore
 
 SUITE = "lost_in_middle"
 TASKS = ("qa", "kv", "both")
@@ -102,8 +103,9 @@ class LitmSettings(backends.Settings):
     resume: bool = False
     progress: bool = True
     cache_dir: str | None = None
+    scorer: str = scorers.DEFAULT  # re-runnable from the stored answers (--rescore), so not hashed
 
-    RUN_CONTROL = ("out", "resume", "progress", "cache_dir", "device", *backends.RUN_CONTROL)
+    RUN_CONTROL = ("out", "resume", "progress", "cache_dir", "device", "scorer", *backends.RUN_CONTROL)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -136,6 +138,7 @@ class LitmSettings(backends.Settings):
             raise SettingsError("--questions and --rag-top-k must be >= 1, --chunk-tokens >= 32")
         if self.max_new_tokens is None:
             self.max_new_tokens = 48 if self.kv else 32
+        scorers.check(self.scorer)
         backends.check(self)
 
     @property
@@ -269,8 +272,7 @@ class LitmSuite:
             "recipe": {"chunks": [n.node.node_id for n in ctx.nodes]}}
 
     def score(self, job: Job, answer: str) -> dict[str, Any]:
-        found = answer_match(answer, job.payload)
-        return {"found": found, "score": float(found)}
+        return scorers.record(scorers.qa_scores(answer, job.payload, job.cell["task"]), self.s.scorer)
 
     # ---- length safety
     def check_lengths(self) -> dict[str, int]:
@@ -295,6 +297,11 @@ class LitmSuite:
             raise TooLongError(f"the longest prompts exceed the model's context window of {window} tokens: "
                                f"{'; '.join(problems)}; use fewer --docs / --kv-pairs (nothing was run)")
         return longest
+
+
+def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[str, Any]:
+    """A stored row's score fields under ``scorer`` (``run``: its run.json, unused here)."""
+    return scorers.record(scorers.qa_scores(row["answer"], row["expected"], row["task"]), scorer)
 
 
 # ---------------------------------------------------------------- run
@@ -363,18 +370,29 @@ def _parser() -> argparse.ArgumentParser:
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     backends.add_flags(a)
     a("--config", help="YAML suite file (evals/suites/litm*.yaml); flags given on the command line win")
+    a("--scorer", choices=tuple(scorers.SCORERS), help="strict: the answer commits to a gold answer, not hedged "
+      "or negated, no other key's value claimed (default); lenient: a gold answer occurs anywhere in the reply")
+    a("--rescore", metavar="RUN", help="re-score the stored answers of run directory RUN with --scorer (no "
+      "generation) and rewrite its report; with --out into a new run directory instead of RUN itself")
     return p
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> LitmSettings:
     args = _parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "rescore")}
     known = {f for f in LitmSettings.__dataclass_fields__ if f != "RUN_CONTROL"}
     return LitmSettings(**merge_settings(load_suite_file(args.config) if args.config else {}, flags, known))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def command() -> None:
+        args = _parser().parse_args(argv)
+        if args.rescore:
+            scorer = args.scorer or scorers.DEFAULT
+            run_dir = rescore(args.rescore, scorer, rescore_row, args.out)
+            litm_report.write_report(run_dir)
+            print(f"re-scored {args.rescore} with {scorer}; report: {run_dir.path / 'report.md'}")
+            return
         execute(settings_from_args(argv))
 
     return cli_exit(command)

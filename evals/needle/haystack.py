@@ -21,6 +21,13 @@ from typing import Protocol, Sequence
 from evals.core.errors import SettingsError
 
 SUFFIXES = (".txt", ".md", ".rst")
+# built-in haystack genres (corpora/, each folder with its NOTICE): name -> paths relative to the repository
+GENRES: dict[str, tuple[str, ...]] = {
+    "docs": ("corpora/sqlite", "corpora/python"),  # technical documentation (the default)
+    "novels": ("corpora/austen",),  # narrative prose: two of Jane Austen's novels (public domain)
+    "noise": ("corpora/noise",),  # content-free filler sentences (RULER's noise haystack)
+}
+DEFAULT_GENRE = "docs"
 STARTS = ("fixed", "seed")
 _SPLIT = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z\"'(\[])")
 
@@ -36,6 +43,39 @@ class Codec(Protocol):
 
     def encode_piece(self, text: str) -> list[int]:
         """Ids of a raw text piece (no special tokens), for estimates."""
+
+
+def haystack_sets(items: Sequence[str] | str) -> dict[str, tuple[str, ...]]:
+    """``--haystack`` items -> named sets of paths. An item is a genre name (GENRES), ``NAME=PATH[,PATH...]``,
+    or a path; the bare paths together form one set, named after the genre whose paths they are and ``custom``
+    otherwise (so ``--haystack corpora/sqlite corpora/python`` is the docs genre, as before)."""
+    items = (items,) if isinstance(items, str) else tuple(items)
+    sets: dict[str, tuple[str, ...]] = {}
+    bare: list[str] = []
+    for item in items:
+        name, sep, paths = item.partition("=")
+        if sep:
+            if not name.isidentifier():
+                raise SettingsError(f"--haystack {item!r}: a set's name must be a word (letters, digits, _), "
+                                    "as in novels=path/to/books")
+            new = {name: tuple(p for p in paths.split(",") if p)}
+        elif item in GENRES:
+            new = {item: GENRES[item]}
+        else:
+            bare.append(str(Path(item)))
+            continue
+        if set(new) & set(sets):
+            raise SettingsError(f"--haystack names the set {next(iter(new))!r} twice; give each set once")
+        sets.update(new)
+    if bare:
+        name = next((g for g, p in GENRES.items() if p == tuple(bare)), "custom")
+        if name in sets:
+            raise SettingsError(f"--haystack: the paths {bare} form the set {name!r}, which is also named; "
+                                "give it once")
+        sets = {name: tuple(bare), **sets}
+    if not sets:
+        raise SettingsError("--haystack is empty; give genre names (docs, novels, noise) or text files/folders")
+    return sets
 
 
 def split_sentences(text: str) -> list[str]:

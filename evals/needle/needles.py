@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 from evals.core.errors import SettingsError
+from evals.core.scoring import NUMBER, UUID, ValueKind
 
 _ADJECTIVES = (
     "amber brave calm dusty eager fancy gentle hollow icy jolly kind lucky misty noble olive proud quiet rapid "
@@ -131,3 +132,15 @@ def _distinct(rng: random.Random, draw, n: int) -> list[str]:
         if v not in out:
             out.append(v)
     return out
+
+
+def value_kind(kind: str) -> ValueKind:
+    """What else an answer could claim in place of a needle of type ``kind``'s value (the strict scorer
+    counts such claims against the answer): numbers, UUIDs, the value words or the character names."""
+    if kind == "kv-words":
+        return ValueKind("word", vocabulary=frozenset(_VALUE_WORDS))
+    if kind == "kv-uuid":
+        return UUID
+    if kind == "nonliteral":
+        return ValueKind("name", vocabulary=frozenset(n.casefold() for n in _NAMES))
+    return NUMBER

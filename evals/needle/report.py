@@ -2,24 +2,61 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
-from evals.core.report import rate_table
+from evals.core.report import code_line, rate_table, scoring_line
+from evals.core.scorers import scorer_of
 from evals.core.scoring import wilson
+from evals.core.stats import holm, mcnemar_exact
 from evals.core.store import RunDir
+from evals.needle.haystack import DEFAULT_GENRE, GENRES, haystack_sets
 
 
-def needle_summary(rows: list[dict]) -> pd.DataFrame:
-    """One line per (mode, kind, length, depth): rates with intervals, tokens, needle positions, retrieval."""
+def collapse_controls(df: pd.DataFrame) -> pd.DataFrame:
+    """Needle rows as they are; control rows merged into one per distinct prompt (mode, length, question, recipe,
+    tokens): seeds that read one haystack with one question were one generation, counted once. The merged row
+    is found when any of its rows was, and ``control_cells`` says how many seeds' controls stand behind it."""
+    needles, controls = df[df["kind"] != "control"], df[df["kind"] == "control"]
+    if controls.empty:
+        return df
+    seeds = [len(c) if isinstance(c, list) else 1 for c in controls.get("control_seeds", [None] * len(controls))]
+    controls = controls.assign(control_cells=seeds, _prompt=[
+        json.dumps([r.get("mode"), r.get("genre"), r.get("length"), r.get("question"), r.get("recipe"),
+                    r.get("prompt_tokens"), r.get("chunks")], sort_keys=True, default=str)
+        for r in controls.to_dict("records")])
+    merged = controls.groupby("_prompt", sort=False).agg(
+        {**{c: "first" for c in controls.columns if c != "_prompt"}, "found": "max", "score": "max",
+         "control_cells": "sum"})
+    return pd.concat([needles, merged.reset_index(drop=True)], ignore_index=True)
+
+
+def needle_frame(rows: list[dict], run: dict) -> pd.DataFrame:
+    """The rows as a DataFrame with a ``genre`` on every row (rows made before genres: the run's one set) and
+    controls collapsed to one per distinct prompt."""
     df = pd.DataFrame(rows)
+    single = next(iter(haystack_sets(run.get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])))
+    df["genre"] = df["genre"].fillna(single) if "genre" in df else single
+    return collapse_controls(df)
+
+
+def needle_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One line per (mode, genre, kind, length, depth): rates with intervals (controls: over distinct prompts),
+    tokens, needle positions, retrieval."""
+    df = df.copy()
     df["depth"] = df["depth"].astype(float)
-    by = ["mode", "kind", "length", "depth"]
+    by = ["mode", "genre", "kind", "length", "depth"]
     out = rate_table(df, by)
     extra = {"prompt_tokens": "mean", "actual_tokens": "mean", "target_tokens": "first"}
+    if "control_cells" in df:
+        extra["control_cells"] = "sum"
     if "needle_depth_actual" in df:
         extra["needle_depth_actual"] = "mean"
+    if "found_lenient" in df:
+        df["found_lenient"] = df["found_lenient"].astype(float)
+        extra["found_lenient"] = "sum"
     if "retrieved" in df:
         df["retrieved"] = df["retrieved"].astype(float)
         extra.update(retrieved="mean", retrieval_rank="median")
@@ -32,16 +69,27 @@ def write_needle_report(run_dir: RunDir) -> pd.DataFrame:
     rows = run_dir.rows()
     if not rows:
         return pd.DataFrame()
-    summary = needle_summary(rows)
-    summary.to_csv(run_dir.path / "summary.csv", index=False)
-    df = pd.DataFrame(rows)
     run = run_dir.read_run()
+    df = needle_frame(rows, run)
+    summary = needle_summary(df)
+    summary.to_csv(run_dir.path / "summary.csv", index=False)
     m, st = run.get("model", {}), run.get("settings", {})
     title = (f"{run_dir.path.name}: {m.get('loaded_from') or m.get('name')}, quant {m.get('quant')}, "
              f"{m.get('dtype')} · needle {st.get('needle')}, seeds {st.get('seeds')}")
     heatmap(df, run_dir.path / "heatmap.png", title)
+    needle_misses(df).to_csv(run_dir.path / "misses.csv", index=False)
     (run_dir.path / "report.md").write_text(needle_markdown(df, run, run_dir.path.name))
     return summary
+
+
+MISSES_SHOWN = 30  # misses listed in report.md; misses.csv has every one
+
+
+def needle_misses(df: pd.DataFrame) -> pd.DataFrame:
+    """Every needle cell the scorer did not credit, with what was expected and answered."""
+    cols = [c for c in ("mode", "genre", "length", "depth", "seed", "needle_depth_actual", "expected", "answer",
+                        "found_strict", "found_lenient", "scorer", "cell_id") if c in df]
+    return df.loc[(df["kind"] == "needle") & (~df["found"].astype(bool)), cols]
 
 
 def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -52,11 +100,11 @@ def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    modes = [m for m in ("context", "rag") if m in set(df["mode"])]
-    fig, axes = plt.subplots(1, len(modes), figsize=(1.6 + 1.3 * df["length"].nunique() * len(modes) + 1.5,
-                                                      1.2 + 0.55 * (df["depth"].nunique() + 1)), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        d = df[df["mode"] == mode]
+    panels = [(m, g) for m in ("context", "rag") if m in set(df["mode"]) for g in _genres(df)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 1.3 * df["length"].nunique() * len(panels) + 1.5,
+                                                       1.2 + 0.55 * (df["depth"].nunique() + 1)), squeeze=False)
+    for ax, (mode, genre) in zip(axes[0], panels):
+        d = df[(df["mode"] == mode) & (df["genre"] == genre)]
         lengths = sorted(d["length"].unique())
         depths = sorted(d.loc[d["kind"] == "needle", "depth"].astype(float).unique())
         grid = np.full((len(depths) + 1, len(lengths)), np.nan)
@@ -77,15 +125,58 @@ def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
         ax.set_yticks(range(len(depths) + 1), [f"{x:g}%" for x in depths] + ["no needle\n(invented)"])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("needle depth")
-        ax.set_title(f"{mode}: found / cells")
+        ax.set_title(f"{mode}, {genre} haystack: found / cells" if len(_genres(df)) > 1 else f"{mode}: found / cells")
     fig.colorbar(im, ax=axes[0].tolist(), label="fraction of the needle's values in the answer")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def _genres(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df["genre"]))
+
+
+def genre_tests(df: pd.DataFrame) -> list[tuple[str, str, str, int, int, int, float]]:
+    """Paired exact McNemar of every two genres on the needle cells both hold (same mode, length, seed, depth):
+    (mode, genre A, genre B, cells, found A, found B, p), Holm-adjusted over the pairs."""
+    nd = df[df["kind"] == "needle"]
+    key = ["mode", "length", "seed", "depth"]
+    tests = []
+    genres = _genres(df)
+    for mode in dict.fromkeys(nd["mode"]):
+        m = nd[nd["mode"] == mode]
+        for i, a in enumerate(genres):
+            for b in genres[i + 1:]:
+                x = m[m["genre"] == a].set_index(key)["found"].astype(bool)
+                y = m[m["genre"] == b].set_index(key)["found"].astype(bool)
+                common = x.index.intersection(y.index)
+                if len(common):
+                    t = mcnemar_exact(list(x[common]), list(y[common]))
+                    tests.append([mode, a, b, len(common), int(x[common].sum()), int(y[common].sum()), t.p_value])
+    return [(*t[:-1], p) for t, p in zip(tests, holm([t[-1] for t in tests]))]
+
+
+def genre_lines(df: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+    """The report's first lines when a run has several genres: do they disagree significantly?"""
+    if len(_genres(df)) < 2:
+        return []
+    tests = genre_tests(df)
+    bad = [t for t in tests if t[-1] < alpha]
+    fmt = "; ".join(f"{mode} {a} {fa}/{n} vs {b} {fb}/{n} (paired p = {p:.3g})" for mode, a, b, n, fa, fb, p in tests)
+    if bad:
+        return [f"**Genres disagree significantly**: {fmt} (exact McNemar, Holm-adjusted). A rate of this run is "
+                "a statement about its haystack text; read each genre's numbers, not one pooled rate.", ""]
+    return [f"Genres agree within chance: {fmt} (exact McNemar, Holm-adjusted; not significant at {alpha}).", ""]
+
+
 def _k(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _behind(cd: pd.DataFrame) -> str:
+    """', standing for N seeds' controls' when distinct prompts are fewer than the seeds' controls."""
+    cells = int(cd["control_cells"].sum()) if "control_cells" in cd and len(cd) else len(cd)
+    return f" (standing for {cells} seeds' controls: a shared haystack is one prompt)" if cells > len(cd) else ""
 
 
 def _rate(k: int, n: int) -> str:
@@ -96,30 +187,35 @@ def _rate(k: int, n: int) -> str:
 def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
     m, st = run.get("model", {}), run.get("settings", {})
     git = run.get("git", {})
-    lines = [f"# Needle in a haystack: {name}", ""]
+    lines = [f"# Needle in a haystack: {name}", ""] + genre_lines(df)
     lines += [
         f"- **Model**: {m.get('loaded_from') or m.get('name')} ({m.get('architecture')}, {m.get('parameters', 0) / 1e6:.0f}M parameters), "
         f"quantization **{m.get('quant')}**, dtype {m.get('dtype')}, device {m.get('device')}, "
         f"context window {m.get('context_window')} tokens",
         f"- **Needle**: `{st.get('needle')}`, seeds {st.get('seeds')}; depths {st.get('depths')}; "
         f"lengths {st.get('lengths')} (tokens incl. {st.get('max_new_tokens')} for the answer); mode {st.get('mode')}",
-        f"- **Haystack**: {', '.join(st.get('haystack', []))} (fingerprint {st.get('pool')}); "
+        f"- **Haystack**: {', '.join(st.get('haystack', []))} (genre {', '.join(_genres(df))}; fingerprint "
+        f"{st.get('pool')}); "
         + ("each seed its own text (`--haystack-start seed`)" if st.get("haystack_start") == "seed"
            else "one text for every seed (`--haystack-start fixed`)"),
-        f"- **Code**: git {str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}; "
-        f"created {run.get('created')}; config {run.get('config')}", "",
+        f"- **Code**: {code_line(git)}; "
+        f"created {run.get('created')}; config {run.get('config')}",
+        scoring_line(df, df[df["kind"] == "needle"]), "",
         "## Result", "",
     ]
-    planned = (len(st.get("lengths", [])) * len(st.get("seeds", [])) * (len(st.get("depths", [])) + bool(st.get("controls")))
-               * (2 if st.get("mode") == "both" else 1))
-    if planned and len(df) < planned:
-        lines += [f"**Incomplete run: {len(df)} of {planned} planned cells finished** (lengths without rows below were "
-                  "not reached, or skipped as too long); continue it with the same flags and `--resume`.", ""]
-    for mode in [x for x in ("context", "rag") if x in set(df["mode"])]:
-        d = df[df["mode"] == mode]
+    planned = (len(st.get("lengths", [])) * len(st.get("seeds", [])) * len(st.get("depths", []))
+               * (2 if st.get("mode") == "both" else 1) * len(_genres(df)))
+    done = int((df["kind"] == "needle").sum())
+    if planned and done < planned:
+        lines += [f"**Incomplete run: {done} of {planned} planned needle cells finished** (lengths without rows "
+                  "below were not reached, or skipped as too long); continue it with the same flags and `--resume`.", ""]
+    multi = len(_genres(df)) > 1
+    for mode, genre in [(x, g) for x in ("context", "rag") if x in set(df["mode"]) for g in _genres(df)]:
+        d = df[(df["mode"] == mode) & (df["genre"] == genre)]
         nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
-        lines.append(f"- **{mode}**: needle found in **{_rate(int(nd['found'].sum()), len(nd))}** of cells; "
-                     f"without a needle the model produced the value in {_rate(int(cd['found'].sum()), len(cd))}.")
+        lines.append(f"- **{mode}{f', {genre} haystack' if multi else ''}**: needle found in **{_rate(int(nd['found'].sum()), len(nd))}** of cells; "
+                     f"without a needle the model produced the value in {_rate(int(cd['found'].sum()), len(cd))} "
+                     f"distinct no-needle prompts{_behind(cd)}.")
         if mode == "rag" and len(nd):
             got = nd[nd["retrieved"] == True]  # noqa: E712
             lines.append(f"  - the needle's chunk was retrieved (top-{st.get('top_k')}) in {_rate(len(got), len(nd))}; "
@@ -128,26 +224,29 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
                          f"(a miss with the chunk retrieved is the reader's fault, without it the retriever's).")
         if len(nd) and "distractor_answered" in nd and nd["distractor_answered"].any():
             lines.append(f"  - answered a distractor's value in {int(nd['distractor_answered'].sum())} cells.")
-    lines += ["", "## By length", "", "| mode | length | found (95% CI) | mean score | no-needle: value invented |",
-              "|---|---|---|---|---|"]
-    for (mode, length), d in df.groupby(["mode", "length"]):
+    lines += ["", "## By length", "", "| mode | genre | length | found (95% CI) | mean score | "
+              "no-needle: value invented (distinct prompts) |", "|---|---|---|---|---|---|"]
+    for (mode, genre, length), d in df.groupby(["mode", "genre", "length"], sort=False):
         nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
-        lines.append(f"| {mode} | {length} | {_rate(int(nd['found'].sum()), len(nd))} | {nd['score'].mean():.2f} | "
-                     f"{int(cd['found'].sum())}/{len(cd)} |")
+        lines.append(f"| {mode} | {genre} | {length} | {_rate(int(nd['found'].sum()), len(nd))} | "
+                     f"{nd['score'].mean():.2f} | {int(cd['found'].sum())}/{len(cd)} |")
     lines += ["", "## Heatmap", "", "![heatmap](heatmap.png)", "",
               "Rows are needle depths (0% = start of the haystack, 100% = end), columns prompt lengths; each cell "
               "shows found/cells and its colour the mean fraction of expected values in the answer (green = found). "
               "The bottom row is the no-needle control: how often the model produced the value without seeing it "
               "(should be 0). Exact numbers with 95% intervals are in `summary.csv`.", "",
               "## Misses", ""]
-    misses = df[(df["kind"] == "needle") & (~df["found"].astype(bool))]
+    misses = needle_misses(df)
     if misses.empty:
         lines.append("None.")
     else:
-        lines += ["| mode | length | depth | actual depth | expected | answer | cell |", "|---|---|---|---|---|---|---|"]
-        for r in misses.head(30).itertuples():
+        shown = misses.head(MISSES_SHOWN)
+        lines += [f"First {len(shown)} of {len(misses)} misses; all {len(misses)} are in `misses.csv`.", "",
+                  "| mode | genre | length | depth | actual depth | expected | answer | cell |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in shown.itertuples():
             ans = str(r.answer).replace("|", "\\|").replace("\n", " ")[:80]
-            lines.append(f"| {r.mode} | {r.length} | {r.depth:g}% | {getattr(r, 'needle_depth_actual', '')}% | "
+            lines.append(f"| {r.mode} | {r.genre} | {r.length} | {r.depth:g}% | {getattr(r, 'needle_depth_actual', '')}% | "
                          f"{', '.join(r.expected)} | {ans} | `{r.cell_id}` |")
         lines += ["", "Rebuild any cell's exact prompt with "
                   "`python -m evals.needle --rebuild-prompt RUN_DIR CELL_ID`."]

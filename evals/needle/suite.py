@@ -14,23 +14,25 @@ from pathlib import Path
 from typing import Any, Hashable, Sequence
 
 from evals.needle import report
+from evals.core import backend as backends  # (the settings field is named backend)
+from evals.core import scorers
 from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exit
-from evals.needle.haystack import (STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt, measure,
-                             start_sentence)
-from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
+from evals.core.portable import portable_value
+from evals.core.rescore import rescore
 from evals.core.runner import Group, Job, run
-from evals.core.scoring import contains_value, value_fraction
+from evals.core.scoring import contains_value
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.core.store import RunDir, provenance
-from evals.core import backend as backends  # (the settings field is named backend)
-from evals.core.portable import portable_value
 from evals.core.targets import Retriever, load_target, tokenizer_fingerprint
+from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
+                                   haystack_sets, measure, start_sentence)
+from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
 from evals.needle.token_cache import TOKENS_DIR, CachedCodec
 
 SUITE = "needle"
 MODES = ("context", "rag", "both")
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_HAYSTACK = ("corpora/sqlite", "corpora/python")  # relative paths are looked up in the cwd, then the repo
+DEFAULT_HAYSTACK = GENRES["docs"]  # relative paths are looked up in the cwd, then the repo
 
 
 def haystack_paths(paths: Sequence[str]) -> list[Path]:
@@ -64,8 +66,10 @@ class NeedleSettings(backends.Settings):
     skip_too_long: bool = False
     progress: bool = True
     threads: int | None = None
+    scorer: str = scorers.DEFAULT  # re-runnable from the stored answers (--rescore), so not hashed
 
-    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", *backends.RUN_CONTROL)
+    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", "scorer",
+                   *backends.RUN_CONTROL)
 
     def __post_init__(self) -> None:
         self.lengths = parse_lengths(self.lengths)
@@ -73,7 +77,7 @@ class NeedleSettings(backends.Settings):
         self.seeds = parse_ints(self.seeds, "--seeds")
         if isinstance(self.haystack, str):
             self.haystack = (self.haystack,)
-        self.haystack = tuple(str(Path(p)) for p in self.haystack)
+        self.haystack = canonical_haystack(self.haystack)
         if self.mode not in MODES:
             raise SettingsError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.haystack_start not in STARTS:
@@ -82,9 +86,15 @@ class NeedleSettings(backends.Settings):
             raise SettingsError(f"--needle {self.needle!r} is unknown; choose one of {', '.join(NEEDLE_TYPES)}")
         if self.max_new_tokens is None:
             self.max_new_tokens = 96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32
+        scorers.check(self.scorer)
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
         backends.check(self)
+
+    @property
+    def genres(self) -> dict[str, tuple[str, ...]]:
+        """The haystack sets of the run by name (one genre, or several compared side by side)."""
+        return haystack_sets(self.haystack)
 
     def hashed(self) -> dict[str, Any]:
         """As the base class, but ``haystack_start`` only when not ``fixed``: runs made before the setting
@@ -93,6 +103,26 @@ class NeedleSettings(backends.Settings):
         if d["haystack_start"] == "fixed":
             del d["haystack_start"]
         return d
+
+
+def canonical_haystack(items: Sequence[str] | str) -> tuple[str, ...]:
+    """``--haystack`` items written one way: a single set as its paths (what runs made before genres stored,
+    so their configuration hash holds), several as genre names or ``name=path,...``."""
+    sets = haystack_sets(items)
+    if len(sets) == 1:
+        return next(iter(sets.values()))
+    return tuple(n if GENRES.get(n) == p else f"{n}={','.join(p)}" for n, p in sets.items())
+
+
+def load_pools(s: NeedleSettings) -> dict[str, SentencePool]:
+    """The sentence pool of each haystack set of the run."""
+    return {name: SentencePool.from_paths(haystack_paths(paths)) for name, paths in s.genres.items()}
+
+
+def pool_fingerprint(pools: dict[str, SentencePool]) -> str | dict[str, str]:
+    """What the configuration hashes of the haystack text: one fingerprint, or one per genre."""
+    prints = {name: p.fingerprint for name, p in pools.items()}
+    return next(iter(prints.values())) if len(prints) == 1 else prints
 
 
 def build_cell(codec: Codec, pool: SentencePool, est: Estimator, s: NeedleSettings,
@@ -115,31 +145,50 @@ class NeedleSuite:
 
     name = SUITE
 
-    def __init__(self, settings: NeedleSettings, target: Any, pool: SentencePool, run_dir: RunDir,
-                 lengths: Sequence[int]):
-        self.s, self.target, self.pool, self.run_dir = settings, target, pool, run_dir
+    def __init__(self, settings: NeedleSettings, target: Any, pools: dict[str, SentencePool], run_dir: RunDir,
+                 lengths: dict[str, Sequence[int]]):
+        self.s, self.target, self.pools, self.run_dir = settings, target, pools, run_dir
         self.max_new_tokens = settings.max_new_tokens
         self.lengths = lengths
-        self.config = config_hash({**settings.hashed(), "pool": pool.fingerprint})
+        self.config = config_hash({**settings.hashed(), "pool": pool_fingerprint(pools)})
         self.codec = CachedCodec(target.codec, run_dir.path / TOKENS_DIR, tokenizer_fingerprint(target.llm.tokenizer))
-        self.est = Estimator(self.codec, pool)
+        self.est = {name: Estimator(self.codec, pool) for name, pool in pools.items()}
         self.retriever = Retriever(settings.chunk_size, settings.top_k)
+        self.control_seeds: dict[str, list[int]] = {}  # control cell id -> the seeds whose prompt it is
 
     def cells(self) -> list[Cell]:
         modes = ("context", "rag") if self.s.mode == "both" else (self.s.mode,)
         out = []
-        for mode in modes:
-            for length in self.lengths[mode]:
-                for seed in self.s.seeds:
-                    for depth in self.s.depths:
-                        out.append(self._cell(mode, length, seed, depth))
+        for genre in self.pools:
+            for mode in modes:
+                for length in self.lengths[mode]:
+                    for seed in self.s.seeds:
+                        out += [self._cell(mode, length, seed, depth, genre) for depth in self.s.depths]
                     if self.s.controls:
-                        out.append(self._cell(mode, length, seed, None))
+                        out += self._controls(mode, length, genre)
         return out
 
-    def _cell(self, mode: str, length: int, seed: int, depth: float | None) -> Cell:
-        return Cell(SUITE, self.config, {"mode": mode, "length": length, "seed": seed, "depth": depth,
-                                         "needle": self.s.needle, "kind": "control" if depth is None else "needle"})
+    def _controls(self, mode: str, length: int, genre: str) -> list[Cell]:
+        """One control per distinct no-needle prompt: seeds whose control prompts are the same tokens (a shared
+        haystack and the same question) are one generation, so one cell stands for all of them (the first
+        seed's, so its id is the one a per-seed run had) and its row lists them in ``control_seeds``."""
+        first: dict[tuple[int, ...], Cell] = {}
+        for seed in self.s.seeds:
+            cell = self._cell(mode, length, seed, None, genre)
+            key = tuple(self.build(cell)[2].ids)
+            kept = first.setdefault(key, cell)
+            self.control_seeds.setdefault(kept.cell_id, []).append(seed)
+        return list(first.values())
+
+    def _cell(self, mode: str, length: int, seed: int, depth: float | None, genre: str) -> Cell:
+        coords = {"mode": mode, "length": length, "seed": seed, "depth": depth, "needle": self.s.needle,
+                  "kind": "control" if depth is None else "needle"}
+        if len(self.pools) > 1:  # a single-genre run keeps the cell ids of runs made before genres
+            coords["genre"] = genre
+        return Cell(SUITE, self.config, coords)
+
+    def genre(self, cell: Cell) -> str:
+        return cell.coords.get("genre") or next(iter(self.pools))
 
     def group_key(self, cell: Cell) -> Hashable:
         # context cells that read one haystack share its prefix: one per length, or per (length, seed) when
@@ -147,37 +196,44 @@ class NeedleSuite:
         if cell["mode"] != "context":
             return cell.cell_id
         if self.s.haystack_start == "fixed":
-            return ("context", cell["length"])
-        return ("context", cell["length"], cell["seed"])
+            return ("context", self.genre(cell), cell["length"])
+        return ("context", self.genre(cell), cell["length"], cell["seed"])
 
     def build(self, cell: Cell) -> tuple[Needle, Frame, Built]:
-        return build_cell(self.codec, self.pool, self.est, self.s, cell)
+        genre = self.genre(cell)
+        return build_cell(self.codec, self.pools[genre], self.est[genre], self.s, cell)
 
     def prepare(self, cells: Sequence[Cell]) -> Group:
         jobs = [self._job(c) for c in cells]
         base = None
         if cells[0]["mode"] == "context":
-            control = self._cell("context", cells[0]["length"], cells[0]["seed"], None)
+            control = self._cell("context", cells[0]["length"], cells[0]["seed"], None, self.genre(cells[0]))
             base = next((j.ids for j in jobs if j.cell.cell_id == control.cell_id), None)
             base = base if base is not None else self.build(control)[2].ids
         return Group(jobs, base)
 
     def _job(self, cell: Cell) -> Job:
         needle, frame, built = self.build(cell)
+        seeds = self.control_seeds.get(cell.cell_id, [cell["seed"]]) if cell["kind"] == "control" else [cell["seed"]]
+        needles = [needle] + [make_needle(self.s.needle, x) for x in seeds if x != cell["seed"]]
         row: dict[str, Any] = {"cell_id": cell.cell_id, "suite": SUITE, "config": self.config, **cell.coords,
                                "expected": list(needle.expected), "question": needle.question,
                                "target_tokens": cell["length"], "max_new_tokens": self.max_new_tokens,
                                "haystack_tokens": built.haystack_span[1] - built.haystack_span[0],
-                               "recipe": {**built.recipe.to_json(), "pool": self.pool.fingerprint}}
-        if cell["kind"] == "needle":
+                               "genre": self.genre(cell),
+                               "recipe": {**built.recipe.to_json(), "pool": self.pools[self.genre(cell)].fingerprint}}
+        if cell["kind"] == "control":
+            row.update(control_seeds=seeds)
+        else:
             row.update(needle_offset=built.needle_offsets[0], needle_depth_actual=built.depth_percent(0),
                        needle_offsets=built.needle_offsets)
         if cell["mode"] == "context":
             row.update(prompt_tokens=len(built.ids), actual_tokens=len(built.ids) + self.max_new_tokens)
-            return Job(cell, built.ids, row, needle)
-        return self._rag_job(cell, needle, frame, built, row)
+            return Job(cell, built.ids, row, needles)
+        return self._rag_job(cell, needles, frame, built, row)
 
-    def _rag_job(self, cell: Cell, needle: Needle, frame: Frame, built: Built, row: dict) -> Job:
+    def _rag_job(self, cell: Cell, needles: list[Needle], frame: Frame, built: Built, row: dict) -> Job:
+        needle = needles[0]
         start = built.text.index(frame.instruction) + len(frame.instruction) + 2
         haystack = built.text[start: built.text.rindex("\n\n" + frame.question)]
         index_dir = self.run_dir.path / "rag" / f"{cell['length']}-s{cell['seed']}-{cell.cell_id}"
@@ -189,13 +245,26 @@ class NeedleSuite:
         row.update(prompt_tokens=len(ids), actual_tokens=len(ids) + self.max_new_tokens,
                    retrieved=rank is not None if cell["kind"] == "needle" else None,
                    retrieval_rank=rank if cell["kind"] == "needle" else None, chunks=chunks)
-        return Job(cell, ids, row, needle)
+        return Job(cell, ids, row, needles)
 
     def score(self, job: Job, answer: str) -> dict[str, Any]:
-        needle: Needle = job.payload
-        frac = value_fraction(answer, needle.expected)
-        return {"score": frac, "found": frac == 1.0,
-                "distractor_answered": any(contains_value(answer, v) for v in needle.distractors)}
+        return score_answer(answer, job.payload, self.s.scorer)
+
+
+def score_answer(answer: str, needles: Sequence[Needle], scorer: str) -> dict[str, Any]:
+    """The row fields a scorer writes for one answer (both verdicts, the chosen one as score/found); a control
+    stands for the needles of every seed in its ``control_seeds``."""
+    return {**scorers.record(scorers.needle_scores(answer, needles), scorer),
+            "distractor_answered": any(contains_value(answer, v) for v in needles[0].distractors)}
+
+
+def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[str, Any]:
+    """A stored row's score fields under ``scorer`` (the needles are rebuilt from their type and seeds), and its
+    genre as the run's settings name it (rows made before genres, or by a single-set run, get that set's name)."""
+    seeds = row.get("control_seeds") or [row["seed"]]
+    sets = haystack_sets(run.get("settings", {}).get("haystack") or DEFAULT_HAYSTACK)
+    genre = row.get("genre") if len(sets) > 1 else next(iter(sets))
+    return {**score_answer(row["answer"], [make_needle(row["needle"], x) for x in seeds], scorer), "genre": genre}
 
 
 # ---------------------------------------------------------------- command line
@@ -212,7 +281,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--needle", choices=NEEDLE_TYPES, help="needle type (default passcode)")
     a("--seeds", help="comma list of seeds; each seed is a different needle, and with --haystack-start seed a "
       "different haystack (default 1)")
-    a("--haystack", nargs="+", help="text files or folders for the filler (default corpora/sqlite corpora/python)")
+    a("--haystack", nargs="+", help="the filler: genre names (docs, novels, noise; several = an axis of the run), "
+      "NAME=PATH[,PATH] sets, or text files/folders forming one set (default: docs, i.e. corpora/sqlite "
+      "corpora/python)")
     a("--haystack-start", choices=STARTS, help="fixed: every seed's haystack starts at the first sentence (default); "
       "seed: each seed starts at its own sentence, so seeds read different text")
     a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 96 for uuid/multi needles)")
@@ -229,14 +300,18 @@ def _parser() -> argparse.ArgumentParser:
     a("--rebuild-prompt", nargs=2, metavar=("RUN", "CELL"),
       help="print the exact prompt of cell CELL of run directory RUN (fails if its token count differs)")
     a("--report", metavar="RUN", help="rewrite summary.csv, heatmap.png and report.md of run directory RUN")
+    a("--rescore", metavar="RUN", help="re-score the stored answers of run directory RUN with --scorer (no "
+      "generation) and rewrite its report; with --out into a new run directory instead of RUN itself")
+    a("--scorer", choices=tuple(scorers.SCORERS), help="strict: the answer commits to the value(s), not hedged, "
+      "not negated, no other value claimed (default); lenient: the values occur anywhere in the answer")
     return p
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> tuple[NeedleSettings | None, argparse.Namespace]:
     args = _parser().parse_args(argv)
-    if args.rebuild_prompt or args.report:
+    if args.rebuild_prompt or args.report or args.rescore:
         return None, args
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "rebuild_prompt", "report")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "rebuild_prompt", "report", "rescore")}
     known = {f for f in NeedleSettings.__dataclass_fields__ if f != "RUN_CONTROL"}
     merged = merge_settings(load_suite_file(args.config) if args.config else {}, flags, known)
     if not merged.get("lengths"):
@@ -264,16 +339,18 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
 
         torch.set_num_threads(s.threads)
     out = Path(s.out or f"runs/needle-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    pool = SentencePool.from_paths(haystack_paths(s.haystack))
+    pools = load_pools(s)
     run_dir = RunDir(out)
-    config = config_hash({**s.hashed(), "pool": pool.fingerprint})
-    done = run_dir.open(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, s.resume)
+    hashed = {**s.hashed(), "pool": pool_fingerprint(pools)}
+    config = config_hash(hashed)
+    done = run_dir.open(SUITE, hashed, config, s.resume)
     target = target or backends.load(s)
     lengths = _usable_lengths(s, target.context_window)
     if not (run_dir.path / "run.json").exists():
-        run_dir.write_run({**provenance(SUITE, {**s.hashed(), "pool": pool.fingerprint}, config, target.info, out),
-                           "haystack_files": portable_value(list(pool.files), out)})
-    suite = NeedleSuite(s, target, pool, run_dir, lengths)
+        files = {name: portable_value(list(p.files), out) for name, p in pools.items()}
+        run_dir.write_run({**provenance(SUITE, hashed, config, target.info, out),
+                           "haystack_files": next(iter(files.values())) if len(files) == 1 else files})
+    suite = NeedleSuite(s, target, pools, run_dir, lengths)
     stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
                 batch_size=s.batch_size)
     report.write_needle_report(run_dir)
@@ -289,9 +366,11 @@ def rebuild_prompt(run: str, cell_id: str) -> str:
     if row is None:
         raise RebuildError(f"run {run} has no finished cell {cell_id!r}; cell ids are in {run_dir.results_path}")
     st = meta["settings"]
-    pool = SentencePool.from_paths(haystack_paths(st["haystack"]))
+    sets = haystack_sets(st["haystack"])
+    paths = sets.get(row.get("genre"), next(iter(sets.values())))
+    pool = SentencePool.from_paths(haystack_paths(paths))
     if pool.fingerprint != row["recipe"]["pool"]:
-        raise RebuildError(f"the haystack files {st['haystack']} changed since the run (fingerprint "
+        raise RebuildError(f"the haystack files {list(paths)} changed since the run (fingerprint "
                            f"{pool.fingerprint} != {row['recipe']['pool']}); the prompt cannot be rebuilt exactly")
     target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"])
     needle = make_needle(row["needle"], row["seed"])
@@ -317,6 +396,11 @@ def _command(argv: Sequence[str] | None) -> int:
     if args.report:
         report.write_needle_report(RunDir(args.report))
         print(f"report: {Path(args.report) / 'report.md'}")
+        return 0
+    if args.rescore:
+        run_dir = rescore(args.rescore, args.scorer or scorers.DEFAULT, rescore_row, args.out)
+        report.write_needle_report(run_dir)
+        print(f"re-scored {args.rescore} with {args.scorer or scorers.DEFAULT}; report: {run_dir.path / 'report.md'}")
         return 0
     if settings is None:
         sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))

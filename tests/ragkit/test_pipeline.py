@@ -166,6 +166,20 @@ def test_orderings():
     assert ids["document"] == ["n0", "n2", "n4", "n1", "n3"]  # a.txt in file order, then b.txt
 
 
+@pytest.mark.parametrize("n", range(1, 13))
+def test_long_context_reorder_is_llamaindex_for_every_count(n):
+    """The name promises LlamaIndex's postprocessor: the same order for 1..12 chunks (even counts included),
+    whatever order the chunks arrive in."""
+    from llama_index.core.postprocessor import LongContextReorder
+
+    nodes = _ranked(n)
+    for given in (nodes, nodes[::-1], nodes[1::2] + nodes[0::2]):
+        ours = [x.node.node_id for x in ORDERINGS["long_context_reorder"](given)]
+        assert ours == [x.node.node_id for x in LongContextReorder().postprocess_nodes(list(given))]
+    if n == 4:
+        assert ours == ["n1", "n3", "n2", "n0"]  # best last, second best first (ragkit's mirror was n0 n2 n3 n1)
+
+
 @pytest.fixture(scope="module")
 def llm():
     from ragkit.llm import LocalLLM

@@ -61,3 +61,32 @@ def test_resume_into_a_foreign_non_empty_folder_is_refused(tmp_path):
     with pytest.raises(RunDirError, match="not empty and has no run.json"):
         RunDir(tmp_path / "x").open("needle", {}, "cfg", resume=True)
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+
+
+def _git(where, *args):
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=where, check=True,
+                   capture_output=True)
+
+
+def test_git_state_never_claims_a_commit_it_does_not_have(tmp_path):
+    """Outside a checkout, in a repo without commits, or untracked inside another repo: commit and dirty null;
+    tracked: the commit, and dirty once a tracked file changes."""
+    from evals.core.store import git_state
+
+    code = tmp_path / "store.py"
+    code.write_text("x = 1\n")
+    assert git_state(code) == {"commit": None, "dirty": None, "source": None}
+    _git(tmp_path, "init", "-q")
+    assert git_state(code)["commit"] is None and git_state(code)["dirty"] is None  # no commit yet
+    (tmp_path / "other.txt").write_text("o")
+    _git(tmp_path, "add", "other.txt")
+    _git(tmp_path, "commit", "-qm", "other")
+    assert git_state(code)["commit"] is None and git_state(code)["dirty"] is None  # untracked in another repo
+    _git(tmp_path, "add", "store.py")
+    _git(tmp_path, "commit", "-qm", "code")
+    state = git_state(code)
+    assert len(state["commit"]) == 40 and state["dirty"] is False and state["source"] == "checkout"
+    code.write_text("x = 2\n")
+    assert git_state(code)["dirty"] is True

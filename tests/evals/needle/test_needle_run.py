@@ -165,3 +165,16 @@ def test_resume_after_sigkill_gives_the_same_summary(tmp_path):
     a, b = (pd.read_csv(p / "summary.csv") for p in (killed, tmp_path / "full"))
     pd.testing.assert_frame_equal(a, b)
     assert results.read_text().count("\n") == 6
+
+
+@pytest.mark.parametrize("start,controls", [("fixed", [[1, 2, 3]]), ("seed", [[1], [2], [3]])])
+def test_one_control_per_distinct_prompt(target, tmp_path, start, controls):
+    """With one haystack for every seed the seeds' no-needle prompts are the same tokens: one generation, one
+    control cell standing for all of them (the first seed's id); with a haystack per seed, one per seed."""
+    out = execute(_settings(tmp_path, lengths="384", depths="50%", seeds="1,2,3", haystack_start=start), target)
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["control_seeds"] for r in rows if r["kind"] == "control"] == controls
+    assert sum(r["kind"] == "needle" for r in rows) == 3
+    summary = pd.read_csv(out / "summary.csv")
+    ctrl = summary[summary["kind"] == "control"].iloc[0]
+    assert ctrl["n"] == len(controls) and ctrl["control_cells"] == 3
