@@ -96,7 +96,8 @@ class RunDir:
         if exists:
             old = self.read_run()
             if old.get("suite") != suite or old.get("config") != config:
-                new = json.loads(json.dumps(settings, default=str))
+                # compared as run.json stores settings: with machine paths made portable (provenance)
+                new = portable.portable_value(json.loads(json.dumps(settings, default=str)), self.path)
                 diff = sorted(k for k in set(old.get("settings", {})) | set(new)
                               if old.get("settings", {}).get(k) != new.get(k))
                 raise RunDirError(
