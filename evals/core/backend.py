@@ -1,8 +1,8 @@
 """Which model answers a suite's cells: ragkit.LocalLLM in this process, or an OpenAI-compatible server.
 
-Every suite takes the same flags (``--backend --base-url --tokenizer --concurrency --timeout``) and fields of
-the same names in its settings dataclass. ``backend`` and ``tokenizer`` are configuration (hashed into cell
-ids when the backend is a server); ``base_url``, ``concurrency`` and ``timeout`` are run control, so a run
+Every suite takes the same flags (``--backend --base-url --tokenizer --concurrency --timeout``) and fields
+of the same names in its settings (:class:`evals.core.settings.SuiteSettings`). ``backend`` and
+``tokenizer`` are configuration (hashed into cell ids when the backend is a server); ``base_url``, ``concurrency`` and ``timeout`` are run control, so a run
 resumes against a restarted server at another address or concurrency. See docs/serving.md. ``batch_size``
 (``--batch-size``, with the model flags) is run control too: how many cells the in-process backend decodes
 together (evals/core/decode.py), not what a cell measures.
@@ -10,37 +10,12 @@ together (evals/core/decode.py), not what a cell measures.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from evals.core.errors import SettingsError
 from evals.core.targets import Target, load_served_target, load_target
 
 BACKENDS = ("local", "openai")
-RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
-
-
-@dataclass(kw_only=True)
-class Settings:
-    """The backend fields every suite's settings dataclass inherits (keyword-only, after the suite's own)."""
-
-    backend: str = "local"
-    tokenizer: str | None = None  # openai: the served model's tokenizer
-    base_url: str | None = None  # run control from here on
-    concurrency: int = 1
-    timeout: float = 300.0
-    batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
-
-    RUN_CONTROL: ClassVar[tuple[str, ...]] = RUN_CONTROL  # fields that do not change what a cell measures
-    RECIPE_VERSION: ClassVar[int] = 1  # bump when prompt construction changes: old runs then refuse to resume
-
-    def hashed(self) -> dict[str, Any]:
-        """The settings that define the cells (run control left out), for the configuration hash."""
-        d = asdict(self)
-        for k in self.RUN_CONTROL:
-            d.pop(k)
-        d["recipe_version"] = self.RECIPE_VERSION
-        return hashed(d)
 
 
 def add_model_flags(add: Callable[..., Any]) -> None:
@@ -80,14 +55,6 @@ def check(s: Any) -> None:
                             "--concurrency keeps in flight")
     if s.backend == "openai" and s.quant != "none":
         raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
-
-
-def hashed(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` for the configuration hash: without the backend keys when local, so that runs made before
-    the server backend existed keep their cell ids."""
-    if settings.get("backend") == "local":
-        settings = {k: v for k, v in settings.items() if k not in ("backend", "tokenizer")}
-    return settings
 
 
 def load(s: Any) -> Target:

@@ -9,21 +9,23 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, ClassVar, Hashable, Sequence
 
-from evals.needle import report
+from pydantic import ValidationInfo, field_validator, model_validator
+
+from evals.core import backend as backends  # (the settings field is named backend)
 from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exit
-from evals.needle.haystack import (STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt, measure,
-                             start_sentence)
-from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
 from evals.core.runner import Group, Job, run
 from evals.core.scoring import contains_value, value_fraction
+from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.core.store import RunDir, provenance
-from evals.core import backend as backends  # (the settings field is named backend)
 from evals.core.targets import Retriever, load_target
+from evals.needle import report
+from evals.needle.haystack import (STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
+                                   measure, start_sentence)
+from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
 
 SUITE = "needle"
 MODES = ("context", "rag", "both")
@@ -37,8 +39,7 @@ def haystack_paths(paths: Sequence[str]) -> list[Path]:
             for p in paths]
 
 
-@dataclass
-class NeedleSettings(backends.Settings):
+class NeedleSettings(SuiteSettings):
     """Every setting of a needle run; all but the run-control ones go into the configuration hash."""
 
     lengths: tuple[int, ...]
@@ -63,15 +64,24 @@ class NeedleSettings(backends.Settings):
     progress: bool = True
     threads: int | None = None
 
-    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", *backends.RUN_CONTROL)
+    RUN_CONTROL: ClassVar[tuple[str, ...]] = ("out", "resume", "skip_too_long", "progress", "device", "threads",
+                                              *SuiteSettings.RUN_CONTROL)
+    LABEL: ClassVar[str] = "needle settings"
 
-    def __post_init__(self) -> None:
-        self.lengths = parse_lengths(self.lengths)
-        self.depths = parse_depths(self.depths)
-        self.seeds = parse_ints(self.seeds, "--seeds")
-        if isinstance(self.haystack, str):
-            self.haystack = (self.haystack,)
-        self.haystack = tuple(str(Path(p)) for p in self.haystack)
+    @field_validator("lengths", "depths", "seeds", "haystack", mode="before")
+    @classmethod
+    def _parse(cls, v: Any, info: ValidationInfo) -> tuple:
+        """The flag spellings: "1k,2k", "0,50,100" or a count, "1,2", one path or several."""
+        if info.field_name == "lengths":
+            return parse_lengths(v)
+        if info.field_name == "depths":
+            return parse_depths(v)
+        if info.field_name == "seeds":
+            return parse_ints(v, "--seeds")
+        return tuple(str(Path(p)) for p in ((v,) if isinstance(v, str) else v))
+
+    @model_validator(mode="after")
+    def _check(self) -> NeedleSettings:
         if self.mode not in MODES:
             raise SettingsError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.haystack_start not in STARTS:
@@ -83,6 +93,7 @@ class NeedleSettings(backends.Settings):
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
         backends.check(self)
+        return self
 
     def hashed(self) -> dict[str, Any]:
         """As the base class, but ``haystack_start`` only when not ``fixed``: runs made before the setting
@@ -234,8 +245,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> tuple[NeedleSetting
     if args.rebuild_prompt or args.report:
         return None, args
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "rebuild_prompt", "report")}
-    known = {f for f in NeedleSettings.__dataclass_fields__ if f != "RUN_CONTROL"}
-    merged = merge_settings(load_suite_file(args.config) if args.config else {}, flags, known)
+    merged = merge_settings(load_suite_file(args.config) if args.config else {}, flags, NeedleSettings.fields())
     if not merged.get("lengths"):
         raise SettingsError("--lengths is required (e.g. --lengths 1k,2k,4k), on the command line or in --config")
     return NeedleSettings(**merged), args

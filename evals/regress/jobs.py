@@ -57,7 +57,7 @@ class Entry:
     def build(self, out: Path | None = None, progress: bool = True) -> Any:
         """The suite's settings object (validates every setting); ``out``: run into that directory, resuming."""
         cls, _ = SUITES[self.suite]()
-        known = {f for f in cls.__dataclass_fields__ if f != "RUN_CONTROL"}
+        known = cls.fields()
         unknown = sorted(set(self.settings) - known)
         if unknown:
             raise SettingsError(f"run {self.name!r}: unknown {self.suite} settings {unknown}; known: {sorted(known)}")
@@ -65,9 +65,7 @@ class Entry:
         try:
             return cls(**self.settings, **extra)
         except SettingsError as e:
-            raise SettingsError(f"run {self.name!r}: {e}") from None
-        except TypeError as e:  # a required setting is missing, e.g. the needle suite's lengths
-            raise SettingsError(f"run {self.name!r}: {e}; give it under 'settings:'") from None
+            raise SettingsError(f"run {self.name!r}: {e} (give it under 'settings:')") from e
 
 
 def load_entries(path: str | Path, model: str | None = None, quant: str | None = None) -> list[Entry]:
