@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from ragkit.loading import QUANTIZATIONS
+
 app = typer.Typer(
     name="ragkit",
     help="Offline retrieval-augmented generation over local, quantized LLMs.",
@@ -22,7 +24,7 @@ def _commands() -> None:
 def plan_command(
     model: str = typer.Argument(..., help="Model directory, config.json, .gguf file, cached hub id, or 'default'."),
     context: int = typer.Option(None, "--context", help="Tokens of KV cache to plan for [default: the model's maximum]."),
-    quant: str = typer.Option("nf4", "--quant", help="nf4, int8 or none."),
+    quant: str = typer.Option("nf4", "--quant", help=f"{', '.join(QUANTIZATIONS)} or none."),
     gpus: str = typer.Option(None, "--gpus", help="GPUs to split over, e.g. 3x24GiB or 80GiB,24GiB."),
     headroom: float = typer.Option(0.12, "--headroom", help="Fraction of each GPU kept free."),
     batch: int = typer.Option(1, "--batch", help="Sequences decoded at once."),
@@ -45,7 +47,7 @@ def plan_command(
 def generate_command(
     prompt: str = typer.Argument(..., help="The user message to answer."),
     model: str = typer.Option("default", "--model", help="'default' (SmolLM2-135M-Instruct), a directory, a .gguf file or a cached hub id."),
-    quant: str = typer.Option("none", "--quant", help="none, nf4 or int8 (bitsandbytes)."),
+    quant: str = typer.Option("none", "--quant", help=f"none, {' or '.join(QUANTIZATIONS)} (bitsandbytes)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer budget in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)."),
 ) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from evals.core.errors import SettingsError
-from evals.core.targets import Target, load_served_target, load_target
+from evals.core.targets import QUANTS, Target, load_served_target, load_target
 
 BACKENDS = ("local", "openai")
 
@@ -21,7 +21,7 @@ BACKENDS = ("local", "openai")
 def add_model_flags(add: Callable[..., Any]) -> None:
     """The flags that name the model under test, on an ``ArgumentParser.add_argument``."""
     add("--model", help="default (embedded SmolLM2-135M-Instruct), a local HF directory, a .gguf file or a cached hub id")
-    add("--quant", choices=("none", "nf4", "int8"), help="bitsandbytes quantization of the model (default none)")
+    add("--quant", choices=QUANTS, help="bitsandbytes quantization of the model (default none)")
     add("--dtype", help="weights dtype for unquantized models (default float32)")
     add("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
     add("--batch-size", type=int, help="cells of a group decoded together after their shared-prefix prefill "

@@ -21,9 +21,10 @@ import yaml
 from filelock import FileLock, Timeout
 
 from evals.core import compare as cmp
-from evals.regress import history
 from evals.core.errors import EvalError, SettingsError
 from evals.core.spec import load_suite_file
+from evals.core.targets import QUANTS
+from evals.regress import history
 
 OK, REGRESSION, INVALID, LOCKED = 0, 1, 2, 3
 ENTRY_KEYS = {"suite", "name", "config", "settings"}
@@ -160,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--runs-dir", default="runs/regress", help="where today's run goes: RUNS_DIR/<UTC date> (default runs/regress)")
     a("--run-name", help="name of the run directory instead of the UTC date (a rerun with it resumes)")
     a("--model", help="override every entry's model (a local HF directory, .gguf file or 'default')")
-    a("--quant", choices=("none", "nf4", "int8"), help="override every entry's quantization")
+    a("--quant", choices=QUANTS, help="override every entry's quantization")
     a("--alpha", type=float, default=0.05, help="significance level of the paired test (default 0.05)")
     a("--min-drop", type=float, default=0.05, help="smallest pass-rate drop that counts (default 0.05)")
     a("--correction", choices=("none", "holm"), default="none",
