@@ -20,11 +20,11 @@ from llama_index.core.schema import BaseNode, Document, NodeRelationship, TextNo
 from pydantic import PrivateAttr
 from tokenizers import Tokenizer
 
+from ragkit.errors import InvalidArgumentError
+
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 # a sentence ends at . ! ? (closing quotes/brackets allowed) followed by whitespace and not a lowercase letter
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s+(?=[^\sa-z])")
-# chunk metadata is for display and filters, never part of what is embedded or shown to the LLM
-CHUNK_KEYS = ("file_path", "file_name", "part", "chunk_index", "char_start", "char_end", "cut_mid_sentence")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class TokenChunker:
         self.max_tokens = max_tokens
         self.budget = min(chunk_tokens or max_tokens, max_tokens) - self.n_special
         if self.budget < 8:
-            raise ValueError(f"chunk size {chunk_tokens or max_tokens} leaves {self.budget} tokens per chunk")
+            raise InvalidArgumentError(f"chunk size {chunk_tokens or max_tokens} leaves {self.budget} tokens per chunk; "
+                                       "use a chunk size of at least 8 tokens plus the special tokens")
 
     def split_many(self, texts: Sequence[str]) -> list[list[Span]]:
         """Spans of each text; all paragraphs of all texts are tokenized in one batch."""

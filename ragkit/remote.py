@@ -45,6 +45,7 @@ from ragkit import loading, models, prompts
 from ragkit.errors import (
     BadServerResponseError,
     ContextWindowExceededError,
+    InvalidArgumentError,
     ModelLoadError,
     ModelNotFoundError,
     RagkitError,
@@ -111,7 +112,7 @@ class OpenAICompatibleLLM(CustomLLM):
         import openai
 
         if prompt_format not in ("text", "ids"):
-            raise ValueError(f"prompt_format must be 'text' or 'ids', got {prompt_format!r}")
+            raise InvalidArgumentError(f"prompt_format must be 'text' or 'ids', got {prompt_format!r}")
         url = _api_root(base_url or os.environ.get(ENV_BASE_URL))
         key = api_key or next((os.environ[k] for k in ENV_API_KEYS if os.environ.get(k)), None) or "EMPTY"
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=max_retries,

@@ -24,7 +24,7 @@ PACKAGES = ("ragkit", "evals")
 RAGKIT_ALL = [
     "BadServerResponseError", "ContextWindowExceededError", "EmbedderMismatchError", "EmptyIndexError",
     "FaissVectorStore", "IndexCorruptError", "IndexDirectory", "IndexLockedError", "IndexNotFoundError",
-    "IngestError", "InvalidQueryError", "LocalLLM", "MemoryPlan", "MemoryPlanError", "ModelLoadError",
+    "IngestError", "InvalidArgumentError", "InvalidQueryError", "LocalLLM", "MemoryPlan", "MemoryPlanError", "ModelLoadError",
     "ModelNotFoundError", "OpenAICompatibleLLM", "Pipeline", "QuantizationError", "RagkitError", "ServerError",
     "ServerRequestError", "ServerUnavailableError", "plan",
 ]

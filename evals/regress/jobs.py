@@ -25,6 +25,7 @@ from evals.core.errors import EvalError, SettingsError
 from evals.core.spec import load_suite_file
 from evals.core.targets import QUANTS
 from evals.regress import history
+from ragkit.errors import RagkitError
 
 OK, REGRESSION, INVALID, LOCKED = 0, 1, 2, 3
 ENTRY_KEYS = {"suite", "name", "config", "settings"}
@@ -245,12 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: another evals.regress run holds {lock.lock_file}; not starting a second one "
                   "(it exits 3 so a scheduler can tell it from a regression)", file=sys.stderr)
             return LOCKED
-    except (EvalError, yaml.YAMLError) as e:
+    except (EvalError, RagkitError, yaml.YAMLError) as e:  # ragkit errors carry their own advice
         print(f"error: {e}", file=sys.stderr)
         return INVALID
-    except Exception as e:  # ragkit errors carry their own advice
-        if type(e).__module__.startswith("ragkit"):
-            print(f"error: {e}", file=sys.stderr)
-            return INVALID
-        raise
 

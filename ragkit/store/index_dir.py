@@ -35,7 +35,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ragkit.errors import IndexCorruptError, IndexLockedError, IndexNotFoundError
+from ragkit.errors import IndexCorruptError, IndexLockedError, IndexNotFoundError, InvalidArgumentError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -124,7 +124,7 @@ class SnapshotWriter:
     def path(self, name: str) -> Path:
         """Where to write the file ``name`` (a plain file name, no directories)."""
         if name in _RESERVED or "/" in name or name.startswith(".") or not name:
-            raise ValueError(f"invalid snapshot file name {name!r}: use a plain name other than {MANIFEST!r}")
+            raise InvalidArgumentError(f"invalid snapshot file name {name!r}: use a plain name other than {MANIFEST!r}")
         return self.dir / name
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -207,10 +207,10 @@ class IndexDirectory:
         mpath = snap_dir / MANIFEST
         try:
             manifest = json.loads(mpath.read_bytes())
-        except FileNotFoundError:
-            raise IndexCorruptError(f"{mpath} is missing: {snap_dir} is not a complete snapshot. {hint}") from None
+        except FileNotFoundError as e:
+            raise IndexCorruptError(f"{mpath} is missing: {snap_dir} is not a complete snapshot. {hint}") from e
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IndexCorruptError(f"{mpath} is not valid JSON ({e}). {hint}") from None
+            raise IndexCorruptError(f"{mpath} is not valid JSON ({e}). {hint}") from e
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "meta" not in manifest:
             raise IndexCorruptError(f"{mpath} lacks the 'files' and 'meta' entries of a ragkit manifest. {hint}")
         version = manifest.get("format_version")
@@ -311,7 +311,7 @@ class IndexDirectory:
                 files = {}
                 for f in sorted(tmp.iterdir()):
                     if not f.is_file():
-                        raise ValueError(f"snapshot writers may only create plain files; {f} is not one")
+                        raise InvalidArgumentError(f"snapshot writers may only create plain files; {f} is not one")
                     _fsync_path(f)
                     files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
             except BaseException:

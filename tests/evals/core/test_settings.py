@@ -34,3 +34,10 @@ def test_a_suite_file_with_an_unknown_key_exits_2_naming_it(tmp_path, capsys):
 def test_each_default_is_written_once_on_the_model():
     assert NeedleSettings.model_fields["top_k"].default == 4 and NeedleSettings(lengths="1k").top_k == 4
     assert LitmSettings().docs == (10, 20)
+
+
+def test_invalid_comparison_is_an_eval_error():
+    from evals.core.compare import InvalidComparison
+    from evals.core.errors import EvalError
+
+    assert issubclass(InvalidComparison, EvalError)
