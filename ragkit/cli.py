@@ -144,13 +144,15 @@ def query_command(
     try:
         pipeline = _open(index, must_exist=True, llm=llm, top_k=top_k, ordering=ordering, max_new_tokens=max_new_tokens)
         answer = pipeline.query(question)
-    except (RagkitError, ValueError) as exc:
+    except RagkitError as exc:
         raise _fail(exc) from None
     typer.echo(answer.text)
     if show_sources:
+        from ragkit.context import chunk_label
+
         typer.echo("\nSources:")
         for i, s in enumerate(answer.sources, 1):
-            typer.echo(f"  [{i}] {s.file} (chunk {s.position}{f', part {s.part}' if s.part else ''})  score {s.score:.3f}")
+            typer.echo(f"  [{i}] {chunk_label(s.file, s.part, s.position)}  score {s.score:.3f}")
         typer.echo(f"\n({answer.prompt_tokens} prompt tokens, {answer.completion_tokens} completion tokens)")
     if answer.dropped:
         typer.echo(f"note: {len(answer.dropped)} retrieved chunk(s) did not fit the LLM's context window and were left out",
@@ -171,11 +173,14 @@ def retrieve_command(
         results = _open(index, must_exist=True).retrieve(query, top_k=top_k)
     except RagkitError as exc:
         raise _fail(exc) from None
+    from ragkit.context import chunk_label
+
     for i, n in enumerate(results, 1):
         meta = n.node.metadata
         text = n.node.get_content().strip()
         text = text if full or len(text) <= 200 else text[:200] + "..."
-        typer.echo(f"[{i}] score {n.score:.3f}  {meta.get('file_path', n.node.ref_doc_id)} (chunk {meta.get('chunk_index')})")
+        where = chunk_label(meta.get("file_path", n.node.ref_doc_id), int(meta.get("part", 0)), meta.get("chunk_index"))
+        typer.echo(f"[{i}] score {n.score:.3f}  {where}")
         typer.echo("    " + text.replace("\n", "\n    "))
 
 

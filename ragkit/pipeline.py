@@ -28,7 +28,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 
-from ragkit.context import STOP_SEQUENCES, AssembledContext, assemble_context, get_ordering
+from ragkit.context import STOP_SEQUENCES, AssembledContext, assemble_context, chunk_label, get_ordering
 from ragkit.errors import EmbedderMismatchError, EmptyIndexError, IndexCorruptError, InvalidQueryError, RagkitError
 from ragkit.ingest import Ingestor, IngestSummary
 from ragkit.store import FaissVectorStore, IndexDirectory, SnapshotWriter
@@ -51,8 +51,7 @@ class Source:
 
     @property
     def label(self) -> str:
-        return f"{Path(self.file).name} (chunk {self.position})" if not self.part else \
-            f"{Path(self.file).name} (part {self.part}, chunk {self.position})"
+        return chunk_label(Path(self.file).name, self.part, self.position)
 
 
 @dataclass
