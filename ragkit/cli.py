@@ -6,6 +6,8 @@ import logging
 
 import typer
 
+from ragkit.loading import QUANTIZATIONS
+
 app = typer.Typer(
     name="ragkit",
     help="Offline retrieval-augmented generation over local, quantized LLMs.",
@@ -39,7 +41,7 @@ def _ragkit_log(level: int) -> None:
 def plan_command(
     model: str = typer.Argument(..., help="Model directory, config.json, .gguf file, cached hub id, or 'default'."),
     context: int = typer.Option(None, "--context", help="Tokens of KV cache to plan for [default: the model's maximum]."),
-    quant: str = typer.Option("nf4", "--quant", help="nf4, int8 or none."),
+    quant: str = typer.Option("nf4", "--quant", help=f"{', '.join(QUANTIZATIONS)} or none."),
     gpus: str = typer.Option(None, "--gpus", help="GPUs to split over, e.g. 3x24GiB or 80GiB,24GiB."),
     headroom: float = typer.Option(0.12, "--headroom", help="Fraction of each GPU kept free."),
     batch: int = typer.Option(1, "--batch", help="Sequences decoded at once."),
@@ -62,7 +64,7 @@ def plan_command(
 def generate_command(
     prompt: str = typer.Argument(..., help="The user message to answer."),
     model: str = typer.Option("default", "--model", help="'default' (SmolLM2-135M-Instruct), a directory, a .gguf file or a cached hub id."),
-    quant: str = typer.Option("none", "--quant", help="none, nf4 or int8 (bitsandbytes)."),
+    quant: str = typer.Option("none", "--quant", help=f"none, {' or '.join(QUANTIZATIONS)} (bitsandbytes)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer budget in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)."),
 ) -> None:
@@ -206,13 +208,15 @@ def query_command(
     try:
         pipeline = _open(index, must_exist=True, llm=llm, top_k=top_k, ordering=ordering, max_new_tokens=max_new_tokens)
         answer = pipeline.query(question)
-    except (RagkitError, ValueError) as exc:
+    except RagkitError as exc:
         raise _fail(exc) from None
     typer.echo(answer.text)
     if show_sources:
+        from ragkit.context import chunk_label
+
         typer.echo("\nSources:")
         for i, s in enumerate(answer.sources, 1):
-            typer.echo(f"  [{i}] {s.file} (chunk {s.position}{f', part {s.part}' if s.part else ''})  score {s.score:.3f}")
+            typer.echo(f"  [{i}] {chunk_label(s.file, s.part, s.position)}  score {s.score:.3f}")
         typer.echo(f"\n({answer.prompt_tokens} prompt tokens, {answer.completion_tokens} completion tokens)")
     if answer.dropped:
         typer.echo(f"note: {len(answer.dropped)} retrieved chunk(s) did not fit the LLM's context window and were left out",
@@ -233,11 +237,14 @@ def retrieve_command(
         results = _open(index, must_exist=True).retrieve(query, top_k=top_k)
     except RagkitError as exc:
         raise _fail(exc) from None
+    from ragkit.context import chunk_label
+
     for i, n in enumerate(results, 1):
         meta = n.node.metadata
         text = n.node.get_content().strip()
         text = text if full or len(text) <= 200 else text[:200] + "..."
-        typer.echo(f"[{i}] score {n.score:.3f}  {meta.get('file_path', n.node.ref_doc_id)} (chunk {meta.get('chunk_index')})")
+        where = chunk_label(meta.get("file_path", n.node.ref_doc_id), int(meta.get("part", 0)), meta.get("chunk_index"))
+        typer.echo(f"[{i}] score {n.score:.3f}  {where}")
         typer.echo("    " + text.replace("\n", "\n    "))
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.schema import NodeWithScore
 
-from ragkit.errors import ContextWindowExceededError
+from ragkit.errors import ContextWindowExceededError, InvalidArgumentError
 
 QA_TEMPLATE = (
     "Answer the question using only the context below. If the context does not contain the answer, "
@@ -84,20 +84,23 @@ ORDERINGS: dict[str, Callable[[Sequence[NodeWithScore]], list[NodeWithScore]]] =
 
 
 def get_ordering(name: str) -> Callable[[Sequence[NodeWithScore]], list[NodeWithScore]]:
-    """The ordering strategy called ``name``; :class:`ValueError` lists the known ones."""
+    """The ordering strategy called ``name``; :class:`InvalidArgumentError` lists the known ones."""
     try:
         return ORDERINGS[name]
     except KeyError:
-        raise ValueError(f"unknown ordering {name!r}; choose one of {', '.join(ORDERINGS)}") from None
+        raise InvalidArgumentError(f"unknown ordering {name!r}; choose one of {', '.join(ORDERINGS)}") from None
+
+
+def chunk_label(name: str, part: int, chunk: Any) -> str:
+    """The one spelling of where a chunk comes from: ``name (chunk N)``, or ``name (part P, chunk N)``."""
+    return f"{name} (part {part}, chunk {chunk})" if part else f"{name} (chunk {chunk})"
 
 
 def source_label(node: Any) -> str:
     """Short human label of a chunk's origin: ``file_name (chunk N)``."""
     meta = node.metadata
     name = meta.get("file_name") or meta.get("file_path") or node.ref_doc_id or node.node_id
-    part = int(meta.get("part", 0))
-    where = f"part {part}, chunk {meta.get('chunk_index', '?')}" if part else f"chunk {meta.get('chunk_index', '?')}"
-    return f"{name} ({where})"
+    return chunk_label(name, int(meta.get("part", 0)), meta.get("chunk_index", "?"))
 
 
 def render_chunk(index: int, node: NodeWithScore) -> str:

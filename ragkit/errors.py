@@ -66,6 +66,10 @@ class InvalidQueryError(RagkitError, ValueError):
     """A query cannot be run as asked (top_k < 1, wrong embedding dimension, unsupported filter)."""
 
 
+class InvalidArgumentError(RagkitError, ValueError):
+    """An argument of a ragkit function or command is not one it accepts (the message lists what it does)."""
+
+
 class MemoryPlanError(RagkitError, ValueError):
     """A memory plan cannot be made: bad planner input, or the model does not fit the given GPUs."""
 

@@ -27,15 +27,14 @@ from llama_index.core.base.llms.types import (
     CompletionResponse,
     CompletionResponseGen,
     LLMMetadata,
-    MessageRole,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 from ragkit import adapters as lora
-from ragkit import loading, models
-from ragkit.errors import ContextWindowExceededError, ModelLoadError
+from ragkit import loading, models, prompts
+from ragkit.errors import ContextWindowExceededError
 from ragkit.structured import StructuredPredictMixin
 
 _GENERATION_KWARGS = {"max_new_tokens", "temperature", "top_p", "stop", "json_schema"}
@@ -129,7 +128,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         return llm
 
     def _setup(self, model: Any, tokenizer: Any, **fields: Any) -> None:
-        CustomLLM.__init__(self, context_window=_context_window(model), **fields)
+        CustomLLM.__init__(self, context_window=prompts.context_window(model), **fields)
         self._model = model.eval()
         self._tokenizer = tokenizer
 
@@ -175,14 +174,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
 
         ``system_prompt`` is prepended as a system message unless the messages start with one.
         """
-        if isinstance(messages, str):
-            messages = [ChatMessage(role=MessageRole.USER, content=messages)]
-        turns = [{"role": m.role.value, "content": m.content or ""} for m in messages]
-        if self.system_prompt and (not turns or turns[0]["role"] != "system"):
-            turns.insert(0, {"role": "system", "content": self.system_prompt})
-        if self._tokenizer.chat_template is None:
-            return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
-        return self._tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return prompts.chat_prompt(self._tokenizer, messages, self.system_prompt)
 
     def encode_prompt(self, prompt_text: str) -> list[int]:
         """Exactly the ids the model sees for ``prompt_text``: one BOS if the tokenizer uses one, never two.
@@ -190,12 +182,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         Chat templates usually write the BOS token themselves, so the text is tokenized without
         special tokens and the BOS is added only when the text does not already start with it.
         """
-        ids = self._tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        bos = self._tokenizer.bos_token_id
-        if bos is not None and self._tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]:
-            if ids[:1] != [bos]:
-                ids = [bos, *ids]
-        return ids
+        return prompts.encode_prompt(self._tokenizer, prompt_text)
 
     def count_tokens(self, text_or_messages: str | Sequence[ChatMessage]) -> int:
         """Tokens of raw text (no special tokens), or of the full templated prompt for messages."""
@@ -227,7 +214,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         """Answer ``prompt`` (wrapped as a user message unless ``formatted``); kwargs as generate_ids."""
         ids = self.encode_prompt(prompt if formatted else self.chat_prompt(prompt))
         new_ids = self.generate_ids(ids, **kwargs)
-        text = _cut_at_stop(self._decode(new_ids), kwargs.get("stop"))
+        text = prompts.cut_at_stop(self._decode(new_ids), kwargs.get("stop"))
         budget = kwargs.get("max_new_tokens") or self.max_new_tokens
         ended = bool(new_ids) and new_ids[-1] in self._eos_ids()
         return CompletionResponse(text=text, additional_kwargs={
@@ -270,7 +257,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
             config.eos_token_id = self._tokenizer.eos_token_id
         if config.pad_token_id is None:
             config.pad_token_id = self._tokenizer.pad_token_id or config.eos_token_id
-        stops = _stops(gen.get("stop"))
+        stops = prompts.stops(gen.get("stop"))
         if stops:
             config.stop_strings = stops
         ids = torch.tensor([list(input_ids)], device=self.device)
@@ -316,9 +303,9 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         for ids in streamer:
             new_ids.extend(ids)
             text = self._decode(new_ids)
-            safe = _cut_at_stop(text, stop)
+            safe = prompts.cut_at_stop(text, stop)
             if safe == text:
-                safe = text[: len(text) - _partial_stop(text, stop)]
+                safe = text[: len(text) - prompts.partial_stop(text, stop)]
             if safe.endswith("\ufffd"):  # an incomplete multi-byte character
                 continue
             if len(safe) > len(sent) and safe.startswith(sent):
@@ -327,7 +314,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         thread.join()
         if failure:
             raise failure[0]
-        final = _cut_at_stop(self._decode(new_ids), stop)
+        final = prompts.cut_at_stop(self._decode(new_ids), stop)
         if final != sent or not final:  # LlamaIndex needs at least one response, even an empty one
             yield CompletionResponse(text=final, delta=final[len(sent) :] if final.startswith(sent) else final)
 
@@ -353,31 +340,3 @@ class _IdStreamer:
     def __iter__(self) -> Iterator[list[int]]:
         while (item := self._queue.get()) is not self._END:
             yield item
-
-
-def _stops(stop: str | Sequence[str] | None) -> list[str]:
-    return [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
-
-
-def _cut_at_stop(text: str, stop: str | Sequence[str] | None) -> str:
-    """``text`` up to the earliest stop string (which is not included)."""
-    cut = min((i for s in _stops(stop) if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]
-
-
-def _partial_stop(text: str, stop: str | Sequence[str] | None) -> int:
-    """Length of the longest tail of ``text`` that could be the start of a stop string."""
-    return max((n for s in _stops(stop) for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-
-
-def _context_window(model: Any) -> int:
-    """Context length from the (text) config of ``model``."""
-    config = model.config.get_text_config()
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ModelLoadError(
-        f"The config of {model.config.name_or_path or type(model).__name__} states no context length "
-        f"(max_position_embeddings); ragkit needs it to refuse prompts that do not fit."
-    )

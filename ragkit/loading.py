@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("nf4", "int8")
+QUANTIZATIONS = ("nf4", "int8")  # the one list of quantization names; "none" is spelled None here
 
 
 def check_quantization(quantization: str | None) -> str | None:
@@ -35,7 +35,8 @@ def check_quantization(quantization: str | None) -> str | None:
 
 
 def quantization_config(quantization: str | None, compute_dtype: str = "bfloat16") -> Any:
-    """The bitsandbytes config for ``quantization`` (None -> None)."""
+    """The bitsandbytes config for ``quantization`` (None -> None); NF4 is :func:`ragkit.quant.nf4.bnb_nf4_config`,
+    the one config the expert-aware loader uses too."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -43,12 +44,9 @@ def quantization_config(quantization: str | None, compute_dtype: str = "bfloat16
         return None
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-    )
+    from ragkit.quant.nf4 import bnb_nf4_config
+
+    return bnb_nf4_config(getattr(torch, compute_dtype))
 
 
 def check_weights(directory: Path) -> list[Path]:

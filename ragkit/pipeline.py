@@ -33,7 +33,7 @@ from llama_index.core.vector_stores.types import (
 from pydantic import BaseModel
 
 from ragkit import structured
-from ragkit.context import STOP_SEQUENCES, AssembledContext, assemble_context, get_ordering
+from ragkit.context import STOP_SEQUENCES, AssembledContext, assemble_context, chunk_label, get_ordering
 from ragkit.errors import (
     EmbedderMismatchError,
     EmptyIndexError,
@@ -64,8 +64,7 @@ class Source:
 
     @property
     def label(self) -> str:
-        return f"{Path(self.file).name} (chunk {self.position})" if not self.part else \
-            f"{Path(self.file).name} (part {self.part}, chunk {self.position})"
+        return chunk_label(Path(self.file).name, self.part, self.position)
 
 
 @dataclass

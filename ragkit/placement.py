@@ -61,7 +61,7 @@ def max_memory_with_headroom(headroom: float = 0.12) -> dict[int | str, int]:
     import torch
 
     if not 0.0 <= headroom < 1.0:
-        raise ValueError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
+        raise MemoryPlanError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
     budgets: dict[int | str, int] = {}
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)

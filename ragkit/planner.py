@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ragkit.errors import MemoryPlanError, QuantizationError
+from ragkit.loading import QUANTIZATIONS
 from ragkit.placement import (
     DTYPE_BYTES,
     RAGKIT_EXPERT_QUANTS,
@@ -43,7 +44,7 @@ from ragkit.placement import (
     walk,
 )
 
-QUANTS = ("nf4", "int8", "none")
+QUANTS = (*QUANTIZATIONS, "none")
 MOE_MODES = ("ragkit", "stock")
 DEFAULT_HEADROOM = 0.12
 # transformers' bitsandbytes quantizers multiply max_memory by this before placing (adjust_max_memory)

@@ -41,10 +41,11 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from ragkit import loading, models
+from ragkit import loading, models, prompts
 from ragkit.errors import (
     BadServerResponseError,
     ContextWindowExceededError,
+    InvalidArgumentError,
     ModelLoadError,
     ModelNotFoundError,
     RagkitError,
@@ -52,7 +53,6 @@ from ragkit.errors import (
     ServerRequestError,
     ServerUnavailableError,
 )
-from ragkit.llm import LocalLLM, _context_window, _cut_at_stop
 from ragkit.structured import StructuredPredictMixin, json_schema
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class OpenAICompatibleLLM(StructuredPredictMixin, CustomLLM):
         import openai
 
         if prompt_format not in ("text", "ids"):
-            raise ValueError(f"prompt_format must be 'text' or 'ids', got {prompt_format!r}")
+            raise InvalidArgumentError(f"prompt_format must be 'text' or 'ids', got {prompt_format!r}")
         url = _api_root(base_url or os.environ.get(ENV_BASE_URL))
         key = api_key or next((os.environ[k] for k in ENV_API_KEYS if os.environ.get(k)), None) or "EMPTY"
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=max_retries,
@@ -165,14 +165,14 @@ class OpenAICompatibleLLM(StructuredPredictMixin, CustomLLM):
         """The chat-template text for ``messages``, generation prompt added (as :meth:`LocalLLM.chat_prompt`)."""
         self._need_local_tokenizer("chat_prompt")
         with self._lock:
-            return LocalLLM.chat_prompt(self, messages)  # the same template logic, on this tokenizer
+            return prompts.chat_prompt(self._tokenizer, messages, self.system_prompt)
 
     def encode_prompt(self, prompt_text: str) -> list[int]:
         """The ids the model sees for ``prompt_text`` (one BOS at most; the server's own ids without a local tokenizer)."""
         if self._tokenizer is None:
             return _tokenize(self._tokenize_client, self.model_name, prompt=prompt_text)["tokens"]
         with self._lock:
-            return LocalLLM.encode_prompt(self, prompt_text)
+            return prompts.encode_prompt(self._tokenizer, prompt_text)
 
     def count_tokens(self, text_or_messages: str | Sequence[ChatMessage]) -> int:
         """Tokens of raw text (no special tokens), or of the full templated prompt for messages."""
@@ -269,7 +269,7 @@ class OpenAICompatibleLLM(StructuredPredictMixin, CustomLLM):
             raise BadServerResponseError(f"{self.base_url} returned a completion without text: {_short(resp)}")
         usage = getattr(resp, "usage", None)
         return CompletionResponse(
-            text=_cut_at_stop(answer, gen.get("stop")),
+            text=prompts.cut_at_stop(answer, gen.get("stop")),
             additional_kwargs=_usage_fields(len(ids), usage, getattr(choice, "finish_reason", None)),
         )
 
@@ -288,8 +288,8 @@ class OpenAICompatibleLLM(StructuredPredictMixin, CustomLLM):
                     delta = getattr(choice, "text", None) or ""
                     if delta:
                         sent += delta
-                        yield CompletionResponse(text=_cut_at_stop(sent, gen.get("stop")), delta=delta)
-        yield CompletionResponse(text=_cut_at_stop(sent, gen.get("stop")), delta="",
+                        yield CompletionResponse(text=prompts.cut_at_stop(sent, gen.get("stop")), delta=delta)
+        yield CompletionResponse(text=prompts.cut_at_stop(sent, gen.get("stop")), delta="",
                                  additional_kwargs=_usage_fields(len(ids), usage, finish))
 
     def _chat_endpoint(self, messages: Sequence[ChatMessage], gen: dict[str, Any]) -> CompletionResponse:
@@ -302,7 +302,7 @@ class OpenAICompatibleLLM(StructuredPredictMixin, CustomLLM):
         content = getattr(getattr(choice, "message", None), "content", None)
         if not isinstance(content, str):
             raise BadServerResponseError(f"{self.base_url} returned a chat completion without content: {_short(resp)}")
-        return CompletionResponse(text=_cut_at_stop(content, gen.get("stop")),
+        return CompletionResponse(text=prompts.cut_at_stop(content, gen.get("stop")),
                                   additional_kwargs=_usage_fields(n_prompt, getattr(resp, "usage", None),
                                                                   getattr(choice, "finish_reason", None)))
 
@@ -445,7 +445,7 @@ def _local_context(source: str, tokenizer: Any, trust_remote_code: bool) -> int 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
-    return _context_window(SimpleNamespace(config=config))
+    return prompts.context_window(SimpleNamespace(config=config))
 
 
 def _served_context(entry: dict[str, Any]) -> int | None:

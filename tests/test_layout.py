@@ -25,7 +25,7 @@ RAGKIT_ALL = [
     "AdapterError", "FinetuneError", "StructuredOutputError", "read_adapters",
     "BadServerResponseError", "ContextWindowExceededError", "EmbedderMismatchError", "EmptyIndexError",
     "FaissVectorStore", "IndexCorruptError", "IndexDirectory", "IndexLockedError", "IndexNotFoundError",
-    "IngestError", "InvalidQueryError", "LocalLLM", "MemoryPlan", "MemoryPlanError", "ModelLoadError",
+    "IngestError", "InvalidArgumentError", "InvalidQueryError", "LocalLLM", "MemoryPlan", "MemoryPlanError", "ModelLoadError",
     "ModelNotFoundError", "OpenAICompatibleLLM", "Pipeline", "QuantizationError", "RagkitError", "ServerError",
     "ServerRequestError", "ServerUnavailableError", "plan",
 ]

@@ -1,9 +1,10 @@
 """Which model answers a suite's cells: ragkit.LocalLLM in this process, or an OpenAI-compatible server.
 
-Every suite takes the same flags (``--backend --base-url --tokenizer --concurrency --timeout``) and fields of
-the same names in its settings dataclass. ``backend`` and ``tokenizer`` are configuration (hashed into cell
-ids when the backend is a server); ``base_url``, ``concurrency`` and ``timeout`` are run control, so a run
-resumes against a restarted server at another address or concurrency. See docs/serving.md. ``batch_size``
+Every suite takes the same flags (``--backend --base-url --tokenizer --concurrency --timeout``) and fields
+of the same names in its settings (:class:`evals.core.settings.SuiteSettings`). ``backend`` and
+``tokenizer`` are configuration (hashed into cell ids when the backend is a server); ``base_url``,
+``concurrency`` and ``timeout`` are run control, so a run resumes against a restarted server at another
+address or concurrency. See docs/serving.md. ``batch_size``
 (``--batch-size``, with the model flags) is run control too: how many cells the in-process backend decodes
 together (evals/core/decode.py), not what a cell measures. ``adapter`` (``--adapter``, LoRA directories on the local
 model) is configuration by identity: the sha256 of each adapter's weights and config go into the hash, its path
@@ -12,46 +13,18 @@ does not; without an adapter the hash is what it was before adapters existed (do
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from evals.core.errors import SettingsError
-from evals.core.targets import Target, adapter_hashes, load_served_target, load_target
+from evals.core.targets import QUANTS, Target, adapter_hashes, load_served_target, load_target
 
 BACKENDS = ("local", "openai")
-RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
-
-
-@dataclass(kw_only=True)
-class Settings:
-    """The backend fields every suite's settings dataclass inherits (keyword-only, after the suite's own)."""
-
-    backend: str = "local"
-    tokenizer: str | None = None  # openai: the served model's tokenizer
-    base_url: str | None = None  # run control from here on
-    concurrency: int = 1
-    timeout: float = 300.0
-    batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
-    adapter: tuple[str, ...] = ()  # local: LoRA adapter directories on the model (hashed by identity)
-
-    RUN_CONTROL: ClassVar[tuple[str, ...]] = RUN_CONTROL  # fields that do not change what a cell measures
-    RECIPE_VERSION: ClassVar[int] = 1  # bump when prompt construction changes: old runs then refuse to resume
-
-    def hashed(self) -> dict[str, Any]:
-        """The settings that define the cells (run control left out), for the configuration hash."""
-        d = asdict(self)
-        for k in self.RUN_CONTROL:
-            d.pop(k)
-        if d.pop("adapter"):
-            d["adapter"] = adapter_hashes(self.adapter)
-        d["recipe_version"] = self.RECIPE_VERSION
-        return hashed(d)
 
 
 def add_model_flags(add: Callable[..., Any]) -> None:
     """The flags that name the model under test, on an ``ArgumentParser.add_argument``."""
     add("--model", help="default (embedded SmolLM2-135M-Instruct), a local HF directory, a .gguf file or a cached hub id")
-    add("--quant", choices=("none", "nf4", "int8"), help="bitsandbytes quantization of the model (default none)")
+    add("--quant", choices=QUANTS, help="bitsandbytes quantization of the model (default none)")
     add("--dtype", help="weights dtype for unquantized models (default float32)")
     add("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
     add("--adapter", nargs="+", help="LoRA adapter directories (PEFT, safetensors) on the model, all active; "
@@ -73,7 +46,6 @@ def add_flags(add: Callable[..., Any]) -> None:
 
 def check(s: Any) -> None:
     """SettingsError for a backend setting that is unknown or contradicts another."""
-    s.adapter = (s.adapter,) if isinstance(s.adapter, str) else tuple(str(p) for p in s.adapter or ())
     if s.backend not in BACKENDS:
         raise SettingsError(f"--backend {s.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if s.concurrency < 1:
@@ -91,14 +63,6 @@ def check(s: Any) -> None:
     adapter_hashes(s.adapter)  # a missing or broken adapter fails now, before a run directory is touched
     if s.backend == "openai" and s.quant != "none":
         raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
-
-
-def hashed(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` for the configuration hash: without the backend keys when local, so that runs made before
-    the server backend existed keep their cell ids."""
-    if settings.get("backend") == "local":
-        settings = {k: v for k, v in settings.items() if k not in ("backend", "tokenizer")}
-    return settings
 
 
 def load(s: Any) -> Target:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 from xml.etree import ElementTree as ET
 
+from evals.core.errors import EvalError
 from evals.core.scoring import wilson
 from evals.core.stats import mcnemar_exact, min_flagged_drop, holm
 from evals.core.store import RunDir
@@ -84,7 +85,7 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-class InvalidComparison(Exception):
+class InvalidComparison(EvalError):
     """The two runs cannot be compared (the message says why); exit code 2."""
 
 
@@ -212,13 +213,8 @@ def compare(entry: str, baseline: Path, candidate: Path, alpha: float = 0.05, mi
             result.notes.append("tokenizer fingerprint not recorded in both runs (made before it existed): "
                                 "checked prompt lengths only")
         _pair(result, base_run, cand_run, layout, alpha, min_drop, correction)
-    except InvalidComparison as e:
+    except EvalError as e:  # InvalidComparison, or a damaged run directory: never a crash of the job
         result.invalid = str(e)
-    except Exception as e:  # a damaged run directory is an invalid comparison, never a crash of the job
-        if type(e).__module__.startswith("evals"):
-            result.invalid = str(e)
-        else:
-            raise
     return result
 
 

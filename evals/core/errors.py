@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from ragkit.errors import RagkitError
+
 
 class EvalError(Exception):
     """Base class of every error the suites raise on purpose (the CLI prints it and exits 2)."""
@@ -31,11 +33,6 @@ def cli_exit(command: Callable[[], int | None]) -> int:
     and gives exit code 2; anything else is a bug and propagates."""
     try:
         return command() or 0
-    except EvalError as e:
+    except (EvalError, RagkitError) as e:  # ragkit errors carry their own advice
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # ragkit errors carry their own advice
-        if type(e).__module__.startswith("ragkit"):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise

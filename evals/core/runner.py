@@ -7,8 +7,6 @@ prefix-cache reuse, and appends one row per cell as soon as it is scored.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -19,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evals.core.decode import GreedyDecoder
 from evals.core.spec import Cell
-from evals.core.store import RunDir
+from evals.core.store import RunDir, append_jsonl
 from evals.core.targets import CELL_ERRORS  # recorded per cell; any other error stops the run
 
 
@@ -63,6 +61,27 @@ class RunStats:
     seconds: float = 0.0
     rows: list[dict] = field(default_factory=list)
 
+    def add(self, row: dict, prompt_tokens: int, computed_tokens: int) -> None:
+        """Count one stored row."""
+        self.rows.append(row)
+        self.cells += 1
+        self.prompt_tokens += prompt_tokens
+        self.computed_tokens += computed_tokens
+
+    def tick(self, progress: Progress, bar: Any, t_start: float) -> None:
+        """Advance the progress bar by one cell, with the computed prompt tokens per second so far."""
+        self.seconds = time.perf_counter() - t_start
+        progress.update(bar, advance=1, tps=f"{self.computed_tokens / max(self.seconds, 1e-9):,.0f}")
+
+
+def todo_groups(suite: Suite, done: dict[str, dict]) -> tuple[int, list[list[Cell]]]:
+    """(number of cells to run, those cells by ``suite.group_key``, in cell order); finished cells are skipped."""
+    groups: dict[Hashable, list[Cell]] = {}
+    for c in suite.cells():
+        if c.cell_id not in done:
+            groups.setdefault(suite.group_key(c), []).append(c)
+    return sum(map(len, groups.values())), list(groups.values())
+
 
 def progress_columns() -> tuple:
     """The progress bar of every run: cells done of total, computed prompt tokens per second, elapsed, ETA."""
@@ -80,16 +99,13 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
     """
     if target.served:
         return run_concurrent(suite, target, run_dir, done, concurrency=concurrency, show_progress=show_progress)
-    todo = [c for c in suite.cells() if c.cell_id not in done]
-    groups: dict[Hashable, list[Cell]] = {}
-    for c in todo:
-        groups.setdefault(suite.group_key(c), []).append(c)
+    n_todo, groups = todo_groups(suite, done)
     decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens, batch_size=batch_size)
     stats = RunStats()
     t_start = time.perf_counter()
     with Progress(*progress_columns(), disable=not show_progress, transient=False) as progress:
-        bar = progress.add_task(suite.name, total=len(todo), tps="-")
-        for cells in groups.values():
+        bar = progress.add_task(suite.name, total=n_todo, tps="-")
+        for cells in groups:
             group = suite.prepare(cells)
             for d in decoder.run_group([j.ids for j in group.jobs], group.base):
                 job = group.jobs[d.index]
@@ -99,12 +115,8 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
                            computed_tokens=d.computed_tokens, seconds=round(d.seconds, 3))
                 row.update(suite.score(job, answer))
                 run_dir.append(row)
-                stats.rows.append(row)
-                stats.cells += 1
-                stats.prompt_tokens += len(job.ids)
-                stats.computed_tokens += d.computed_tokens
-                stats.seconds = time.perf_counter() - t_start
-                progress.update(bar, advance=1, tps=f"{stats.computed_tokens / max(stats.seconds, 1e-9):,.0f}")
+                stats.add(row, len(job.ids), d.computed_tokens)
+                stats.tick(progress, bar, t_start)
     return stats
 
 
@@ -129,17 +141,14 @@ def run_concurrent(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, d
     """Run every cell of ``suite`` not in ``done`` through ``target.llm.complete_ids``, ``concurrency`` at a time."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    todo = [c for c in suite.cells() if c.cell_id not in done]
-    groups: dict[Hashable, list] = {}
-    for c in todo:
-        groups.setdefault(suite.group_key(c), []).append(c)
+    n_todo, groups = todo_groups(suite, done)
     stats = RunStats()
     errors = mismatched = 0
     t_start = time.perf_counter()
     pending: dict[Future, Job] = {}
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cell")
     with Progress(*progress_columns(), disable=not show_progress, transient=False) as progress:
-        bar = progress.add_task(suite.name, total=len(todo), tps="-")
+        bar = progress.add_task(suite.name, total=n_todo, tps="-")
 
         def finish(limit: int) -> None:
             """Write the results of finished requests until at most ``limit`` are in flight."""
@@ -152,22 +161,18 @@ def run_concurrent(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, d
                         response, seconds = future.result()
                     except CELL_ERRORS as exc:
                         errors += 1
-                        _append(run_dir.path / ERRORS, {"cell_id": job.cell.cell_id, **job.cell.coords,
+                        append_jsonl(run_dir.path / ERRORS, {"cell_id": job.cell.cell_id, **job.cell.coords,
                                                         "error": type(exc).__name__, "message": str(exc),
                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                     else:
                         row = _row(suite, job, response, seconds)
                         mismatched += bool(row["prompt_tokens_mismatch"])
                         run_dir.append(row)
-                        stats.rows.append(row)
-                        stats.cells += 1
-                        stats.prompt_tokens += len(job.ids)
-                        stats.computed_tokens += len(job.ids)
-                    stats.seconds = time.perf_counter() - t_start
-                    progress.update(bar, advance=1, tps=f"{stats.prompt_tokens / max(stats.seconds, 1e-9):,.0f}")
+                        stats.add(row, len(job.ids), len(job.ids))
+                    stats.tick(progress, bar, t_start)
 
         try:
-            for cells in groups.values():
+            for cells in groups:
                 for job in suite.prepare(cells).jobs:
                     pending[pool.submit(_ask, target, job, suite.max_new_tokens)] = job
                     finish(2 * concurrency)  # keep the pool fed; prompts are built at most one window ahead
@@ -199,10 +204,3 @@ def _row(suite: Suite, job: Job, response: Any, seconds: float) -> dict[str, Any
                prompt_tokens_mismatch=extra.get("prompt_tokens_mismatch"))
     row.update(suite.score(job, response.text))
     return row
-
-
-def _append(path: os.PathLike[str], record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())

@@ -150,11 +150,16 @@ class RunDir:
         return out
 
     def append(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, default=str) + "\n"
-        with open(self.results_path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        """One scored row into results.jsonl, fsynced before the next cell starts."""
+        append_jsonl(self.results_path, row)
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it: a killed run loses at most the record being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def provenance(suite: str, settings: dict[str, Any], config: str, model_info: dict[str, Any],

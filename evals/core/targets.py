@@ -10,8 +10,9 @@ from typing import Any, Sequence
 
 import ragkit
 from evals.core.errors import SettingsError
+from ragkit.loading import QUANTIZATIONS
 
-QUANTS = ("none", "nf4", "int8")
+QUANTS = ("none", *QUANTIZATIONS)  # as the flags spell them
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

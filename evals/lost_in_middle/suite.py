@@ -11,22 +11,26 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, ClassVar, Hashable, Sequence
 
-from evals.core import backend as backends, scorers  # (the settings field is named backend)
-from evals.lost_in_middle import report as litm_report
+from pydantic import ValidationInfo, field_validator, model_validator
+
+from evals.core import backend as backends  # (the settings field is named backend)
+from evals.core import scorers
 from evals.core.errors import SettingsError, TooLongError, cli_exit
-from evals.lost_in_middle.kv import KVObject, kv_user_text, make_kv
-from evals.lost_in_middle.passages import DISTRACTORS, Distractors, PassagePool, QAItem, load_qa, place_gold, select_questions
+from evals.core.portable import portable_path
+from evals.core.rescore import rescore
 from evals.core.runner import Group, Job, run
 from evals.core.scoring import answer_match
+from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_ints
 from evals.core.store import RunDir, provenance
 from evals.core.targets import CorpusRAG, Target, cache_dir, load_embedder, orderings
-from evals.core.portable import portable_path
-from evals.core.rescore import rescore
+from evals.lost_in_middle import report as litm_report
+from evals.lost_in_middle.kv import KVObject, kv_user_text, make_kv
+from evals.lost_in_middle.passages import (DISTRACTORS, Distractors, PassagePool, QAItem, load_qa, place_gold,
+                                           select_questions)
 
 SUITE = "lost_in_middle"
 TASKS = ("qa", "kv", "both")
@@ -76,8 +80,7 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-@dataclass
-class LitmSettings(backends.Settings):
+class LitmSettings(SuiteSettings):
     """Every setting of a lost-in-the-middle run; all but the run-control ones go into the configuration hash."""
 
     task: str = "both"
@@ -105,20 +108,31 @@ class LitmSettings(backends.Settings):
     cache_dir: str | None = None
     scorer: str = scorers.DEFAULT  # re-runnable from the stored answers (--rescore), so not hashed
 
-    RUN_CONTROL = ("out", "resume", "progress", "cache_dir", "device", "scorer", *backends.RUN_CONTROL)
+    RUN_CONTROL: ClassVar[tuple[str, ...]] = ("out", "resume", "progress", "cache_dir", "device", "scorer",
+                                              *SuiteSettings.RUN_CONTROL)
+    LABEL: ClassVar[str] = "lost_in_middle settings"
 
-    def __post_init__(self) -> None:
+    @field_validator("docs", "kv_pairs", "seeds", "positions", "corpus", mode="before")
+    @classmethod
+    def _parse(cls, v: Any, info: ValidationInfo) -> Any:
+        """The flag spellings: "10,20" (docs and kv pairs sorted, once each), a list of positions, one path."""
+        name = info.field_name
+        if name in ("docs", "kv_pairs"):
+            return tuple(sorted(set(parse_ints(v, "--" + name.replace("_", "-")))))
+        if name == "seeds":
+            return parse_ints(v, "--seeds")
+        if name == "positions":
+            return ",".join(str(x).strip() for x in v) if isinstance(v, (list, tuple)) else str(v)
+        return tuple(str(Path(p)) for p in ((v,) if isinstance(v, str) else v))
+
+    @model_validator(mode="after")
+    def _check(self) -> LitmSettings:
         if self.task not in TASKS:
             raise SettingsError(f"--task {self.task!r} is unknown; choose one of {', '.join(TASKS)}")
         if self.distractors not in DISTRACTORS:
             raise SettingsError(f"--distractors {self.distractors!r} is unknown; choose {' or '.join(DISTRACTORS)}")
-        self.docs = tuple(sorted(set(parse_ints(self.docs, "--docs"))))
-        self.kv_pairs = tuple(sorted(set(parse_ints(self.kv_pairs, "--kv-pairs"))))
-        self.seeds = parse_ints(self.seeds, "--seeds")
         if min(self.docs) < 2 or min(self.kv_pairs) < 2:
             raise SettingsError("--docs and --kv-pairs need at least 2 (one gold and one distractor)")
-        self.positions = ",".join(str(x).strip() for x in self.positions) if isinstance(self.positions, (list, tuple)) \
-            else str(self.positions)
         for k in (self.docs if self.qa else ()) + (self.kv_pairs if self.kv else ()):
             parse_positions(self.positions, k)
         known = orderings()
@@ -130,16 +144,13 @@ class LitmSettings(backends.Settings):
             raise SettingsError(f"--orderings {','.join(bad)} unknown; ragkit offers {', '.join(known)} "
                                 "(or all, or none)")
         self.orderings = tuple(dict.fromkeys(names))
-        if isinstance(self.corpus, str):
-            self.corpus = (self.corpus,)
-        self.corpus = tuple(str(Path(p)) for p in self.corpus)
-        self.questions = int(self.questions)
         if self.questions < 1 or self.rag_top_k < 1 or self.chunk_tokens < 32:
             raise SettingsError("--questions and --rag-top-k must be >= 1, --chunk-tokens >= 32")
         if self.max_new_tokens is None:
             self.max_new_tokens = 48 if self.kv else 32
         scorers.check(self.scorer)
         backends.check(self)
+        return self
 
     @property
     def qa(self) -> bool:
@@ -380,8 +391,8 @@ def _parser() -> argparse.ArgumentParser:
 def settings_from_args(argv: Sequence[str] | None = None) -> LitmSettings:
     args = _parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "rescore")}
-    known = {f for f in LitmSettings.__dataclass_fields__ if f != "RUN_CONTROL"}
-    return LitmSettings(**merge_settings(load_suite_file(args.config) if args.config else {}, flags, known))
+    return LitmSettings(**merge_settings(load_suite_file(args.config) if args.config else {}, flags,
+                                         LitmSettings.fields()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -198,7 +198,7 @@ def start_sentence(how: str, seed: int, pool: SentencePool) -> int:
     """The pool sentence a haystack starts at: 0 for ``fixed``, one drawn deterministically from ``seed`` for
     ``seed`` (the fill wraps around the pool's end)."""
     if how not in STARTS:
-        raise ValueError(f"unknown haystack start {how!r}; one of {STARTS}")
+        raise SettingsError(f"--haystack-start {how!r} is unknown; choose {' or '.join(STARTS)}")
     return 0 if how == "fixed" else random.Random(f"haystack:{seed}").randrange(len(pool.sentences))
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, ClassVar, Hashable, Sequence
 
-from evals.needle import report
+from pydantic import ValidationInfo, field_validator, model_validator
+
 from evals.core import backend as backends  # (the settings field is named backend)
 from evals.core import scorers
 from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exit
@@ -21,9 +21,11 @@ from evals.core.portable import portable_value
 from evals.core.rescore import rescore
 from evals.core.runner import Group, Job, run
 from evals.core.scoring import contains_value
+from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.core.store import RunDir, provenance
 from evals.core.targets import Retriever, load_target, tokenizer_fingerprint
+from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
                                    haystack_sets, measure, start_sentence)
 from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
@@ -41,8 +43,7 @@ def haystack_paths(paths: Sequence[str]) -> list[Path]:
             for p in paths]
 
 
-@dataclass
-class NeedleSettings(backends.Settings):
+class NeedleSettings(SuiteSettings):
     """Every setting of a needle run; all but the run-control ones go into the configuration hash."""
 
     lengths: tuple[int, ...]
@@ -68,16 +69,24 @@ class NeedleSettings(backends.Settings):
     threads: int | None = None
     scorer: str = scorers.DEFAULT  # re-runnable from the stored answers (--rescore), so not hashed
 
-    RUN_CONTROL = ("out", "resume", "skip_too_long", "progress", "device", "threads", "scorer",
-                   *backends.RUN_CONTROL)
+    RUN_CONTROL: ClassVar[tuple[str, ...]] = ("out", "resume", "skip_too_long", "progress", "device", "threads",
+                                              "scorer", *SuiteSettings.RUN_CONTROL)
+    LABEL: ClassVar[str] = "needle settings"
 
-    def __post_init__(self) -> None:
-        self.lengths = parse_lengths(self.lengths)
-        self.depths = parse_depths(self.depths)
-        self.seeds = parse_ints(self.seeds, "--seeds")
-        if isinstance(self.haystack, str):
-            self.haystack = (self.haystack,)
-        self.haystack = canonical_haystack(self.haystack)
+    @field_validator("lengths", "depths", "seeds", "haystack", mode="before")
+    @classmethod
+    def _parse(cls, v: Any, info: ValidationInfo) -> tuple:
+        """The flag spellings: "1k,2k", "0,50,100" or a count, "1,2", one haystack set or several (written as :func:`canonical_haystack`)."""
+        if info.field_name == "lengths":
+            return parse_lengths(v)
+        if info.field_name == "depths":
+            return parse_depths(v)
+        if info.field_name == "seeds":
+            return parse_ints(v, "--seeds")
+        return canonical_haystack((v,) if isinstance(v, str) else tuple(v))
+
+    @model_validator(mode="after")
+    def _check(self) -> NeedleSettings:
         if self.mode not in MODES:
             raise SettingsError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.haystack_start not in STARTS:
@@ -90,6 +99,7 @@ class NeedleSettings(backends.Settings):
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
         backends.check(self)
+        return self
 
     @property
     def genres(self) -> dict[str, tuple[str, ...]]:
@@ -312,8 +322,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> tuple[NeedleSetting
     if args.rebuild_prompt or args.report or args.rescore:
         return None, args
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "rebuild_prompt", "report", "rescore")}
-    known = {f for f in NeedleSettings.__dataclass_fields__ if f != "RUN_CONTROL"}
-    merged = merge_settings(load_suite_file(args.config) if args.config else {}, flags, known)
+    merged = merge_settings(load_suite_file(args.config) if args.config else {}, flags, NeedleSettings.fields())
     if not merged.get("lengths"):
         raise SettingsError("--lengths is required (e.g. --lengths 1k,2k,4k), on the command line or in --config")
     return NeedleSettings(**merged), args

@@ -23,10 +23,12 @@ import yaml
 from filelock import FileLock, Timeout
 
 from evals.core import compare as cmp
-from evals.regress import history
 from evals.core.errors import EvalError, SettingsError
 from evals.core.spec import load_suite_file
 from evals.core.store import RUN_JSON, RunDir
+from evals.core.targets import QUANTS
+from evals.regress import history
+from ragkit.errors import RagkitError
 
 OK, REGRESSION, INVALID, LOCKED = 0, 1, 2, 3
 ENTRY_KEYS = {"suite", "name", "config", "settings"}
@@ -60,7 +62,7 @@ class Entry:
     def build(self, out: Path | None = None, progress: bool = True) -> Any:
         """The suite's settings object (validates every setting); ``out``: run into that directory, resuming."""
         cls, _ = SUITES[self.suite]()
-        known = {f for f in cls.__dataclass_fields__ if f != "RUN_CONTROL"}
+        known = cls.fields()
         unknown = sorted(set(self.settings) - known)
         if unknown:
             raise SettingsError(f"run {self.name!r}: unknown {self.suite} settings {unknown}; known: {sorted(known)}")
@@ -68,9 +70,7 @@ class Entry:
         try:
             return cls(**self.settings, **extra)
         except SettingsError as e:
-            raise SettingsError(f"run {self.name!r}: {e}") from None
-        except TypeError as e:  # a required setting is missing, e.g. the needle suite's lengths
-            raise SettingsError(f"run {self.name!r}: {e}; give it under 'settings:'") from None
+            raise SettingsError(f"run {self.name!r}: {e} (give it under 'settings:')") from e
 
 
 def load_entries(path: str | Path, model: str | None = None, quant: str | None = None,
@@ -176,7 +176,7 @@ def check_runs(entries: list[Entry], root: Path, what: str, source: str, skip: s
         cls, _ = SUITES[e.suite]()
         want = json.loads(json.dumps(e.build().hashed(), default=str))
         have = meta.get("settings", {})
-        keys = (set(want) | set(have) & set(cls.__dataclass_fields__)) - skip
+        keys = (set(want) | set(have) & cls.fields()) - skip
         differ = [f"{k}: {want.get(k)!r} vs the run's {have.get(k)!r}" for k in sorted(keys)
                   if want.get(k) != have.get(k)]
         if differ:
@@ -243,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--runs-dir", default="runs/regress", help="where today's run goes: RUNS_DIR/<UTC date> (default runs/regress)")
     a("--run-name", help="name of the run directory instead of the UTC date (a rerun with it resumes)")
     a("--model", help="override every entry's model (a local HF directory, .gguf file or 'default')")
-    a("--quant", choices=("none", "nf4", "int8"), help="override every entry's quantization")
+    a("--quant", choices=QUANTS, help="override every entry's quantization")
     a("--adapter", nargs="+", help="LoRA adapter directories on every entry's model (the candidate; compare with a "
       "baseline run without them, cell by cell)")
     a("--alpha", type=float, default=0.05, help="significance level of the paired test (default 0.05)")
@@ -333,12 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: another evals.regress run holds {lock.lock_file}; not starting a second one "
                   "(it exits 3 so a scheduler can tell it from a regression)", file=sys.stderr)
             return LOCKED
-    except (EvalError, yaml.YAMLError) as e:
+    except (EvalError, RagkitError, yaml.YAMLError) as e:  # ragkit errors carry their own advice
         print(f"error: {e}", file=sys.stderr)
         return INVALID
-    except Exception as e:  # ragkit errors carry their own advice
-        if type(e).__module__.startswith("ragkit"):
-            print(f"error: {e}", file=sys.stderr)
-            return INVALID
-        raise
 

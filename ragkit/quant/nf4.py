@@ -26,7 +26,9 @@ CPU_PACK_TILE = 32
 
 
 def bnb_nf4_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
-    """The bitsandbytes configuration ragkit uses for every dense layer."""
+    """The bitsandbytes NF4 configuration of every 4-bit layer ragkit makes: stock ``from_pretrained``
+    (:func:`ragkit.loading.quantization_config`) and the expert-aware loader alike. ``quant_storage`` is
+    uint8, bitsandbytes' default, so both paths store what the planner counts."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -75,14 +77,6 @@ def nf4_bytes(n_values: int) -> int:
     blocks = -(-n_values // NF4_BLOCKSIZE)
     nested = -(-blocks // NESTED_BLOCKSIZE)
     return -(-n_values // 2) + blocks + 4 * nested + 4
-
-
-def quant_state_bytes(state: bnbf.QuantState) -> int:
-    """Bytes held by a bitsandbytes ``QuantState`` (absmax, nested absmax, offset; codes are shared)."""
-    total = state.absmax.numel() * state.absmax.element_size()
-    if state.nested:
-        total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
-    return total
 
 
 # ------------------------------------------------------------------ the packed CPU path (AVX512-BF16)

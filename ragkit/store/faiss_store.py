@@ -44,7 +44,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryResult,
 )
 
-from ragkit.errors import EmbedderMismatchError, IndexCorruptError, InvalidQueryError
+from ragkit.errors import EmbedderMismatchError, IndexCorruptError, InvalidArgumentError, InvalidQueryError
 from ragkit.store.index_dir import IndexDirectory, Snapshot, SnapshotWriter
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
@@ -65,7 +65,7 @@ def build_faiss_index(kind: IndexKind, dimension: int, *, hnsw_m: int = 32, hnsw
     elif kind == "ivf":
         inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, ivf_nlist, faiss.METRIC_INNER_PRODUCT)
     else:
-        raise ValueError(f"unknown index kind {kind!r}; use 'flat', 'hnsw' or 'ivf'")
+        raise InvalidArgumentError(f"unknown index kind {kind!r}; use 'flat', 'hnsw' or 'ivf'")
     return faiss.IndexIDMap2(inner)  # the Python wrapper keeps `inner` alive
 
 
@@ -509,7 +509,7 @@ class FaissVectorStore(BasePydanticVectorStore):
             store._index = faiss.read_index(str(snap.file(FAISS_FILE))) if snap.has(FAISS_FILE) else None
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise IndexCorruptError(f"snapshot {snap.path} cannot be read ({type(e).__name__}: {e}); rebuild the index "
-                                    f"or restore it (--force replaces it)") from None
+                                    f"or restore it (--force replaces it)") from e
         store._restore_state(state, snap.path)
         return store
 
@@ -544,7 +544,7 @@ class FaissVectorStore(BasePydanticVectorStore):
             for nid, (fid, ref_doc_id, metadata) in state["nodes"].items():
                 self._index_record(nid, _Record(int(fid), ref_doc_id, metadata))
         except (KeyError, TypeError, ValueError) as e:
-            raise IndexCorruptError(f"{where / STATE_FILE} is not a valid store state ({e}); rebuild the index") from None
+            raise IndexCorruptError(f"{where / STATE_FILE} is not a valid store state ({e}); rebuild the index") from e
         ntotal = 0 if self._index is None else self._index.ntotal
         n_stored = len(self._nodes.get_all())
         if ntotal != len(self._records) + len(self._tombstones) or n_stored != len(self._records):

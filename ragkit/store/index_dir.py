@@ -36,7 +36,13 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from ragkit.errors import IndexCorruptError, IndexLockedError, IndexNotFoundError, IndexReadOnlyError
+from ragkit.errors import (
+    IndexCorruptError,
+    IndexLockedError,
+    IndexNotFoundError,
+    IndexReadOnlyError,
+    InvalidArgumentError,
+)
 from ragkit.files import fsync_path, sha256_file
 
 T = TypeVar("T")
@@ -113,7 +119,7 @@ class SnapshotWriter:
     def path(self, name: str) -> Path:
         """Where to write the file ``name`` (a plain file name, no directories)."""
         if name in _RESERVED or "/" in name or name.startswith(".") or not name:
-            raise ValueError(f"invalid snapshot file name {name!r}: use a plain name other than {MANIFEST!r}")
+            raise InvalidArgumentError(f"invalid snapshot file name {name!r}: use a plain name other than {MANIFEST!r}")
         return self.dir / name
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -212,10 +218,10 @@ class IndexDirectory:
         mpath = snap_dir / MANIFEST
         try:
             manifest = json.loads(mpath.read_bytes())
-        except FileNotFoundError:
-            raise IndexCorruptError(f"{mpath} is missing: {snap_dir} is not a complete snapshot. {hint}") from None
+        except FileNotFoundError as e:
+            raise IndexCorruptError(f"{mpath} is missing: {snap_dir} is not a complete snapshot. {hint}") from e
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IndexCorruptError(f"{mpath} is not valid JSON ({e}). {hint}") from None
+            raise IndexCorruptError(f"{mpath} is not valid JSON ({e}). {hint}") from e
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "meta" not in manifest:
             raise IndexCorruptError(f"{mpath} lacks the 'files' and 'meta' entries of a ragkit manifest. {hint}")
         version = manifest.get("format_version")
@@ -344,7 +350,7 @@ class IndexDirectory:
                 files = {}
                 for f in sorted(tmp.iterdir()):
                     if not f.is_file():
-                        raise ValueError(f"snapshot writers may only create plain files; {f} is not one")
+                        raise InvalidArgumentError(f"snapshot writers may only create plain files; {f} is not one")
                     fsync_path(f)
                     files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
             except BaseException:

@@ -1,0 +1,89 @@
+"""Typed settings (pydantic) behind both the flags and the YAML suite files of every suite.
+
+A suite's settings are a :class:`SuiteSettings` subclass: each field and its default are written once,
+there; an unknown key is refused (``extra="forbid"``) with a SettingsError that names it and the valid
+ones, and a value of the wrong type with one that names the setting. The backend fields (``--backend
+--base-url --tokenizer --concurrency --timeout --batch-size``) live here because every suite has them;
+what they mean is :mod:`evals.core.backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from evals.core.errors import SettingsError
+from evals.core.targets import adapter_hashes
+
+# fields that do not change what a cell measures (left out of the configuration hash)
+BACKEND_RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
+
+
+class SuiteSettings(BaseModel):
+    """The backend fields every suite's settings inherit, the hash of the settings, and readable errors."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    backend: str = "local"
+    tokenizer: str | None = None  # openai: the served model's tokenizer
+    base_url: str | None = None  # run control from here on
+    concurrency: int = 1
+    timeout: float = 300.0
+    batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
+    adapter: tuple[str, ...] = ()  # local: LoRA adapter directories on the model (hashed by identity)
+
+    RUN_CONTROL: ClassVar[tuple[str, ...]] = BACKEND_RUN_CONTROL
+    RECIPE_VERSION: ClassVar[int] = 1  # bump when prompt construction changes: old runs then refuse to resume
+    LABEL: ClassVar[str] = "settings"  # how errors name these settings ("needle settings", ...)
+
+    def __init__(self, **data: Any) -> None:
+        unknown = sorted(set(data) - set(type(self).model_fields))
+        if unknown:
+            raise SettingsError(f"unknown {self.LABEL} {unknown}; valid: {sorted(type(self).model_fields)}")
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise SettingsError(explain(e)) from e
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _adapter_paths(cls, value: Any) -> tuple[str, ...]:
+        """One directory (a str, as a suite file may give it) or several, as a tuple of str."""
+        if value is None or isinstance(value, str):
+            return (value,) if value else ()
+        return tuple(str(p) for p in value) if isinstance(value, (list, tuple)) else value  # else: pydantic's error
+
+    @classmethod
+    def fields(cls) -> set[str]:
+        """The names of every setting (what a suite file or a regress entry may set)."""
+        return set(cls.model_fields)
+
+    def hashed(self) -> dict[str, Any]:
+        """The settings that define the cells (run control left out), for the configuration hash.
+
+        Without the backend keys when local, so that runs made before the server backend existed keep
+        their cell ids; adapters by identity (sha256 of weights and config, not their paths), and no
+        ``adapter`` key without one, so runs made before adapters existed keep theirs too.
+        """
+        d = self.model_dump()
+        for k in self.RUN_CONTROL:
+            d.pop(k)
+        if d.pop("adapter"):
+            d["adapter"] = adapter_hashes(self.adapter)
+        d["recipe_version"] = self.RECIPE_VERSION
+        if d.get("backend") == "local":
+            d = {k: v for k, v in d.items() if k not in ("backend", "tokenizer")}
+        return d
+
+
+def explain(error: ValidationError) -> str:
+    """A pydantic error as one line per bad setting: ``--name: what is wrong (got value)``."""
+    lines = []
+    for e in error.errors():
+        flag = "--" + (".".join(str(p) for p in e["loc"]) or "settings").replace("_", "-")
+        if e["type"] == "missing":
+            lines.append(f"{flag} is required")
+        else:
+            lines.append(f"{flag}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
