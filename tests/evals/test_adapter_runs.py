@@ -83,6 +83,7 @@ def test_wrong_shape_adapter_stops_the_suite_before_any_cell(tmp_path, capsys):
     assert not (out / "results.jsonl").exists()
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_base_and_adapter_runs_compare_cell_by_cell(tmp_path, smollm2):
     adapter = _smollm2_adapter(tmp_path / "adapter", seed=3)
     flags = ["--lengths", "384", "--depths", "50", "--no-controls", "--no-progress", "--haystack", "corpora/sqlite"]

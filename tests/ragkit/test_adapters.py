@@ -58,6 +58,7 @@ def adapters(base_dir, smollm2, tmp_path_factory):
     return {"a": root / "a", "b": root / "b", "ids": ids, "expected": expected, "plain": plain}
 
 
+@pytest.mark.slow  # PEFT reference models on SmolLM2 (fp32 and NF4): minutes on 2 cores
 def test_fp32_adapter_matches_peft(adapters):
     llm = LocalLLM("default", dtype="float32", adapter=adapters["a"])
     got = _logits(llm.model, adapters["ids"])
@@ -67,12 +68,14 @@ def test_fp32_adapter_matches_peft(adapters):
     assert identity["r"] == 4 and identity["target_modules"] == sorted(TARGETS) and len(identity["sha256"]) == 64
 
 
+@pytest.mark.slow  # PEFT reference models on SmolLM2 (fp32 and NF4): minutes on 2 cores
 def test_merged_adapter_matches_unmerged(adapters):
     llm = LocalLLM("default", dtype="float32", adapter=adapters["a"], merge_adapter=True)
     assert not any("lora" in n for n, _ in llm.model.named_modules())  # folded into the weights
     torch.testing.assert_close(_logits(llm.model, adapters["ids"]), adapters["expected"], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow  # PEFT reference models on SmolLM2 (fp32 and NF4): minutes on 2 cores
 def test_two_adapters_add_their_updates(adapters, base_dir):
     """Both adapters active: the logits of the base with W + s_a B_a A_a + s_b B_b A_b, merged here by hand."""
     from safetensors.torch import load_file
@@ -95,6 +98,7 @@ def test_two_adapters_add_their_updates(adapters, base_dir):
     assert len(llm.adapters) == 2
 
 
+@pytest.mark.slow  # PEFT reference models on SmolLM2 (fp32 and NF4): minutes on 2 cores
 def test_nf4_adapter_matches_peft(adapters, base_dir):
     from peft import PeftModel
 

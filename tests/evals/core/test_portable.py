@@ -3,6 +3,8 @@ elsewhere still resumes and rebuilds its prompts (a real SmolLM2 run through rea
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -58,6 +60,7 @@ def _needle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=1800)
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_a_moved_run_dir_has_no_machine_paths_and_still_resumes_and_rebuilds(tmp_path):
     made, elsewhere = tmp_path / "made-here", tmp_path / "elsewhere"
     made.mkdir()

@@ -7,6 +7,8 @@ and ``corpora/`` linked in); every other line of the block must appear in that c
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import subprocess
@@ -28,6 +30,7 @@ def examples(doc: Path) -> list[tuple[str, list[str]]]:
     return steps
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_regression_doc_examples_run_as_written(tmp_path, repo_root):
     steps = examples(repo_root / "docs" / "regression.md")
     assert len(steps) >= 5 and any("--candidate" in cmd and "--suite" not in cmd for cmd, _ in steps)

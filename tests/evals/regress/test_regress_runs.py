@@ -42,6 +42,7 @@ def runs(tmp_path_factory, repo_root):
     return root
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_two_needle_run_dirs_compare_without_a_suite_file(runs):
     proc = regress("--baseline", "baseline/niah", "--candidate", "runs/day1/niah", cwd=runs)
     assert proc.returncode == 0, proc.stderr
@@ -50,6 +51,7 @@ def test_two_needle_run_dirs_compare_without_a_suite_file(runs):
             and "add seeds or depths" in proc.stdout)
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_two_lost_in_the_middle_run_dirs_compare_without_a_suite_file(runs):
     proc = regress("--baseline", "baseline/litm", "--candidate", "runs/day1/litm", cwd=runs)
     assert proc.returncode == 0, proc.stderr
@@ -57,6 +59,7 @@ def test_two_lost_in_the_middle_run_dirs_compare_without_a_suite_file(runs):
     assert "| kv pairs=4 | 2 |" in proc.stdout and "with 2 paired cells, no drop at all" in proc.stdout
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_a_day_directory_of_several_entries_compares_every_entry(runs):
     proc = regress("--baseline", "baseline", "--candidate", "runs/day1", "--markdown", "day1.md", cwd=runs)
     assert proc.returncode == 0, proc.stderr
@@ -64,6 +67,7 @@ def test_a_day_directory_of_several_entries_compares_every_entry(runs):
     assert "## litm (lost_in_middle): ok" in text and "## niah (needle): ok" in text
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_a_day_directory_missing_an_entry_is_invalid_naming_it(runs, tmp_path):
     partial = tmp_path / "day2"
     shutil.copytree(runs / "runs/day1/niah", partial / "niah")
@@ -72,6 +76,7 @@ def test_a_day_directory_missing_an_entry_is_invalid_naming_it(runs, tmp_path):
     assert f"invalid comparison (litm): {partial / 'litm'} is not a run directory" in proc.stderr
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_the_suite_file_that_made_the_runs_is_checked_and_used(runs):
     proc = regress("--suite", "tiny.yaml", "--baseline", "baseline", "--candidate", "runs/day1", cwd=runs)
     assert proc.returncode == 0, proc.stderr
@@ -87,6 +92,7 @@ def test_the_suite_file_that_made_the_runs_is_checked_and_used(runs):
     ("litm2.yaml", "baseline/litm", "runs/day1/litm", "(entry 'lost_in_middle'): questions: 2 vs the run's 1"),
     ("niah_only.yaml", "baseline", "runs/day1", "it holds entries ['litm'] that --suite niah_only.yaml does not name"),
 ])
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_a_suite_file_that_does_not_describe_the_runs_is_exit_2_naming_the_difference(runs, repo_root, suite,
                                                                                        baseline, candidate, message):
     (runs / "litm2.yaml").write_text("runs:\n  - suite: lost_in_middle\n    settings: {task: kv, kv_pairs: 4, "
@@ -99,6 +105,7 @@ def test_a_suite_file_that_does_not_describe_the_runs_is_exit_2_naming_the_diffe
     assert not proc.stdout  # refused before comparing: no report that could be read as a verdict
 
 
+@pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_quant_that_the_candidate_was_not_made_with_is_exit_2(runs):
     proc = regress("--baseline", "baseline/niah", "--candidate", "runs/day1/niah", "--quant", "nf4", cwd=runs)
     assert proc.returncode == 2
