@@ -6,8 +6,9 @@ optional dependency only matters when the feature that needs it is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ragkit.lazy import lazy_exports
 
 from ragkit.quiet import filter_misleading_warnings
 
@@ -82,10 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ragkit.structured import StructuredOutputError  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'ragkit' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:
