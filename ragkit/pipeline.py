@@ -32,6 +32,7 @@ from ragkit.context import STOP_SEQUENCES, AssembledContext, assemble_context, g
 from ragkit.errors import EmbedderMismatchError, EmptyIndexError, IndexCorruptError, InvalidQueryError, RagkitError
 from ragkit.ingest import Ingestor, IngestSummary
 from ragkit.store import FaissVectorStore, IndexDirectory, SnapshotWriter
+from ragkit.store.pgvector import StatefulStore, StoreState, is_store_url, open_pg_store
 
 INGEST_DOCSTORE_FILE = "ingest_docstore.json"
 SOURCES_FILE = "sources.json"
@@ -96,7 +97,7 @@ class Pipeline:
         *,
         llm: Any = None,
         embed_model: Any = None,
-        vector_store: BasePydanticVectorStore | None = None,
+        vector_store: BasePydanticVectorStore | str | None = None,
         top_k: int = 5,
         ordering: str = "score",
         chunk_tokens: int | None = None,
@@ -119,7 +120,7 @@ class Pipeline:
             else SentenceTransformerEmbedding(os.fspath(embed_model or "default"))
         )
         self.directory = IndexDirectory(index_dir) if index_dir is not None else None
-        self._external_store = vector_store
+        self._external_store = _server_store(vector_store, self.embed_model, index_dir)
         self._store_kind = store_kind
         self._chunk_tokens = chunk_tokens
         self._snapshot_name: str | None = None
@@ -138,7 +139,10 @@ class Pipeline:
         docstore, sources, store = SimpleDocumentStore(), {}, self._external_store
         recorded: dict[str, Any] = {}
         self._snapshot_name = None
-        if self.directory is not None and self.directory.exists():
+        if isinstance(store, StatefulStore):  # server-backed: the state lives beside the vectors
+            state = store.load_state(force=self.force)
+            docstore, sources, recorded = SimpleDocumentStore.from_dict(state.docstore), state.sources, state.pipeline
+        elif self.directory is not None and self.directory.exists():
             try:
                 snap = self.directory.current()
                 if store is None:
@@ -164,6 +168,8 @@ class Pipeline:
                                  chunk_tokens=self._chunk_tokens or recorded.get("chunk_tokens"))
 
     def _reload_if_changed(self) -> None:
+        if isinstance(self.vector_store, StatefulStore) and self.vector_store.changed_since_load():
+            self._load()
         if self.directory is not None and self.directory.exists():
             try:
                 live = self.directory.current_name()
@@ -173,11 +179,15 @@ class Pipeline:
                 self._load()
 
     def _save(self) -> None:
+        if isinstance(self.vector_store, StatefulStore):
+            self.vector_store.commit_state(StoreState(self.ingestor.docstore.to_dict(), self.ingestor.sources,
+                                                      self._recorded()))
+            return
         if self.directory is None:
             return
         docstore = json.dumps(self.ingestor.docstore.to_dict()).encode()
         sources = json.dumps(self.ingestor.sources).encode()
-        pipeline = json.dumps({"chunk_tokens": self.chunk_tokens, "embedder": self.embed_model.model_name}).encode()
+        pipeline = json.dumps(self._recorded()).encode()
 
         def extra(w: SnapshotWriter) -> None:
             w.write_bytes(INGEST_DOCSTORE_FILE, docstore)
@@ -190,6 +200,9 @@ class Pipeline:
             snap = self.directory.commit(extra, meta={"external_store": type(self.vector_store).__name__},
                                          force=self.force)
         self._snapshot_name = snap.name
+
+    def _recorded(self) -> dict[str, Any]:
+        return {"chunk_tokens": self.chunk_tokens, "embedder": self.embed_model.model_name}
 
     def _writing(self) -> Any:
         """Context for a read-modify-write: holds the directory lock and picks up others' commits."""
@@ -242,7 +255,7 @@ class Pipeline:
         if not isinstance(query, str) or not query.strip():
             raise InvalidQueryError("the query is empty; pass the question or text to search for")
         self._reload_if_changed()
-        if isinstance(self.vector_store, FaissVectorStore) and self.vector_store.node_count == 0:
+        if getattr(self.vector_store, "node_count", None) == 0:
             where = f" at {self.directory.path}" if self.directory is not None else ""
             raise EmptyIndexError(
                 f"the index{where} is empty: nothing to search. Ingest documents first "
@@ -305,10 +318,27 @@ class Pipeline:
             "sources": len(self.ingestor.sources),
             "documents": sum(len(v) for v in self.ingestor.sources.values()),
         }
+        if getattr(store, "node_count", None) is not None:
+            info["chunks"] = store.node_count
         if isinstance(store, FaissVectorStore):
-            info.update(chunks=store.node_count, store_kind=store.kind)
+            info["store_kind"] = store.kind
         info["files"] = sorted(self.ingestor.sources)
         return info
+
+
+def _server_store(store: Any, embed_model: Any, index_dir: Any) -> BasePydanticVectorStore | None:
+    """``vector_store=``: None, a ``postgresql://`` URL, or a LlamaIndex store that keeps the node text."""
+    if is_store_url(store):
+        store = open_pg_store(store, embed_model.model_name, embed_model.dimension)
+    if store is None:
+        return None
+    if not getattr(store, "stores_text", False):
+        raise RagkitError(f"{type(store).__name__} does not store the node text, so retrieval could not return "
+                          f"chunks; use a store with stores_text=True (FAISS, pgvector, Qdrant, ...)")
+    if isinstance(store, StatefulStore) and index_dir is not None:
+        raise RagkitError(f"{type(store).__name__} keeps its hashes and file registry beside its vectors; "
+                          f"drop index_dir (--index) when using it")
+    return store
 
 
 def _check_top_k(top_k: Any) -> None:
