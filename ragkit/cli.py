@@ -79,7 +79,8 @@ def generate_command(
 
 # ---- ingest / query / retrieve / info / delete -------------------------------------------------------
 
-INDEX_HELP = "Index directory (created by ingest; a crash-safe snapshot directory)."
+INDEX_HELP = ("Index directory (created by ingest; a crash-safe snapshot directory), or --store "
+              "postgresql://USER@HOST:PORT/DB?table=NAME&index=exact|hnsw (pgvector; see docs/store.md).")
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -98,14 +99,18 @@ def _quiet_model_loading() -> None:
 def _open(index: str, *, must_exist: bool, **kwargs):  # type: ignore[no-untyped-def]
     from ragkit.pipeline import Pipeline
 
+    from ragkit.store.pgvector import is_store_url
+
     _quiet_model_loading()
+    if is_store_url(index):  # a server-backed store keeps its state itself; an empty one says so at retrieve
+        return Pipeline(vector_store=index, **kwargs)
     return Pipeline.load(index, **kwargs) if must_exist else Pipeline(index, **kwargs)
 
 
 @app.command("ingest")
 def ingest_command(
     paths: list[str] = typer.Argument(..., help="Files or directories (.txt .md .html .pdf; others are skipped)."),
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a corrupt index, or one built by another embedder."),
     embed_model: str = typer.Option("default", "--embed-model", help="Embedder: 'default' (all-MiniLM-L6-v2) or a local model directory."),
     chunk_tokens: int = typer.Option(None, "--chunk-tokens", help="Tokens per chunk, special tokens included [default: the embedder's max_seq_length]."),
@@ -123,13 +128,15 @@ def ingest_command(
     except RagkitError as exc:
         raise _fail(exc) from None
     typer.echo(str(summary))
-    typer.echo(f"index {index}: {pipeline.info()['chunks']} chunks from {len(pipeline.ingestor.sources)} files")
+    from ragkit.store.pgvector import redact_url
+
+    typer.echo(f"index {redact_url(index)}: {pipeline.info()['chunks']} chunks from {len(pipeline.ingestor.sources)} files")
 
 
 @app.command("query")
 def query_command(
     question: str = typer.Argument(..., help="The question to answer from the index."),
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     top_k: int = typer.Option(5, "--top-k", help="Chunks to retrieve."),
     show_sources: bool = typer.Option(False, "--show-sources", help="List the chunks the answer was built from."),
     llm: str = typer.Option("default", "--llm", help="LLM: 'default' (SmolLM2-135M-Instruct), a directory, a .gguf file or a cached hub id."),
@@ -158,7 +165,7 @@ def query_command(
 @app.command("retrieve")
 def retrieve_command(
     query: str = typer.Argument(..., help="Text to search for."),
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     top_k: int = typer.Option(5, "--top-k", help="Chunks to return."),
     full: bool = typer.Option(False, "--full", help="Print whole chunks instead of their first 200 characters."),
 ) -> None:
@@ -179,7 +186,7 @@ def retrieve_command(
 
 @app.command("info")
 def info_command(
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     files: bool = typer.Option(False, "--files", help="List every ingested file."),
 ) -> None:
     """Describe an index: embedder, chunk size, counts, snapshot."""
@@ -201,7 +208,7 @@ def info_command(
 @app.command("delete")
 def delete_command(
     target: str = typer.Argument(..., help="An ingested file's path, or a document id (see `ragkit info --files`)."),
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
 ) -> None:
     """Remove a file's (or one document's) chunks from the index."""
     from ragkit.errors import RagkitError

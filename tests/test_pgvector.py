@@ -175,3 +175,22 @@ def test_kill_during_ingest_leaves_the_old_set(store_url, pg_url, docs, embedder
     assert sorted(after.info()["files"]) == sorted(str(f) for f in docs.iterdir())
     assert subprocess.run([sys.executable, str(script), store_url, "new", "30"], env=os.environ.copy()).returncode == 0
     assert after.info()["chunks"] == len(before) + 30  # the new set, whole
+
+
+def test_cli_ingest_retrieve_delete_on_store_and_bad_url(store_url, docs):
+    from tests.test_cli import ragkit
+
+    out = ragkit("ingest", str(docs), "--store", store_url, "-q").stdout
+    assert "3 added" in out and "chunks from 3 files" in out
+    assert "0 chunks embedded" in ragkit("ingest", str(docs), "--store", store_url, "-q").stdout
+    out = ragkit("retrieve", "What is a hot journal?", "--store", store_url, "--top-k", "2").stdout
+    assert out.startswith("[1] score ") and "[2] score " in out
+    out = ragkit("delete", str(docs / "lockingv3.txt"), "--store", store_url).stdout
+    assert "deleted 1 document(s)" in out
+    assert str(docs / "lockingv3.txt") not in ragkit("info", "--store", store_url, "--files").stdout
+    started = time.monotonic()
+    proc = ragkit("retrieve", "x", "--store", "postgresql://postgres@127.0.0.1:1/postgres", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "cannot reach the vector store at postgresql://postgres@127.0.0.1:1/postgres" in errors[0]
+    assert time.monotonic() - started < 30  # includes the command's start (torch, MiniLM)

@@ -72,13 +72,14 @@ def _split_url(url: str) -> tuple[str, StoreOptions]:
     try:
         options = StoreOptions(**own)
     except ValidationError as exc:
-        raise RagkitError(f"store URL {_redact(url)}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}; "
+        raise RagkitError(f"store URL {redact_url(url)}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}; "
                           f"table is lower-case letters, digits, _; index is exact or hnsw") from None
     connection = urlunsplit(("postgresql+psycopg2", parts.netloc, parts.path, urlencode(query), ""))
     return connection, options
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***."""
     return re.sub(r"//([^:@/]+):[^@/]*@", r"//\1:***@", url)
 
 
@@ -130,7 +131,7 @@ def _build_store_class() -> type:  # noqa: C901 - one class, built once
                 hnsw_kwargs={"hnsw_ef_search": options.hnsw_ef_search} if options.index == "hnsw" else None,
             )
             self._options = options
-            self._url = _redact(url)
+            self._url = redact_url(url)
             self._identity = {"embedder": embedder_name, "dimension": dimension, "metric": "cosine"}
             try:
                 with engine.connect() as conn:
