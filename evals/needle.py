@@ -55,6 +55,7 @@ class NeedleSettings(backends.Settings):
     max_new_tokens: int | None = None
     top_k: int = 4
     chunk_size: int = 256
+    store: str | None = None  # rag: a postgresql:// vector store instead of FAISS index directories
     controls: bool = True
     # run control (not hashed)
     out: str | None = None
@@ -120,7 +121,7 @@ class NeedleSuite:
         self.lengths = lengths
         self.config = config_hash({**settings.hashed(), "pool": pool.fingerprint})
         self.est = Estimator(target.codec, pool)
-        self.retriever = Retriever(settings.chunk_size, settings.top_k)
+        self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store)
 
     def cells(self) -> list[Cell]:
         modes = ("context", "rag") if self.s.mode == "both" else (self.s.mode,)
@@ -215,6 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 96 for uuid/multi needles)")
     a("--top-k", type=int, help="rag: chunks given to the reader (default 4)")
     a("--chunk-size", type=int, help="rag: chunk size in embedder tokens (default 256)")
+    a("--store", help="rag: postgresql://... vector store (pgvector) for the cells' chunks instead of FAISS")
     a("--no-controls", dest="controls", action="store_const", const=False, help="skip the no-needle control cells")
     a("--out", help="run directory (default runs/needle-<UTC time>)")
     a("--resume", action="store_const", const=True, help="continue a killed run in --out without redoing finished cells")
