@@ -98,6 +98,8 @@ def hashed(settings: dict[str, Any]) -> dict[str, Any]:
     the server backend existed keep their cell ids."""
     if settings.get("backend") == "local":
         settings = {k: v for k, v in settings.items() if k not in ("backend", "tokenizer")}
+    if settings.get("store", "") is None:  # FAISS, as before --store existed
+        settings = {k: v for k, v in settings.items() if k != "store"}
     return settings
 
 
