@@ -157,7 +157,7 @@ def _quiet_model_loading() -> None:
 def _open(index: str, *, must_exist: bool, **kwargs):  # type: ignore[no-untyped-def]
     from ragkit.pipeline import Pipeline
 
-    from ragkit.store.pgvector import is_store_url
+    from ragkit.store.url import is_store_url
 
     _quiet_model_loading()
     if is_store_url(index):  # a server-backed store keeps its state itself; an empty one says so at retrieve
@@ -190,7 +190,7 @@ def ingest_command(
     except RagkitError as exc:
         raise _fail(exc) from None
     typer.echo(str(summary))
-    from ragkit.store.pgvector import redact_url
+    from ragkit.store.url import redact_url
 
     typer.echo(f"index {redact_url(index)}: {pipeline.info()['chunks']} chunks from {len(pipeline.ingestor.sources)} files")
 
@@ -206,7 +206,9 @@ def query_command(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Answer budget in tokens."),
 ) -> None:
     """Answer a question with the local LLM from the index's most relevant chunks."""
-    typer.echo(f"opening the index {index}", err=True)  # within a second: the imports below take longer
+    from ragkit.store.url import redact_url
+
+    typer.echo(f"opening the index {redact_url(index)}", err=True)  # within a second: the imports below take longer
     _ragkit_log(logging.INFO)  # then each step: embedder, retrieval, LLM load, generation
     from ragkit.errors import RagkitError
 
@@ -256,7 +258,7 @@ def info_command(
     """Describe an index: embedder, chunk size, counts, snapshot (loads no model)."""
     from ragkit.errors import RagkitError
     from ragkit.index_info import describe
-    from ragkit.store.pgvector import is_store_url
+    from ragkit.store.url import is_store_url
 
     try:
         info = _open(index, must_exist=True).info() if is_store_url(index) else describe(index)

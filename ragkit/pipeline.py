@@ -46,7 +46,8 @@ from ragkit.errors import (
 from ragkit.index_info import INGEST_DOCSTORE_FILE, PIPELINE_FILE, SOURCES_FILE, read_settings, read_sources
 from ragkit.ingest import Ingestor, IngestSummary
 from ragkit.store import FaissVectorStore, IndexDirectory, Snapshot, SnapshotWriter
-from ragkit.store.pgvector import StatefulStore, StoreState, is_store_url, open_pg_store, redact_url
+from ragkit.store.pgvector import StatefulStore, StoreState, open_pg_store
+from ragkit.store.url import is_store_url, redact_url
 
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ score returned is ``1 - distance`` = cosine similarity. ``index="exact"`` scans 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -23,6 +22,7 @@ from llama_index.core.schema import BaseNode
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from ragkit.errors import EmbedderMismatchError, IndexLockedError, RagkitError
+from ragkit.store.url import redact_url
 
 STATE_TABLE = "ragkit_stores"
 CONNECT_TIMEOUT_S = 3
@@ -64,10 +64,6 @@ class StatefulStore(Protocol):
     def reset(self) -> None: ...
 
 
-def is_store_url(value: Any) -> bool:
-    return isinstance(value, str) and value.split(":", 1)[0] in ("postgresql", "postgres", "postgresql+psycopg2")
-
-
 def _split_url(url: str) -> tuple[str, StoreOptions]:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
@@ -79,11 +75,6 @@ def _split_url(url: str) -> tuple[str, StoreOptions]:
                           f"table is lower-case letters, digits, _; index is exact or hnsw") from None
     connection = urlunsplit(("postgresql+psycopg2", parts.netloc, parts.path, urlencode(query), ""))
     return connection, options
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ***."""
-    return re.sub(r"//([^:@/]+):[^@/]*@", r"//\1:***@", url)
 
 
 def open_pg_store(url: str, identity: dict[str, Any], dimension: int) -> Any:

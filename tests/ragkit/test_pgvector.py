@@ -18,7 +18,7 @@ pytest.importorskip("llama_index.vector_stores.postgres")
 
 from llama_index.core.vector_stores import SimpleVectorStore  # noqa: E402
 
-from ragkit.errors import EmbedderMismatchError, EmptyIndexError, RagkitError  # noqa: E402
+from ragkit.errors import EmbedderMismatchError, EmptyIndexError, InvalidSettingError, RagkitError  # noqa: E402
 from ragkit.pipeline import Pipeline  # noqa: E402
 from ragkit.store.pgvector import StoreUnavailableError, open_pg_store  # noqa: E402
 
@@ -86,6 +86,28 @@ def test_empty_store_and_non_text_store_are_refused(store_url, embedder):
         Pipeline(vector_store=store_url, embed_model=embedder).retrieve("anything")
     with pytest.raises(RagkitError, match="does not store the node text"):
         Pipeline(vector_store=SimpleVectorStore(), embed_model=embedder)
+
+
+def test_embedder_is_the_same_by_content_fingerprint_not_name(store_url, docs, embedder):
+    renamed = open_pg_store(store_url, {**embedder.identity, "name": "a-copy-elsewhere"}, embedder.dimension)
+    Pipeline(vector_store=renamed, embed_model=embedder).ingest([docs / "lockingv3.txt"], show_progress=False)
+    assert Pipeline(vector_store=store_url, embed_model=embedder).info()["files"] == [str(docs / "lockingv3.txt")]
+    other = {**embedder.identity, "fingerprint": "0" * 64}
+    with pytest.raises(EmbedderMismatchError, match="a-copy-elsewhere"):
+        open_pg_store(store_url, other, embedder.dimension).load_state()
+
+
+def test_another_chunk_size_is_refused_and_force_replaces_the_rows(store_url, docs, embedder):
+    Pipeline(vector_store=store_url, embed_model=embedder, chunk_tokens=128).ingest([docs / "lockingv3.txt"],
+                                                                                    show_progress=False)
+    with pytest.raises(InvalidSettingError, match="128-token chunks"):
+        Pipeline(vector_store=store_url, embed_model=embedder, chunk_tokens=64)
+    forced = Pipeline(vector_store=store_url, embed_model=embedder, chunk_tokens=64, force=True)
+    forced.ingest([docs / "lang_vacuum.txt"], show_progress=False)
+    again = Pipeline(vector_store=store_url, embed_model=embedder)
+    assert again.chunk_tokens == 64 and again.info()["files"] == [str(docs / "lang_vacuum.txt")]
+    files = {n.node.metadata["file_path"] for n in again.retrieve("hot journal", top_k=100)}
+    assert files == {str(docs / "lang_vacuum.txt")}  # the 128-token rows were replaced, not mixed in
 
 
 def test_table_of_another_embedder_is_refused_and_untouched(store_url, docs, embedder):
