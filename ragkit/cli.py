@@ -138,7 +138,8 @@ def finetune_command(
 
 # ---- ingest / query / retrieve / info / delete -------------------------------------------------------
 
-INDEX_HELP = "Index directory (created by ingest; a crash-safe snapshot directory)."
+INDEX_HELP = ("Index directory (created by ingest; a crash-safe snapshot directory), or --store "
+              "postgresql://USER@HOST:PORT/DB?table=NAME&index=exact|hnsw (pgvector; see docs/store.md).")
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -158,14 +159,18 @@ def _quiet_model_loading() -> None:
 def _open(index: str, *, must_exist: bool, **kwargs):  # type: ignore[no-untyped-def]
     from ragkit.pipeline import Pipeline
 
+    from ragkit.store.url import is_store_url
+
     _quiet_model_loading()
+    if is_store_url(index):  # a server-backed store keeps its state itself; an empty one says so at retrieve
+        return Pipeline(vector_store=index, **kwargs)
     return Pipeline.load(index, **kwargs) if must_exist else Pipeline(index, **kwargs)
 
 
 @app.command("ingest")
 def ingest_command(
     paths: list[str] = typer.Argument(..., help="Files or directories (.txt .md .html .pdf; others are skipped)."),
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a corrupt index, or one built by another embedder or chunk size."),
     embed_model: str = typer.Option(None, "--embed-model", help="Embedder: 'default' (all-MiniLM-L6-v2) or a local model directory [default: the index's own; 'default' for a new index]."),
     chunk_tokens: int = typer.Option(None, "--chunk-tokens", help="Tokens per chunk, special tokens included [default: the index's; for a new index the embedder's max_seq_length]."),
@@ -187,13 +192,15 @@ def ingest_command(
     except RagkitError as exc:
         raise _fail(exc) from None
     typer.echo(str(summary))
-    typer.echo(f"index {index}: {pipeline.info()['chunks']} chunks from {len(pipeline.ingestor.sources)} files")
+    from ragkit.store.url import redact_url
+
+    typer.echo(f"index {redact_url(index)}: {pipeline.info()['chunks']} chunks from {len(pipeline.ingestor.sources)} files")
 
 
 @app.command("query")
 def query_command(
     question: str = typer.Argument(..., help="The question to answer from the index."),
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     top_k: int = typer.Option(5, "--top-k", help="Chunks to retrieve."),
     show_sources: bool = typer.Option(False, "--show-sources", help="List the chunks the answer was built from."),
     llm: str = typer.Option("default", "--llm", help="LLM: 'default' (SmolLM2-135M-Instruct), a directory, a .gguf file or a cached hub id."),
@@ -201,7 +208,9 @@ def query_command(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Answer budget in tokens."),
 ) -> None:
     """Answer a question with the local LLM from the index's most relevant chunks."""
-    typer.echo(f"opening the index {index}", err=True)  # within a second: the imports below take longer
+    from ragkit.store.url import redact_url
+
+    typer.echo(f"opening the index {redact_url(index)}", err=True)  # within a second: the imports below take longer
     _ragkit_log(logging.INFO)  # then each step: embedder, retrieval, LLM load, generation
     from ragkit.errors import RagkitError
 
@@ -226,7 +235,7 @@ def query_command(
 @app.command("retrieve")
 def retrieve_command(
     query: str = typer.Argument(..., help="Text to search for."),
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     top_k: int = typer.Option(5, "--top-k", help="Chunks to return."),
     full: bool = typer.Option(False, "--full", help="Print whole chunks instead of their first 200 characters."),
 ) -> None:
@@ -250,15 +259,16 @@ def retrieve_command(
 
 @app.command("info")
 def info_command(
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     files: bool = typer.Option(False, "--files", help="List every ingested file."),
 ) -> None:
     """Describe an index: embedder, chunk size, counts, snapshot (loads no model)."""
     from ragkit.errors import RagkitError
     from ragkit.index_info import describe
+    from ragkit.store.url import is_store_url
 
     try:
-        info = describe(index)
+        info = _open(index, must_exist=True).info() if is_store_url(index) else describe(index)
     except RagkitError as exc:
         raise _fail(exc) from None
     listed = info.pop("files")
@@ -273,7 +283,7 @@ def info_command(
 @app.command("delete")
 def delete_command(
     target: str = typer.Argument(..., help="An ingested file's path, or a document id (see `ragkit info --files`)."),
-    index: str = typer.Option(..., "--index", help=INDEX_HELP),
+    index: str = typer.Option(..., "--index", "--store", help=INDEX_HELP),
     lock_timeout: float = typer.Option(0.0, "--lock-timeout", help="Seconds to wait for another writer of the index."),
 ) -> None:
     """Remove a file's (or one document's) chunks from the index."""

@@ -46,6 +46,8 @@ from ragkit.errors import (
 from ragkit.index_info import INGEST_DOCSTORE_FILE, PIPELINE_FILE, SOURCES_FILE, read_settings, read_sources
 from ragkit.ingest import Ingestor, IngestSummary
 from ragkit.store import FaissVectorStore, IndexDirectory, Snapshot, SnapshotWriter
+from ragkit.store.pgvector import StatefulStore, StoreState, open_pg_store
+from ragkit.store.url import is_store_url, redact_url
 
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ class Pipeline:
         *,
         llm: Any = None,
         embed_model: Any = None,
-        vector_store: BasePydanticVectorStore | None = None,
+        vector_store: BasePydanticVectorStore | str | None = None,
         top_k: int = 5,
         ordering: str = "score",
         chunk_tokens: int | None = None,
@@ -136,7 +138,7 @@ class Pipeline:
         self.commit_seconds = commit_seconds
         self.directory = IndexDirectory(index_dir, lock_timeout=lock_timeout) if index_dir is not None else None
         self.embed_model = self._embedder(embed_model)
-        self._external_store = vector_store
+        self._external_store = _server_store(vector_store, self.embed_model, index_dir)
         self._store_kind = store_kind
         self._chunk_tokens = chunk_tokens
         self._snapshot_name: str | None = None
@@ -190,7 +192,9 @@ class Pipeline:
     def _load(self) -> None:
         """(Re)load the live snapshot, or start empty when there is none (or it is bad and ``force``)."""
         loaded: tuple[Any, ...] = (SimpleDocumentStore(), {}, self._external_store, {}, None)
-        if self.directory is not None and self.directory.exists():
+        if isinstance(self._external_store, StatefulStore):  # server-backed: the state lives beside the vectors
+            loaded = self._read_server_state(self._external_store)
+        elif self.directory is not None and self.directory.exists():
             try:
                 loaded = self.directory.read(self._read_snapshot)
             except (IndexCorruptError, EmbedderMismatchError, InvalidSettingError):
@@ -221,16 +225,35 @@ class Pipeline:
         if snap.has(INGEST_DOCSTORE_FILE):
             docstore = SimpleDocumentStore.from_dict(json.loads(snap.read_bytes(INGEST_DOCSTORE_FILE)))
             sources = read_sources(snap)
+        self._check_chunk_tokens(recorded, sources, f"index {snap.path.parent}")
+        return docstore, sources, store, recorded, snap.name
+
+    def _read_server_state(self, store: StatefulStore) -> tuple[Any, ...]:
+        """(docstore, sources, store, settings, None) committed in a server-backed store; checked like a
+        snapshot (the store itself refuses another embedder's table)."""
+        state = store.load_state(force=self.force)
+        try:
+            self._check_chunk_tokens(state.pipeline, state.sources, f"store {redact_url(store.url)}")
+        except InvalidSettingError:
+            if not self.force:
+                raise
+            store.reset()  # --force: start afresh; the next commit replaces its rows
+            return SimpleDocumentStore(), {}, store, {}, None
+        return SimpleDocumentStore.from_dict(state.docstore), state.sources, store, state.pipeline, None
+
+    def _check_chunk_tokens(self, recorded: dict[str, Any], sources: dict[str, Any], where: str) -> None:
+        """InvalidSettingError when an explicit ``chunk_tokens`` differs from the size the index was built with."""
         built = recorded.get("chunk_tokens")
         if self._chunk_tokens is not None and built is not None and sources and self._chunk_tokens != built:
             raise InvalidSettingError(
-                f"index {snap.path.parent} was built with {built}-token chunks (--chunk-tokens {built}); "
+                f"{where} was built with {built}-token chunks (--chunk-tokens {built}); "
                 f"{self._chunk_tokens} would mix chunk sizes in one index. Leave --chunk-tokens unset to keep "
-                f"{built}, or build a new index (another --index directory, or --force to replace it)."
+                f"{built}, or build a new index (another --index directory or table=, or --force to replace it)."
             )
-        return docstore, sources, store, recorded, snap.name
 
     def _reload_if_changed(self) -> None:
+        if isinstance(self.vector_store, StatefulStore) and self.vector_store.changed_since_load():
+            self._load()
         if self.directory is not None and self.directory.exists():
             try:
                 live = self.directory.current_name()
@@ -240,13 +263,15 @@ class Pipeline:
                 self._load()
 
     def _save(self) -> None:
+        if isinstance(self.vector_store, StatefulStore):
+            self.vector_store.commit_state(StoreState(self.ingestor.docstore.to_dict(), self.ingestor.sources,
+                                                      self._settings()))
+            return
         if self.directory is None:
             return
         docstore = json.dumps(self.ingestor.docstore.to_dict()).encode()
         sources = json.dumps(self.ingestor.sources).encode()
-        identity = getattr(self.embed_model, "identity", None) or {"name": self.embed_model.model_name}
-        pipeline = json.dumps({"chunk_tokens": self.chunk_tokens, "chunker": type(self.ingestor.splitter).__name__,
-                               "embedder": identity}).encode()
+        pipeline = json.dumps(self._settings()).encode()
 
         def extra(w: SnapshotWriter) -> None:
             w.write_bytes(INGEST_DOCSTORE_FILE, docstore)
@@ -259,6 +284,12 @@ class Pipeline:
             snap = self.directory.commit(extra, meta={"external_store": type(self.vector_store).__name__},
                                          force=self.force)
         self._snapshot_name = snap.name
+
+    def _settings(self) -> dict[str, Any]:
+        """The pipeline settings an index records: chunk size, chunker, embedder identity."""
+        identity = getattr(self.embed_model, "identity", None) or {"name": self.embed_model.model_name}
+        return {"chunk_tokens": self.chunk_tokens, "chunker": type(self.ingestor.splitter).__name__,
+                "embedder": identity}
 
     def _writing(self) -> Any:
         """Context for a read-modify-write: holds the directory lock and picks up others' commits."""
@@ -283,7 +314,8 @@ class Pipeline:
         with self._writing():
             self._reload_if_changed()
             try:
-                checkpoint = self._save if self.directory is not None else None
+                persistent = self.directory is not None or isinstance(self.vector_store, StatefulStore)
+                checkpoint = self._save if persistent else None
                 summary = self.ingestor.ingest(paths_or_documents, show_progress=show_progress, sync=sync,
                                                checkpoint=checkpoint, checkpoint_seconds=self.commit_seconds)
                 if self.directory is not None and not self.directory.exists():
@@ -315,7 +347,7 @@ class Pipeline:
         if not isinstance(query, str) or not query.strip():
             raise InvalidQueryError("the query is empty; pass the question or text to search for")
         self._reload_if_changed()
-        if isinstance(self.vector_store, FaissVectorStore) and self.vector_store.node_count == 0:
+        if getattr(self.vector_store, "node_count", None) == 0:
             where = f" at {self.directory.path}" if self.directory is not None else ""
             raise EmptyIndexError(
                 f"the index{where} is empty: nothing to search. Ingest documents first "
@@ -408,10 +440,28 @@ class Pipeline:
             "sources": len(self.ingestor.sources),
             "documents": sum(len(v) for v in self.ingestor.sources.values()),
         }
+        if getattr(store, "node_count", None) is not None:
+            info["chunks"] = store.node_count
         if isinstance(store, FaissVectorStore):
-            info.update(chunks=store.node_count, store_kind=store.kind)
+            info["store_kind"] = store.kind
         info["files"] = sorted(self.ingestor.sources)
         return info
+
+
+def _server_store(store: Any, embed_model: Any, index_dir: Any) -> BasePydanticVectorStore | None:
+    """``vector_store=``: None, a ``postgresql://`` URL, or a LlamaIndex store that keeps the node text."""
+    if is_store_url(store):
+        store = open_pg_store(store, getattr(embed_model, "identity", None) or {"name": embed_model.model_name},
+                              embed_model.dimension)
+    if store is None:
+        return None
+    if not getattr(store, "stores_text", False):
+        raise RagkitError(f"{type(store).__name__} does not store the node text, so retrieval could not return "
+                          f"chunks; use a store with stores_text=True (FAISS, pgvector, Qdrant, ...)")
+    if isinstance(store, StatefulStore) and index_dir is not None:
+        raise RagkitError(f"{type(store).__name__} keeps its hashes and file registry beside its vectors; "
+                          f"drop index_dir (--index) when using it")
+    return store
 
 
 def _check_top_k(top_k: Any) -> None:

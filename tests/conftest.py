@@ -186,3 +186,25 @@ def tiny_mistral3_dir(tmp_path_factory):
     Mistral3ForConditionalGeneration(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A real Postgres 16 + pgvector server (pgserver's binaries) on 127.0.0.1, data in a throwaway directory."""
+    import shutil
+    import tempfile
+
+    from ragkit.errors import RagkitError
+    from ragkit.store.local_postgres import LocalPostgres
+
+    root = tempfile.mkdtemp(prefix="ragkit-pg-")
+    os.chmod(root, 0o711)  # as root the server runs as nobody, which must reach its data directory
+    server = LocalPostgres(os.path.join(root, "data"), fsync=False)
+    try:
+        server.start()
+    except (RagkitError, OSError) as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"a local Postgres with pgvector cannot start here: {exc}")
+    yield server.url
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)

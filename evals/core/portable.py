@@ -3,8 +3,8 @@
 A path below the run directory is written relative to it, one below the current directory (or the
 repository, where the default corpora live) relative to that; any other absolute path is reduced to its
 file name, which with the fingerprints a run records (haystack pool, QA file, tokenizer) identifies it
-without saying whose home directory it came from. The command is written as the user would retype it:
-``python -m evals.needle --lengths 2k ...``.
+without saying whose home directory it came from; a store URL (``postgresql://...``) keeps everything but
+its password. The command is written as the user would retype it: ``python -m evals.needle --lengths 2k ...``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from ragkit.store.url import is_store_url, redact_url
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,6 +36,8 @@ def portable_path(path: str | Path, run_dir: str | Path | None = None) -> str:
 def portable_value(value: Any, run_dir: str | Path | None = None) -> Any:
     """``value`` with every absolute path in it (strings, lists, dicts) made portable."""
     if isinstance(value, str):
+        if is_store_url(value):
+            return redact_url(value)
         return portable_path(value, run_dir) if value.startswith("/") else value
     if isinstance(value, (list, tuple)):
         return [portable_value(v, run_dir) for v in value]
@@ -43,6 +47,8 @@ def portable_value(value: Any, run_dir: str | Path | None = None) -> Any:
 
 
 def _argument(arg: str) -> str:
+    if "://" in arg:
+        return redact_url(arg)
     flag, eq, value = arg.partition("=")
     if eq and flag.startswith("--") and value.startswith("/"):
         return f"{flag}={portable_path(value)}"

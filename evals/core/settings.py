@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from evals.core.errors import SettingsError
 from evals.core.targets import adapter_hashes
+from ragkit.store.url import redact_url
 
 # fields that do not change what a cell measures (left out of the configuration hash)
 BACKEND_RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
@@ -64,7 +65,8 @@ class SuiteSettings(BaseModel):
 
         Without the backend keys when local, so that runs made before the server backend existed keep
         their cell ids; adapters by identity (sha256 of weights and config, not their paths), and no
-        ``adapter`` key without one, so runs made before adapters existed keep theirs too.
+        ``adapter`` key without one, so runs made before adapters existed keep theirs too; likewise no
+        ``store`` key for FAISS, and a server's URL without its password.
         """
         d = self.model_dump()
         for k in self.RUN_CONTROL:
@@ -74,6 +76,11 @@ class SuiteSettings(BaseModel):
         d["recipe_version"] = self.RECIPE_VERSION
         if d.get("backend") == "local":
             d = {k: v for k, v in d.items() if k not in ("backend", "tokenizer")}
+        if "store" in d:  # FAISS (None) as before --store existed; a server by its URL less the password
+            if d["store"] is None:
+                del d["store"]
+            else:
+                d["store"] = redact_url(d["store"])
         return d
 
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import ragkit
 from evals.core.errors import SettingsError
+from evals.core.rag_store import open_pipeline
 from ragkit.loading import QUANTIZATIONS
 
 QUANTS = ("none", *QUANTIZATIONS)  # as the flags spell them
@@ -145,15 +146,15 @@ def load_served_target(base_url: str | None, model: str = "default", tokenizer: 
 class Retriever:
     """Haystacks ingested through ragkit.Pipeline into FAISS indexes in the run directory; one embedder."""
 
-    def __init__(self, chunk_tokens: int, top_k: int):
-        self.chunk_tokens, self.top_k = chunk_tokens, top_k
+    def __init__(self, chunk_tokens: int, top_k: int, store: str | None = None):
+        self.chunk_tokens, self.top_k, self.store = chunk_tokens, top_k, store
         self._embedder: Any = None
 
     def top_chunks(self, index_dir: Path, text: str, question: str) -> list[str]:
         """Ingest ``text`` (once per index_dir) and return the texts of the top-k chunks for ``question``."""
         index_dir.mkdir(parents=True, exist_ok=True)
-        pipeline = ragkit.Pipeline(index_dir / "index", embed_model=self._embedder, chunk_tokens=self.chunk_tokens,
-                                   top_k=self.top_k)
+        pipeline = open_pipeline(index_dir / "index", self.store, "needle", embed_model=self._embedder,
+                                 chunk_tokens=self.chunk_tokens, top_k=self.top_k)
         self._embedder = pipeline.embed_model
         src = index_dir / "haystack.txt"
         if not src.exists() or src.read_text(encoding="utf-8") != text:
@@ -187,9 +188,11 @@ class CorpusRAG:
     """ragkit.Pipeline over corpus files in a persistent index (reused across runs): the top-k chunks of a
     question, and the exact prompt ragkit assembles from them with an ordering strategy."""
 
-    def __init__(self, index_dir: Path, paths: Sequence[Path], llm: Any, chunk_tokens: int, embedder: Any = None):
+    def __init__(self, index_dir: Path, paths: Sequence[Path], llm: Any, chunk_tokens: int, embedder: Any = None,
+                 store: str | None = None):
         self.paths = list(paths)
-        self.pipeline = ragkit.Pipeline(index_dir, llm=llm, embed_model=embedder, chunk_tokens=chunk_tokens)
+        self.pipeline = open_pipeline(index_dir, store, "litm", llm=llm, embed_model=embedder,
+                                      chunk_tokens=chunk_tokens)
 
     def ingest(self, show_progress: bool = True) -> Any:
         """Add what the index lacks (files already ingested are skipped by their hashes)."""

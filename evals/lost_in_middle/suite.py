@@ -101,6 +101,7 @@ class LitmSettings(SuiteSettings):
     max_new_tokens: int | None = None
     qa_file: str = "corpora/qa/qa.jsonl"
     corpus: tuple[str, ...] = ("corpora/sqlite", "corpora/python")
+    store: str | None = None  # orderings: a postgresql:// vector store for the corpus chunks instead of FAISS
     # run control (not hashed)
     out: str | None = None
     resume: bool = False
@@ -336,7 +337,8 @@ def execute(s: LitmSettings, target: Target | None = None) -> Path:
     rag = None
     if s.qa and s.orderings:
         key = hashlib.sha256("\n".join(str(p.resolve()) for p in corpus).encode()).hexdigest()[:12]
-        rag = CorpusRAG(cache / f"rag-index-{key}-c{s.chunk_tokens}", corpus, target.llm, s.chunk_tokens, embedder)
+        rag = CorpusRAG(cache / f"rag-index-{key}-c{s.chunk_tokens}", corpus, target.llm, s.chunk_tokens, embedder,
+                        s.store)
     suite = LitmSuite(s, target, items, pool, config, embedder, rag, cache)
     longest = suite.check_lengths()
     if rag is not None:
@@ -371,6 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     backends.add_model_flags(a)
     a("--rag-top-k", type=int, help="orderings: chunks retrieved per question (default 10)")
     a("--chunk-tokens", type=int, help="orderings: chunk size of the corpus index in embedder tokens (default 128)")
+    a("--store", help="orderings: postgresql://... vector store (pgvector) for the corpus chunks instead of FAISS")
     a("--no-controls", dest="controls", action="store_const", const=False, help="skip closed-book and oracle")
     a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 48 with kv)")
     a("--qa-file", help="QA rows (default corpora/qa/qa.jsonl)")

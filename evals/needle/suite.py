@@ -60,6 +60,7 @@ class NeedleSettings(SuiteSettings):
     max_new_tokens: int | None = None
     top_k: int = 4
     chunk_size: int = 256
+    store: str | None = None  # rag: a postgresql:// vector store instead of FAISS index directories
     controls: bool = True
     # run control (not hashed)
     out: str | None = None
@@ -163,7 +164,7 @@ class NeedleSuite:
         self.config = config_hash({**settings.hashed(), "pool": pool_fingerprint(pools)})
         self.codec = CachedCodec(target.codec, run_dir.path / TOKENS_DIR, tokenizer_fingerprint(target.llm.tokenizer))
         self.est = {name: Estimator(self.codec, pool) for name, pool in pools.items()}
-        self.retriever = Retriever(settings.chunk_size, settings.top_k)
+        self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store)
         self.control_seeds: dict[str, list[int]] = {}  # control cell id -> the seeds whose prompt it is
 
     def cells(self) -> list[Cell]:
@@ -299,6 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 96 for uuid/multi needles)")
     a("--top-k", type=int, help="rag: chunks given to the reader (default 4)")
     a("--chunk-size", type=int, help="rag: chunk size in embedder tokens (default 256)")
+    a("--store", help="rag: postgresql://... vector store (pgvector) for the cells' chunks instead of FAISS")
     a("--no-controls", dest="controls", action="store_const", const=False, help="skip the no-needle control cells")
     a("--out", help="run directory (default runs/needle-<UTC time>)")
     a("--resume", action="store_const", const=True, help="continue a killed run in --out without redoing finished cells")

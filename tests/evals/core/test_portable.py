@@ -31,6 +31,17 @@ def test_paths_become_relative_to_the_run_dir_cwd_or_repo_else_their_name(tmp_pa
         {"a": ["y.txt", 3], "url": "http://127.0.0.1:8000/v1"}
 
 
+def test_store_urls_keep_all_but_their_password_in_commands_settings_and_hashes():
+    from evals.needle.suite import NeedleSettings
+    url = "postgresql://ragkit:s3cret@db.example:5432/evals"
+    assert portable_value({"store": url}) == {"store": "postgresql://ragkit:***@db.example:5432/evals"}
+    assert "s3cret" not in command(["x.py", "--store", url]) and "s3cret" not in command(["x.py", f"--store={url}"])
+    hashed = NeedleSettings(lengths=(1024,), store=url).hashed()
+    assert hashed["store"] == "postgresql://ragkit:***@db.example:5432/evals"
+    assert NeedleSettings(lengths=(1024,), store=url.replace("s3cret", "other")).hashed() == hashed  # same server, same cells
+    assert "store" not in NeedleSettings(lengths=(1024,)).hashed()  # FAISS runs keep the cell ids they had before --store
+
+
 def test_command_is_what_a_user_would_retype(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = [str(REPO / "benchmarks" / "llm_load.py"), "--out", str(tmp_path / "runs" / "x"),
