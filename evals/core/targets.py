@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import ragkit
 from evals.core.errors import SettingsError
 from evals.core.rag_store import open_pipeline
+from ragkit import reasoning
+from ragkit.errors import InvalidSettingError
 from ragkit.loading import QUANTIZATIONS
 
 QUANTS = ("none", *QUANTIZATIONS)  # as the flags spell them
@@ -69,6 +71,15 @@ class Target:
     def decode(self, ids: Sequence[int]) -> str:
         return self.llm.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def answer_fields(self, ids: Sequence[int]) -> dict[str, Any]:
+        """The row fields of generated ``ids``: ``answer`` (what is scored) and, in reasoning mode, the thinking
+        stripped from it: ``raw_answer`` (everything generated), ``reasoning_tokens``, ``reasoning_closed``."""
+        if getattr(self.llm, "reasoning_effort", None) is None:
+            return {"answer": self.decode(ids)}
+        r = reasoning.split(self.llm.tokenizer, ids)
+        return {"answer": r.answer, "raw_answer": r.raw, "reasoning_tokens": r.reasoning_tokens,
+                "reasoning_closed": r.closed}
+
     def generate_naive(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """The plain path: one ``generate`` call on the whole prompt (the reference for decode.py)."""
         return [t for t in self.llm.generate_ids(list(ids), max_new_tokens=max_new_tokens) if t not in self.eos_ids]
@@ -84,8 +95,10 @@ def adapter_hashes(paths: Sequence[str]) -> list[dict[str, str]]:
 
 
 def load_target(model: str = "default", quant: str = "none", dtype: str | None = None,
-                device: str | None = None, max_new_tokens: int = 32, adapter: Sequence[str] = ()) -> Target:
-    """Load the model under test through ragkit.LocalLLM (greedy decoding), with its LoRA adapters if any."""
+                device: str | None = None, max_new_tokens: int = 32, adapter: Sequence[str] = (),
+                reasoning_effort: str | None = None) -> Target:
+    """Load the model under test through ragkit.LocalLLM (greedy decoding), with its LoRA adapters if any;
+    ``reasoning_effort``: the chat template's reasoning mode (a template without one fails here)."""
     if quant not in QUANTS:
         raise SettingsError(f"--quant {quant!r} is unknown; choose one of {', '.join(QUANTS)}")
     quantization = None if quant == "none" else quant
@@ -98,7 +111,13 @@ def load_target(model: str = "default", quant: str = "none", dtype: str | None =
         kwargs["device_map"] = device
     if adapter:
         kwargs["adapter"] = list(adapter)
-    return wrap(ragkit.LocalLLM(model, **kwargs), model, quant)
+    if reasoning_effort is not None:
+        kwargs["reasoning_effort"] = reasoning_effort
+    try:
+        llm = ragkit.LocalLLM(model, **kwargs)
+    except InvalidSettingError as e:
+        raise SettingsError(f"--reasoning: {e}") from None
+    return wrap(llm, model, quant)
 
 
 def wrap(llm: Any, name: str = "default", quant: str = "none") -> Target:

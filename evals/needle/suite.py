@@ -95,7 +95,7 @@ class NeedleSettings(SuiteSettings):
         if self.needle not in NEEDLE_TYPES:
             raise SettingsError(f"--needle {self.needle!r} is unknown; choose one of {', '.join(NEEDLE_TYPES)}")
         if self.max_new_tokens is None:
-            self.max_new_tokens = 96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32
+            self.max_new_tokens = self.answer_budget(96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32)
         scorers.check(self.scorer)
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
@@ -297,7 +297,8 @@ def _parser() -> argparse.ArgumentParser:
       "corpora/python)")
     a("--haystack-start", choices=STARTS, help="fixed: every seed's haystack starts at the first sentence (default); "
       "seed: each seed starts at its own sentence, so seeds read different text")
-    a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 96 for uuid/multi needles)")
+    a("--max-new-tokens", type=int, help="generation budget per answer, thinking included (default 32; 96 for "
+      "uuid/multi needles; +1024 with --reasoning high)")
     a("--top-k", type=int, help="rag: chunks given to the reader (default 4)")
     a("--chunk-size", type=int, help="rag: chunk size in embedder tokens (default 256)")
     a("--store", help="rag: postgresql://... vector store (pgvector) for the cells' chunks instead of FAISS")
