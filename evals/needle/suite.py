@@ -384,7 +384,8 @@ def rebuild_prompt(run: str, cell_id: str) -> str:
     if pool.fingerprint != row["recipe"]["pool"]:
         raise RebuildError(f"the haystack files {list(paths)} changed since the run (fingerprint "
                            f"{pool.fingerprint} != {row['recipe']['pool']}); the prompt cannot be rebuilt exactly")
-    target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"])
+    target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"],
+                         reasoning_effort=st.get("reasoning"))
     needle = make_needle(row["needle"], row["seed"])
     frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
     if row["mode"] == "rag":
