@@ -85,6 +85,21 @@ class Target:
         return [t for t in self.llm.generate_ids(list(ids), max_new_tokens=max_new_tokens) if t not in self.eos_ids]
 
 
+def grid_projection(model: str, quant: str, lengths: Sequence[int], depths: Sequence[float], seeds: int,
+                    controls: bool, max_new_tokens: int, gpu: str | None, shared_haystack: bool) -> tuple[str, list[int]]:
+    """``--plan``: the text of a grid's projected peak memory and wall time per length on one GPU (``gpu``, else
+    the present one; ragkit.projection), and the lengths that will not fit. Reads only the model's config."""
+    from ragkit import projection
+    from ragkit.placement import load_config
+    from ragkit.planner import plan
+
+    config, _ = load_config(model)
+    name = projection.resolve_gpu(gpu)
+    rows = projection.project_grid(plan(config, context=max(lengths), quant=quant), config, lengths, depths, seeds,
+                                   controls, max_new_tokens, name, shared_haystack)
+    return projection.table(rows, name), [r.length for r in rows if not r.fits]
+
+
 def adapter_hashes(paths: Sequence[str]) -> list[dict[str, str]]:
     """The identity of each LoRA adapter that settings hash (sha256 of weights and config; not the path).
     SettingsError (naming the adapter and what is wrong) for one that cannot be used."""
