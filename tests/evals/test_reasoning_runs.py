@@ -56,6 +56,9 @@ def test_a_model_without_reasoning_mode_is_refused_with_exit_2(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "--reasoning: the chat template of" in err and "has no reasoning mode" in err
     assert not (out / "results.jsonl").exists()
+    litm = tmp_path / "litm"
+    assert lost_in_middle.main(["--reasoning", "none", "--questions", "1", "--out", str(litm), "--no-progress"]) == 2
+    assert "has no reasoning mode" in capsys.readouterr().err and not (litm / "results.jsonl").exists()
 
 
 @pytest.fixture(scope="module")
