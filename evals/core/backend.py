@@ -29,6 +29,9 @@ def add_model_flags(add: Callable[..., Any]) -> None:
     add("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
     add("--adapter", nargs="+", help="LoRA adapter directories (PEFT, safetensors) on the model, all active; "
         "their identity (sha256 of weights and config) is part of the configuration hash")
+    add("--reasoning", choices=("none", "high"), help="the chat template's reasoning_effort (Mistral-Small-4: "
+        "none or high); the thinking between [THINK] and [/THINK] is stripped before scoring (raw_answer keeps "
+        "it) and counts against --max-new-tokens (default +1024 with high)")
     add("--batch-size", type=int, help="cells of a group decoded together after their shared-prefix prefill "
         "(default 8 on CUDA, 1 on CPU); run control: cell ids do not depend on it")
 
@@ -61,6 +64,9 @@ def check(s: Any) -> None:
     if s.backend == "openai" and s.adapter:
         raise SettingsError("--adapter applies to the in-process backend; a server loads adapters on its own side")
     adapter_hashes(s.adapter)  # a missing or broken adapter fails now, before a run directory is touched
+    if s.backend == "openai" and s.reasoning is not None:
+        raise SettingsError("--reasoning applies to the in-process backend (its thinking is split off by token "
+                            "ids); a server decodes the thinking markers away")
     if s.backend == "openai" and s.quant != "none":
         raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
 
@@ -69,4 +75,4 @@ def load(s: Any) -> Target:
     """The model under test that ``s`` names (fails fast when a server does not answer)."""
     if s.backend == "openai":
         return load_served_target(s.base_url, s.model, s.tokenizer, s.max_new_tokens, s.timeout)
-    return load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens, s.adapter)
+    return load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens, s.adapter, s.reasoning)

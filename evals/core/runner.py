@@ -109,11 +109,10 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
             group = suite.prepare(cells)
             for d in decoder.run_group([j.ids for j in group.jobs], group.base):
                 job = group.jobs[d.index]
-                answer = target.decode(d.new_ids)
                 row = dict(job.row)
-                row.update(answer=answer, answer_tokens=len(d.new_ids), reused_tokens=d.reused_tokens,
-                           computed_tokens=d.computed_tokens, seconds=round(d.seconds, 3))
-                row.update(suite.score(job, answer))
+                row.update(target.answer_fields(d.new_ids), answer_tokens=len(d.new_ids),
+                           reused_tokens=d.reused_tokens, computed_tokens=d.computed_tokens, seconds=round(d.seconds, 3))
+                row.update(suite.score(job, row["answer"]))
                 run_dir.append(row)
                 stats.add(row, len(job.ids), d.computed_tokens)
                 stats.tick(progress, bar, t_start)

@@ -148,7 +148,7 @@ class LitmSettings(SuiteSettings):
         if self.questions < 1 or self.rag_top_k < 1 or self.chunk_tokens < 32:
             raise SettingsError("--questions and --rag-top-k must be >= 1, --chunk-tokens >= 32")
         if self.max_new_tokens is None:
-            self.max_new_tokens = 48 if self.kv else 32
+            self.max_new_tokens = self.answer_budget(48 if self.kv else 32)
         scorers.check(self.scorer)
         backends.check(self)
         return self
@@ -375,7 +375,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--chunk-tokens", type=int, help="orderings: chunk size of the corpus index in embedder tokens (default 128)")
     a("--store", help="orderings: postgresql://... vector store (pgvector) for the corpus chunks instead of FAISS")
     a("--no-controls", dest="controls", action="store_const", const=False, help="skip closed-book and oracle")
-    a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 48 with kv)")
+    a("--max-new-tokens", type=int, help="generation budget per answer, thinking included (default 32; 48 with "
+      "kv; +1024 with --reasoning high)")
     a("--qa-file", help="QA rows (default corpora/qa/qa.jsonl)")
     a("--corpus", nargs="+", help="folders of .txt files for distractors and the RAG index (default corpora/sqlite corpora/python)")
     a("--out", help="run directory (default runs/lost_in_middle-<UTC time>)")

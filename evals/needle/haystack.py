@@ -265,21 +265,22 @@ def fit_prompt(codec: Codec, pool: SentencePool, frame: Frame, needle: Sequence[
         budget -= est(nxt)
         ids.append(nxt)
         nxt += 1
-    tried: set[tuple[int, ...]] = set()
+    tried: set[tuple[tuple[int, ...], int]] = set()
+    overshot: set[int] = set()  # sentences that took more tokens in place than estimated: not picked again
     for _ in range(200):
         recipe = Recipe(list(ids), _slots([est(i) for i in ids], depths))
         n = len(codec.encode(render(codec, pool, frame, needle, recipe)[0]))
         gap = target - n
         if gap == 0:
             return measure(codec, pool, frame, needle, recipe)
-        key = tuple(ids)
+        key = (tuple(ids), len(overshot))
         if key in tried:
             break
         tried.add(key)
         if gap < 0:
-            ids.pop()
+            overshot.add(ids.pop())
             continue
-        used = set(ids)
+        used = set(ids) | overshot
         pick = _find(est, nxt, used, lambda e: e == gap)
         pick = pick if pick is not None else _find(est, nxt, used, lambda e: e < gap)
         if pick is not None:

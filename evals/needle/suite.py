@@ -24,7 +24,7 @@ from evals.core.scoring import contains_value
 from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.core.store import RunDir, provenance
-from evals.core.targets import Retriever, load_target, tokenizer_fingerprint
+from evals.core.targets import Retriever, grid_projection, load_target, tokenizer_fingerprint
 from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
                                    haystack_sets, measure, start_sentence)
@@ -69,9 +69,11 @@ class NeedleSettings(SuiteSettings):
     progress: bool = True
     threads: int | None = None
     scorer: str = scorers.DEFAULT  # re-runnable from the stored answers (--rescore), so not hashed
+    plan: bool = False  # print the projected memory and time of the grid, run nothing
+    gpu: str | None = None  # --plan: the GPU to project for (default: the present one)
 
     RUN_CONTROL: ClassVar[tuple[str, ...]] = ("out", "resume", "skip_too_long", "progress", "device", "threads",
-                                              "scorer", *SuiteSettings.RUN_CONTROL)
+                                              "scorer", "plan", "gpu", *SuiteSettings.RUN_CONTROL)
     LABEL: ClassVar[str] = "needle settings"
 
     @field_validator("lengths", "depths", "seeds", "haystack", mode="before")
@@ -95,7 +97,7 @@ class NeedleSettings(SuiteSettings):
         if self.needle not in NEEDLE_TYPES:
             raise SettingsError(f"--needle {self.needle!r} is unknown; choose one of {', '.join(NEEDLE_TYPES)}")
         if self.max_new_tokens is None:
-            self.max_new_tokens = 96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32
+            self.max_new_tokens = self.answer_budget(96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32)
         scorers.check(self.scorer)
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
@@ -297,7 +299,8 @@ def _parser() -> argparse.ArgumentParser:
       "corpora/python)")
     a("--haystack-start", choices=STARTS, help="fixed: every seed's haystack starts at the first sentence (default); "
       "seed: each seed starts at its own sentence, so seeds read different text")
-    a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 96 for uuid/multi needles)")
+    a("--max-new-tokens", type=int, help="generation budget per answer, thinking included (default 32; 96 for "
+      "uuid/multi needles; +1024 with --reasoning high)")
     a("--top-k", type=int, help="rag: chunks given to the reader (default 4)")
     a("--chunk-size", type=int, help="rag: chunk size in embedder tokens (default 256)")
     a("--store", help="rag: postgresql://... vector store (pgvector) for the cells' chunks instead of FAISS")
@@ -308,6 +311,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     backends.add_flags(a)
+    a("--plan", action="store_const", const=True, help="print the grid's projected peak GPU memory per length and "
+      "its wall time on the present GPU (or --gpu), refuse lengths that will not fit, and run nothing")
+    a("--gpu", help="--plan: project for this GPU (h200) instead of the present one")
     a("--config", help="YAML suite file (evals/suites/*.yaml); flags given on the command line win")
     a("--rebuild-prompt", nargs=2, metavar=("RUN", "CELL"),
       help="print the exact prompt of cell CELL of run directory RUN (fails if its token count differs)")
@@ -369,6 +375,23 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
     return run_dir.path
 
 
+def plan_grid(s: NeedleSettings) -> int:
+    """``--plan``: print the grid's projected memory and wall time per length before any work; TooLongError
+    (exit 2) naming the lengths that will not fit. Context cells only (rag cells read a few chunks)."""
+    if s.gpu is None and s.backend != "local":
+        raise SettingsError("--plan projects the in-process backend's GPU; a server's memory is its own")
+    text, refused = grid_projection(s.model, s.quant, s.lengths, s.depths, len(s.seeds), s.controls,
+                                    s.max_new_tokens, s.gpu, s.haystack_start == "fixed")
+    print(f"needle grid: {len(s.lengths)} lengths x {len(s.depths)} depths x {len(s.seeds)} seeds"
+          f"{' + controls' if s.controls else ''}, {s.max_new_tokens} new tokens per cell, model {s.model} "
+          f"(quant {s.quant})")
+    sys.stdout.write(text)
+    if refused:
+        raise TooLongError(f"length(s) {', '.join(map(str, refused))} will not fit on one GPU (the reason is "
+                           "above); drop them or quantize (--quant nf4)")
+    return 0
+
+
 def rebuild_prompt(run: str, cell_id: str) -> str:
     """The exact prompt of a finished cell, rebuilt from its recipe; RebuildError if tokens differ."""
     run_dir = RunDir(run)
@@ -383,7 +406,8 @@ def rebuild_prompt(run: str, cell_id: str) -> str:
     if pool.fingerprint != row["recipe"]["pool"]:
         raise RebuildError(f"the haystack files {list(paths)} changed since the run (fingerprint "
                            f"{pool.fingerprint} != {row['recipe']['pool']}); the prompt cannot be rebuilt exactly")
-    target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"])
+    target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"],
+                         reasoning_effort=st.get("reasoning"))
     needle = make_needle(row["needle"], row["seed"])
     frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
     if row["mode"] == "rag":
@@ -416,6 +440,8 @@ def _command(argv: Sequence[str] | None) -> int:
     if settings is None:
         sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))
         return 0
+    if settings.plan:
+        return plan_grid(settings)
     execute(settings)
     return 0
 
