@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Hashable, Sequence
 
@@ -17,21 +16,24 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from evals.core import backend as backends  # (the settings field is named backend)
 from evals.core import scorers
 from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exit
+from evals.core.execute import Opened
+from evals.core.execute import execute as run_suite
 from evals.core.portable import portable_value
 from evals.core.rescore import rescore
-from evals.core.runner import Group, Job, run
+from evals.core.runner import Group, Job
 from evals.core.scoring import contains_value
 from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
-from evals.core.store import RunDir, provenance
+from evals.core.store import RunDir
 from evals.core.targets import Retriever, load_target, tokenizer_fingerprint
+from evals.needle import RECORD
 from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
                                    haystack_sets, measure, start_sentence)
-from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
+from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle, needle_scores
 from evals.needle.token_cache import TOKENS_DIR, CachedCodec
 
-SUITE = "needle"
+SUITE = RECORD.name
 MODES = ("context", "rag", "both")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_HAYSTACK = GENRES["docs"]  # relative paths are looked up in the cwd, then the repo
@@ -164,7 +166,7 @@ class NeedleSuite:
         self.config = config_hash({**settings.hashed(), "pool": pool_fingerprint(pools)})
         self.codec = CachedCodec(target.codec, run_dir.path / TOKENS_DIR, tokenizer_fingerprint(target.llm.tokenizer))
         self.est = {name: Estimator(self.codec, pool) for name, pool in pools.items()}
-        self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store)
+        self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store, table_prefix=SUITE)
         self.control_seeds: dict[str, list[int]] = {}  # control cell id -> the seeds whose prompt it is
 
     def cells(self) -> list[Cell]:
@@ -265,7 +267,7 @@ class NeedleSuite:
 def score_answer(answer: str, needles: Sequence[Needle], scorer: str) -> dict[str, Any]:
     """The row fields a scorer writes for one answer (both verdicts, the chosen one as score/found); a control
     stands for the needles of every seed in its ``control_seeds``."""
-    return {**scorers.record(scorers.needle_scores(answer, needles), scorer),
+    return {**scorers.record(needle_scores(answer, needles), scorer),
             "distractor_answered": any(contains_value(answer, v) for v in needles[0].distractors)}
 
 
@@ -349,24 +351,15 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
         import torch
 
         torch.set_num_threads(s.threads)
-    out = Path(s.out or f"runs/needle-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     pools = load_pools(s)
-    run_dir = RunDir(out)
-    hashed = {**s.hashed(), "pool": pool_fingerprint(pools)}
-    config = config_hash(hashed)
-    done = run_dir.open(SUITE, hashed, config, s.resume)
-    target = target or backends.load(s)
-    lengths = _usable_lengths(s, target.context_window)
-    if not (run_dir.path / "run.json").exists():
-        files = {name: portable_value(list(p.files), out) for name, p in pools.items()}
-        run_dir.write_run({**provenance(SUITE, hashed, config, target.info, out),
-                           "haystack_files": next(iter(files.values())) if len(files) == 1 else files})
-    suite = NeedleSuite(s, target, pools, run_dir, lengths)
-    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
-                batch_size=s.batch_size)
-    report.write_needle_report(run_dir)
-    print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
-    return run_dir.path
+
+    def build(opened: Opened) -> tuple[NeedleSuite, dict[str, Any]]:
+        lengths = _usable_lengths(s, opened.target.context_window)
+        files = {name: portable_value(list(p.files), opened.out) for name, p in pools.items()}
+        return (NeedleSuite(s, opened.target, pools, opened.run_dir, lengths),
+                {"haystack_files": next(iter(files.values())) if len(files) == 1 else files})
+
+    return run_suite(RECORD, s, {"pool": pool_fingerprint(pools)}, build, target)
 
 
 def rebuild_prompt(run: str, cell_id: str) -> str:

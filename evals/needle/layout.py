@@ -1,0 +1,45 @@
+"""How needle runs are compared cell by cell (evals.core.compare): a cell's coordinates, the scored cells
+(controls hold no needle), the groups a regression is looked for in, and the cells a finished run holds."""
+
+from __future__ import annotations
+
+from evals.core.registry import Layout
+from evals.needle.haystack import DEFAULT_GENRE, GENRES, haystack_sets
+
+
+def length_label(n: int) -> str:
+    """A prompt length as the flags write it: 4096 -> 4k (a length that is no multiple of 1024 as is)."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _band(depth: float) -> str:
+    return "early (0-33%)" if depth < 100 / 3 else "middle (33-67%)" if depth <= 200 / 3 else "late (67-100%)"
+
+
+def _groups(row: dict) -> list[str]:
+    mode = "" if row["mode"] == "context" else f"{row['mode']} "
+    return [f"{mode}length {length_label(row['length'])}", f"{mode}depth {_band(row['depth'])}",
+            f"{mode}genre {row['genre']}"]
+
+
+def _run_sets(meta: dict) -> dict[str, tuple[str, ...]]:
+    return haystack_sets(meta.get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])
+
+
+def _expected(meta: dict) -> set[tuple]:
+    """The needle cells a finished run holds: modes x lengths (context: those within the window) x seeds x depths."""
+    s = meta.get("settings", {})
+    window = (meta.get("model") or {}).get("context_window") or float("inf")
+    modes = ("context", "rag") if s.get("mode") == "both" else (s.get("mode"),)
+    return {(m, n, seed, float(d), s.get("needle"), "needle", g) for m in modes for n in s.get("lengths", ())
+            if m == "rag" or n <= window for seed in s.get("seeds", ()) for d in s.get("depths", ())
+            for g in _run_sets(meta)}
+
+
+def _defaults(meta: dict) -> dict:
+    """A row made before genres has its run's one haystack set as its genre."""
+    return {"genre": next(iter(_run_sets(meta)))}
+
+
+LAYOUT = Layout(("mode", "length", "seed", "depth", "needle", "kind", "genre"),
+                lambda r: r.get("kind") == "needle", _groups, _expected, _defaults)  # controls: no needle
