@@ -23,9 +23,8 @@ from evals.core import registry
 from evals.core.errors import EvalError
 from evals.core.portable import portable_path
 from evals.core.registry import Layout
-from evals.core.report import code_line
+from evals.core.report import code_line, rate_text
 from evals.core.scorers import scorer_of
-from evals.core.scoring import wilson
 from evals.core.stats import holm, mcnemar_exact, min_flagged_drop
 from evals.core.store import RunDir
 
@@ -222,11 +221,6 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, suite: registr
 # ---------------------------------------------------------------- reports
 
 
-def _rate(k: int, n: int) -> str:
-    lo, hi = wilson(k, n)
-    return f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]" if n else "0/0"
-
-
 def _who(meta: dict) -> str:
     s, git = meta.get("settings", {}), meta.get("git") or {}
     adapters = [a["sha256"][:12] for a in s.get("adapter") or []]
@@ -265,7 +259,7 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
     verdict = {0: "no regression", 1: "REGRESSION", 2: "INVALID COMPARISON"}[exit_code]
     lines = [f"# Regression check: {verdict} (exit {exit_code})", "",
              f"Exact McNemar test per group (two-sided binomial on discordant cells), alpha {alpha}, "
-             f"min drop {min_drop:.0%}, correction {correction}. Rates: passed/n [95% Wilson interval].", ""]
+             f"min drop {min_drop:.0%}, correction {correction}. Rates: passed/n with the 95% Wilson interval.", ""]
     for r in results:
         lines += [f"## {r.entry} ({r.suite}): {r.status}", "",
                   f"- baseline: `{portable_path(r.baseline)}` ({_who(r.base_meta)})",
@@ -279,7 +273,7 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
         for g in r.groups:
             verdict_g = "**regression**" if g.regression else "improvement" if g.improvement else ""
             p = f"{g.p_value:.3g}" + (f" (adj {g.p_adjusted:.3g})" if correction != "none" else "")
-            lines.append(f"| {g.name} | {g.n} | {_rate(g.base_pass, g.n)} | {_rate(g.cand_pass, g.n)} | "
+            lines.append(f"| {g.name} | {g.n} | {rate_text(g.base_pass, g.n)} | {rate_text(g.cand_pass, g.n)} | "
                          f"{(g.cand_pass - g.base_pass) / max(g.n, 1):+.0%} | {g.b} | {g.c} | {p} | {verdict_g} |")
         lines += ["", _power(r.groups, alpha, min_drop, correction)]
         worse = [g.name for g in r.groups if g.regression]
@@ -308,7 +302,7 @@ def junit(results: list[Comparison]) -> str:
             continue
         for g in r.groups:
             case = ET.SubElement(suite, "testcase", classname=f"regress.{r.entry}", name=g.name)
-            text = (f"{g.name}: baseline {_rate(g.base_pass, g.n)}, candidate {_rate(g.cand_pass, g.n)}, "
+            text = (f"{g.name}: baseline {rate_text(g.base_pass, g.n)}, candidate {rate_text(g.cand_pass, g.n)}, "
                     f"pass->fail {g.b}, fail->pass {g.c}, p={g.p_value:.3g}")
             if g.regression:
                 ET.SubElement(case, "failure", message=text, type="Regression").text = text

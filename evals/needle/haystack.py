@@ -78,6 +78,11 @@ def haystack_sets(items: Sequence[str] | str) -> dict[str, tuple[str, ...]]:
     return sets
 
 
+def run_haystack_sets(run: dict) -> dict[str, tuple[str, ...]]:
+    """The haystack sets a run's run.json names (the default genre for a run made before ``--haystack``)."""
+    return haystack_sets(run.get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])
+
+
 def split_sentences(text: str) -> list[str]:
     """Prose sentences of a text (whitespace collapsed; headings, code and fragments dropped)."""
     out = []

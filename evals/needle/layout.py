@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from evals.core.registry import Layout
-from evals.needle.haystack import DEFAULT_GENRE, GENRES, haystack_sets
+from evals.needle.haystack import run_haystack_sets
 
 
 def length_label(n: int) -> str:
@@ -22,10 +22,6 @@ def _groups(row: dict) -> list[str]:
             f"{mode}genre {row['genre']}"]
 
 
-def _run_sets(meta: dict) -> dict[str, tuple[str, ...]]:
-    return haystack_sets(meta.get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])
-
-
 def _expected(meta: dict) -> set[tuple]:
     """The needle cells a finished run holds: modes x lengths (context: those within the window) x seeds x depths."""
     s = meta.get("settings", {})
@@ -33,12 +29,12 @@ def _expected(meta: dict) -> set[tuple]:
     modes = ("context", "rag") if s.get("mode") == "both" else (s.get("mode"),)
     return {(m, n, seed, float(d), s.get("needle"), "needle", g) for m in modes for n in s.get("lengths", ())
             if m == "rag" or n <= window for seed in s.get("seeds", ()) for d in s.get("depths", ())
-            for g in _run_sets(meta)}
+            for g in run_haystack_sets(meta)}
 
 
 def _defaults(meta: dict) -> dict:
     """A row made before genres has its run's one haystack set as its genre."""
-    return {"genre": next(iter(_run_sets(meta)))}
+    return {"genre": next(iter(run_haystack_sets(meta)))}
 
 
 LAYOUT = Layout(("mode", "length", "seed", "depth", "needle", "kind", "genre"),

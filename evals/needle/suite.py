@@ -29,7 +29,7 @@ from evals.core.targets import Retriever, load_target, tokenizer_fingerprint
 from evals.needle import RECORD
 from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
-                                   haystack_sets, measure, start_sentence)
+                                   haystack_sets, measure, run_haystack_sets, start_sentence)
 from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle, needle_scores
 from evals.needle.token_cache import TOKENS_DIR, CachedCodec
 
@@ -275,7 +275,7 @@ def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[s
     """A stored row's score fields under ``scorer`` (the needles are rebuilt from their type and seeds), and its
     genre as the run's settings name it (rows made before genres, or by a single-set run, get that set's name)."""
     seeds = row.get("control_seeds") or [row["seed"]]
-    sets = haystack_sets(run.get("settings", {}).get("haystack") or DEFAULT_HAYSTACK)
+    sets = run_haystack_sets(run)
     genre = row.get("genre") if len(sets) > 1 else next(iter(sets))
     return {**score_answer(row["answer"], [make_needle(row["needle"], x) for x in seeds], scorer), "genre": genre}
 
