@@ -320,24 +320,3 @@ def _ranges(ids: Sequence[int]) -> list[list[int]]:
         else:
             out.append([i, i + 1])
     return out
-
-
-class TokenizerCodec:
-    """A Codec over a Hugging Face tokenizer and its chat template (no model needed)."""
-
-    def __init__(self, tokenizer, system_prompt: str | None = None):
-        self.tokenizer, self.system_prompt = tokenizer, system_prompt
-
-    def render(self, user: str, answer_prefix: str = "") -> str:
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-        messages.append({"role": "user", "content": user})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + (answer_prefix if text.endswith((" ", "\n")) or not answer_prefix else " " + answer_prefix)
-
-    def encode(self, text: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        add = not (bos and text.startswith(bos))
-        return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
-
-    def encode_piece(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
