@@ -23,6 +23,7 @@ from typing import Any, Sequence, TypeVar
 import numpy as np
 
 from evals.core.errors import SettingsError
+from evals.core.files import text_files
 from evals.core.scoring import ANY, UUID, answer_match, normalize_squad, strict_match
 
 MIN_WORDS, MAX_WORDS = 40, 150
@@ -85,14 +86,7 @@ class PassagePool:
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path]) -> PassagePool:
-        files: list[Path] = []
-        for p in map(Path, paths):
-            if p.is_dir():
-                files += sorted(f for f in p.rglob("*.txt") if f.is_file())
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise SettingsError(f"corpus path {str(p)!r} does not exist; give folders of .txt files")
+        files = text_files(paths, (".txt",), "corpus path {path!r} does not exist; give folders of .txt files")
         passages, sources = [], []
         for f in files:
             for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from evals.core.errors import SettingsError
+from evals.core.files import text_files
 
 SUFFIXES = (".txt", ".md", ".rst")
 # built-in haystack genres (corpora/, each folder with its NOTICE): name -> paths relative to the repository
@@ -106,14 +107,7 @@ class SentencePool:
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path]) -> "SentencePool":
-        files: list[Path] = []
-        for p in map(Path, paths):
-            if p.is_dir():
-                files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise SettingsError(f"haystack path {str(p)!r} does not exist; give text files or folders of them")
+        files = text_files(paths, SUFFIXES, "haystack path {path!r} does not exist; give text files or folders of them")
         sentences: list[str] = []
         for f in files:
             sentences += split_sentences(f.read_text(encoding="utf-8", errors="replace"))
