@@ -11,7 +11,7 @@ from evals.core.report import code_line, rate_table, rate_text, scoring_line
 from evals.core.stats import holm, mcnemar_exact
 from evals.core.store import RunDir
 from evals.needle.haystack import run_haystack_sets
-from evals.needle.layout import length_label
+from evals.needle.layout import grid, length_label
 
 
 def collapse_controls(df: pd.DataFrame) -> pd.DataFrame:
@@ -193,8 +193,8 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         scoring_line(df, df[df["kind"] == "needle"]), "",
         "## Result", "",
     ]
-    planned = (len(st.get("lengths", [])) * len(st.get("seeds", [])) * len(st.get("depths", []))
-               * (2 if st.get("mode") == "both" else 1) * len(_genres(df)))
+    planned = (sum(1 for _ in grid(st.get("mode"), _genres(df), st.get("lengths", [])))
+               * len(st.get("seeds", [])) * len(st.get("depths", [])))
     done = int((df["kind"] == "needle").sum())
     if planned and done < planned:
         lines += [f"**Incomplete run: {done} of {planned} planned needle cells finished** (lengths without rows "

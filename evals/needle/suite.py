@@ -30,6 +30,7 @@ from evals.needle import RECORD
 from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
                                    haystack_sets, measure, run_haystack_sets, start_sentence)
+from evals.needle.layout import grid, lengths_within
 from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle, needle_scores
 from evals.needle.token_cache import TOKENS_DIR, CachedCodec
 
@@ -170,15 +171,12 @@ class NeedleSuite:
         self.control_seeds: dict[str, list[int]] = {}  # control cell id -> the seeds whose prompt it is
 
     def cells(self) -> list[Cell]:
-        modes = ("context", "rag") if self.s.mode == "both" else (self.s.mode,)
         out = []
-        for genre in self.pools:
-            for mode in modes:
-                for length in self.lengths[mode]:
-                    for seed in self.s.seeds:
-                        out += [self._cell(mode, length, seed, depth, genre) for depth in self.s.depths]
-                    if self.s.controls:
-                        out += self._controls(mode, length, genre)
+        for genre, mode, length in grid(self.s.mode, self.pools, self.lengths):
+            for seed in self.s.seeds:
+                out += [self._cell(mode, length, seed, depth, genre) for depth in self.s.depths]
+            if self.s.controls:
+                out += self._controls(mode, length, genre)
         return out
 
     def _controls(self, mode: str, length: int, genre: str) -> list[Cell]:
@@ -335,14 +333,13 @@ def settings_from_args(argv: Sequence[str] | None = None) -> tuple[NeedleSetting
 def _usable_lengths(s: NeedleSettings, window: int) -> dict[str, tuple[int, ...]]:
     """Lengths per mode; context lengths above the context window fail (or are skipped with a warning)."""
     too_long = [n for n in s.lengths if n > window]
-    context = tuple(n for n in s.lengths if n <= window)
     if too_long and s.mode != "rag":
         msg = (f"length(s) {', '.join(map(str, too_long))} exceed the model's context window of {window} tokens "
                f"(a length counts the whole prompt plus the generation budget)")
         if not s.skip_too_long:
             raise TooLongError(msg + "; drop them, or pass --skip-too-long to skip them with a warning")
         print(f"warning: {msg}; skipping them in context mode (--skip-too-long)", file=sys.stderr)
-    return {"context": context, "rag": s.lengths}
+    return lengths_within(s.lengths, window)
 
 
 def execute(s: NeedleSettings, target: Any = None) -> Path:
