@@ -21,14 +21,13 @@ from evals.core.errors import SettingsError, TooLongError, cli_exit
 from evals.core.execute import Opened
 from evals.core.execute import execute as run_suite
 from evals.core.portable import portable_path
-from evals.core.rescore import rescore
+from evals.core.rescore import rescore_command
 from evals.core.runner import Group, Job
 from evals.core.scoring import answer_match
 from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, load_suite_file, merge_settings, parse_ints
 from evals.core.targets import CorpusRAG, Target, cache_dir, load_embedder, orderings
 from evals.lost_in_middle import RECORD
-from evals.lost_in_middle import report as litm_report
 from evals.lost_in_middle.kv import KVObject, kv_user_text, make_kv
 from evals.lost_in_middle.passages import (DISTRACTORS, Distractors, PassagePool, QAItem, load_qa, place_gold,
                                            qa_scores, select_questions)
@@ -394,10 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def command() -> None:
         args = _parser().parse_args(argv)
         if args.rescore:
-            scorer = args.scorer or scorers.DEFAULT
-            run_dir = rescore(args.rescore, scorer, rescore_row, args.out)
-            litm_report.write_report(run_dir)
-            print(f"re-scored {args.rescore} with {scorer}; report: {run_dir.path / 'report.md'}")
+            rescore_command(RECORD, args.rescore, args.scorer, args.out)
             return
         execute(settings_from_args(argv))
 

@@ -19,7 +19,7 @@ from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exi
 from evals.core.execute import Opened
 from evals.core.execute import execute as run_suite
 from evals.core.portable import portable_value
-from evals.core.rescore import rescore
+from evals.core.rescore import rescore_command
 from evals.core.runner import Group, Job
 from evals.core.scoring import contains_value
 from evals.core.settings import SuiteSettings
@@ -399,9 +399,7 @@ def _command(argv: Sequence[str] | None) -> int:
         print(f"report: {Path(args.report) / 'report.md'}")
         return 0
     if args.rescore:
-        run_dir = rescore(args.rescore, args.scorer or scorers.DEFAULT, rescore_row, args.out)
-        report.write_needle_report(run_dir)
-        print(f"re-scored {args.rescore} with {args.scorer or scorers.DEFAULT}; report: {run_dir.path / 'report.md'}")
+        rescore_command(RECORD, args.rescore, args.scorer, args.out)
         return 0
     if settings is None:
         sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))
