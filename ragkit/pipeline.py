@@ -178,7 +178,7 @@ class Pipeline:
                 f"{source}, {problem}. Put that model back at {source}, or pass "
                 f"--embed-model DIR (embed_model=) with the same model (content fingerprint "
                 f"{str(recorded.get('fingerprint'))[:12]})."
-            ) from None
+            ) from exc
 
     def _recorded(self) -> dict[str, Any]:
         """The live snapshot's pipeline settings (embedder identity, chunker); {} for no or a bad index."""

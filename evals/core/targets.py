@@ -178,16 +178,17 @@ def load_served_target(base_url: str | None, model: str = "default", tokenizer: 
 
 
 class Retriever:
-    """Haystacks ingested through ragkit.Pipeline into FAISS indexes in the run directory; one embedder."""
+    """Haystacks ingested through ragkit.Pipeline into FAISS indexes in the run directory; one embedder.
+    ``table_prefix``: how a ``store`` server's tables are named (evals.core.rag_store)."""
 
-    def __init__(self, chunk_tokens: int, top_k: int, store: str | None = None):
-        self.chunk_tokens, self.top_k, self.store = chunk_tokens, top_k, store
+    def __init__(self, chunk_tokens: int, top_k: int, store: str | None = None, table_prefix: str = "rag"):
+        self.chunk_tokens, self.top_k, self.store, self.table_prefix = chunk_tokens, top_k, store, table_prefix
         self._embedder: Any = None
 
     def top_chunks(self, index_dir: Path, text: str, question: str) -> list[str]:
         """Ingest ``text`` (once per index_dir) and return the texts of the top-k chunks for ``question``."""
         index_dir.mkdir(parents=True, exist_ok=True)
-        pipeline = open_pipeline(index_dir / "index", self.store, "needle", embed_model=self._embedder,
+        pipeline = open_pipeline(index_dir / "index", self.store, self.table_prefix, embed_model=self._embedder,
                                  chunk_tokens=self.chunk_tokens, top_k=self.top_k)
         self._embedder = pipeline.embed_model
         src = index_dir / "haystack.txt"
@@ -220,12 +221,13 @@ def orderings() -> tuple[str, ...]:
 
 class CorpusRAG:
     """ragkit.Pipeline over corpus files in a persistent index (reused across runs): the top-k chunks of a
-    question, and the exact prompt ragkit assembles from them with an ordering strategy."""
+    question, and the exact prompt ragkit assembles from them with an ordering strategy (``table_prefix``: as
+    :class:`Retriever`'s)."""
 
     def __init__(self, index_dir: Path, paths: Sequence[Path], llm: Any, chunk_tokens: int, embedder: Any = None,
-                 store: str | None = None):
+                 store: str | None = None, table_prefix: str = "rag"):
         self.paths = list(paths)
-        self.pipeline = open_pipeline(index_dir, store, "litm", llm=llm, embed_model=embedder,
+        self.pipeline = open_pipeline(index_dir, store, table_prefix, llm=llm, embed_model=embedder,
                                       chunk_tokens=chunk_tokens)
 
     def ingest(self, show_progress: bool = True) -> Any:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 from evals.core.errors import SettingsError
-from evals.core.scoring import NUMBER, UUID, ValueKind
+from evals.core.scoring import NUMBER, UUID, ValueKind, strict_match, value_fraction
 
 _ADJECTIVES = (
     "amber brave calm dusty eager fancy gentle hollow icy jolly kind lucky misty noble olive proud quiet rapid "
@@ -144,3 +145,12 @@ def value_kind(kind: str) -> ValueKind:
     if kind == "nonliteral":
         return ValueKind("name", vocabulary=frozenset(n.casefold() for n in _NAMES))
     return NUMBER
+
+
+def needle_scores(answer: str, needles: Sequence[Needle]) -> dict[str, Any]:
+    """Strict and lenient verdicts of a needle answer. Several needles: a control standing for several seeds'
+    (identical) prompts, found when the answer produces the value of any of them; its score is the best."""
+    strict = [strict_match(answer, n.expected, value_kind(n.type)) for n in needles]
+    lenient = [value_fraction(answer, n.expected) for n in needles]
+    return {"score_strict": max(m.score for m in strict), "found_strict": any(m.found for m in strict),
+            "score_lenient": max(lenient), "found_lenient": any(f == 1.0 for f in lenient)}

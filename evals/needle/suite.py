@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Hashable, Sequence
 
@@ -17,21 +16,25 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from evals.core import backend as backends  # (the settings field is named backend)
 from evals.core import scorers
 from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exit
+from evals.core.execute import Opened
+from evals.core.execute import execute as run_suite
 from evals.core.portable import portable_value
-from evals.core.rescore import rescore
-from evals.core.runner import Group, Job, run
+from evals.core.rescore import rescore_command
+from evals.core.runner import Group, Job
 from evals.core.scoring import contains_value
 from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
-from evals.core.store import RunDir, provenance
+from evals.core.store import RunDir
 from evals.core.targets import Retriever, grid_projection, load_target, tokenizer_fingerprint
+from evals.needle import RECORD
 from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
-                                   haystack_sets, measure, start_sentence)
-from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
+                                   haystack_sets, measure, run_haystack_sets, start_sentence)
+from evals.needle.layout import grid, lengths_within
+from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle, needle_scores
 from evals.needle.token_cache import TOKENS_DIR, CachedCodec
 
-SUITE = "needle"
+SUITE = RECORD.name
 MODES = ("context", "rag", "both")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_HAYSTACK = GENRES["docs"]  # relative paths are looked up in the cwd, then the repo
@@ -166,19 +169,16 @@ class NeedleSuite:
         self.config = config_hash({**settings.hashed(), "pool": pool_fingerprint(pools)})
         self.codec = CachedCodec(target.codec, run_dir.path / TOKENS_DIR, tokenizer_fingerprint(target.llm.tokenizer))
         self.est = {name: Estimator(self.codec, pool) for name, pool in pools.items()}
-        self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store)
+        self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store, table_prefix=SUITE)
         self.control_seeds: dict[str, list[int]] = {}  # control cell id -> the seeds whose prompt it is
 
     def cells(self) -> list[Cell]:
-        modes = ("context", "rag") if self.s.mode == "both" else (self.s.mode,)
         out = []
-        for genre in self.pools:
-            for mode in modes:
-                for length in self.lengths[mode]:
-                    for seed in self.s.seeds:
-                        out += [self._cell(mode, length, seed, depth, genre) for depth in self.s.depths]
-                    if self.s.controls:
-                        out += self._controls(mode, length, genre)
+        for genre, mode, length in grid(self.s.mode, self.pools, self.lengths):
+            for seed in self.s.seeds:
+                out += [self._cell(mode, length, seed, depth, genre) for depth in self.s.depths]
+            if self.s.controls:
+                out += self._controls(mode, length, genre)
         return out
 
     def _controls(self, mode: str, length: int, genre: str) -> list[Cell]:
@@ -267,7 +267,7 @@ class NeedleSuite:
 def score_answer(answer: str, needles: Sequence[Needle], scorer: str) -> dict[str, Any]:
     """The row fields a scorer writes for one answer (both verdicts, the chosen one as score/found); a control
     stands for the needles of every seed in its ``control_seeds``."""
-    return {**scorers.record(scorers.needle_scores(answer, needles), scorer),
+    return {**scorers.record(needle_scores(answer, needles), scorer),
             "distractor_answered": any(contains_value(answer, v) for v in needles[0].distractors)}
 
 
@@ -275,7 +275,7 @@ def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[s
     """A stored row's score fields under ``scorer`` (the needles are rebuilt from their type and seeds), and its
     genre as the run's settings name it (rows made before genres, or by a single-set run, get that set's name)."""
     seeds = row.get("control_seeds") or [row["seed"]]
-    sets = haystack_sets(run.get("settings", {}).get("haystack") or DEFAULT_HAYSTACK)
+    sets = run_haystack_sets(run)
     genre = row.get("genre") if len(sets) > 1 else next(iter(sets))
     return {**score_answer(row["answer"], [make_needle(row["needle"], x) for x in seeds], scorer), "genre": genre}
 
@@ -339,14 +339,13 @@ def settings_from_args(argv: Sequence[str] | None = None) -> tuple[NeedleSetting
 def _usable_lengths(s: NeedleSettings, window: int) -> dict[str, tuple[int, ...]]:
     """Lengths per mode; context lengths above the context window fail (or are skipped with a warning)."""
     too_long = [n for n in s.lengths if n > window]
-    context = tuple(n for n in s.lengths if n <= window)
     if too_long and s.mode != "rag":
         msg = (f"length(s) {', '.join(map(str, too_long))} exceed the model's context window of {window} tokens "
                f"(a length counts the whole prompt plus the generation budget)")
         if not s.skip_too_long:
             raise TooLongError(msg + "; drop them, or pass --skip-too-long to skip them with a warning")
         print(f"warning: {msg}; skipping them in context mode (--skip-too-long)", file=sys.stderr)
-    return {"context": context, "rag": s.lengths}
+    return lengths_within(s.lengths, window)
 
 
 def execute(s: NeedleSettings, target: Any = None) -> Path:
@@ -355,24 +354,15 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
         import torch
 
         torch.set_num_threads(s.threads)
-    out = Path(s.out or f"runs/needle-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     pools = load_pools(s)
-    run_dir = RunDir(out)
-    hashed = {**s.hashed(), "pool": pool_fingerprint(pools)}
-    config = config_hash(hashed)
-    done = run_dir.open(SUITE, hashed, config, s.resume)
-    target = target or backends.load(s)
-    lengths = _usable_lengths(s, target.context_window)
-    if not (run_dir.path / "run.json").exists():
-        files = {name: portable_value(list(p.files), out) for name, p in pools.items()}
-        run_dir.write_run({**provenance(SUITE, hashed, config, target.info, out),
-                           "haystack_files": next(iter(files.values())) if len(files) == 1 else files})
-    suite = NeedleSuite(s, target, pools, run_dir, lengths)
-    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
-                batch_size=s.batch_size)
-    report.write_needle_report(run_dir)
-    print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
-    return run_dir.path
+
+    def build(opened: Opened) -> tuple[NeedleSuite, dict[str, Any]]:
+        lengths = _usable_lengths(s, opened.target.context_window)
+        files = {name: portable_value(list(p.files), opened.out) for name, p in pools.items()}
+        return (NeedleSuite(s, opened.target, pools, opened.run_dir, lengths),
+                {"haystack_files": next(iter(files.values())) if len(files) == 1 else files})
+
+    return run_suite(RECORD, s, {"pool": pool_fingerprint(pools)}, build, target)
 
 
 def plan_grid(s: NeedleSettings) -> int:
@@ -433,9 +423,7 @@ def _command(argv: Sequence[str] | None) -> int:
         print(f"report: {Path(args.report) / 'report.md'}")
         return 0
     if args.rescore:
-        run_dir = rescore(args.rescore, args.scorer or scorers.DEFAULT, rescore_row, args.out)
-        report.write_needle_report(run_dir)
-        print(f"re-scored {args.rescore} with {args.scorer or scorers.DEFAULT}; report: {run_dir.path / 'report.md'}")
+        rescore_command(RECORD, args.rescore, args.scorer, args.out)
         return 0
     if settings is None:
         sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))
