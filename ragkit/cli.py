@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import typer
 
@@ -150,6 +152,12 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def _quiet_model_loading() -> None:
+    """No transformers progress bars or info lines; through the environment while transformers is not
+    imported yet (importing it costs a second that ``retrieve`` on the default embedder does not need)."""
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

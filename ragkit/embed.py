@@ -160,8 +160,13 @@ class SentenceTransformerEmbedding(BaseEmbedding):
 
     @property
     def tokenizer(self) -> Any:
-        """The encoder's own (fast) tokenizer: chunking counts tokens with it."""
+        """The encoder's transformers tokenizer (fast; loaded at first use for plain encoders)."""
         return self._model.tokenizer
+
+    @property
+    def fast_tokenizer(self) -> Any:
+        """The encoder's Rust ``tokenizers.Tokenizer``: chunking counts tokens with it."""
+        return getattr(self._model, "fast_tokenizer", None) or self._model.tokenizer.backend_tokenizer
 
     @property
     def model(self) -> Any:

@@ -89,3 +89,17 @@ def test_other_layouts_are_left_to_sentence_transformers(tmp_path, change):
         (location / "modules.json").unlink()
     assert plain_layout(location) is None
     assert not isinstance(SentenceTransformerEmbedding(str(location)).model, PlainEncoder)
+
+
+def test_fast_tokenizer_is_the_transformers_tokenizers_backend():
+    """Chunking counts with ``fast_tokenizer``; it tokenizes as the transformers tokenizer (loaded lazily) does."""
+    from tokenizers import Tokenizer
+
+    embedder = SentenceTransformerEmbedding("default")
+    assert embedder.model._tokenizer is None, "building the embedder must not load the transformers tokenizer"
+    counter = Tokenizer.from_str(embedder.fast_tokenizer.to_str())
+    counter.no_truncation()
+    counter.no_padding()
+    texts = _texts()
+    assert [e.ids for e in counter.encode_batch(texts)] == embedder.tokenizer(texts, truncation=False)["input_ids"]
+    assert embedder.tokenizer.is_fast and embedder.tokenizer.model_max_length == 256
