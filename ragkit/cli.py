@@ -165,9 +165,13 @@ def _quiet_model_loading() -> None:
 
 
 def _open(index: str, *, must_exist: bool, **kwargs):  # type: ignore[no-untyped-def]
-    from ragkit.pipeline import Pipeline
-
     from ragkit.store.url import is_store_url
+
+    if must_exist and not is_store_url(index):
+        from ragkit.store.index_dir import IndexDirectory
+
+        IndexDirectory(index).require()  # a missing index is reported before seconds of imports
+    from ragkit.pipeline import Pipeline
 
     _quiet_model_loading()
     if is_store_url(index):  # a server-backed store keeps its state itself; an empty one says so at retrieve

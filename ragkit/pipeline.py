@@ -147,8 +147,7 @@ class Pipeline:
     @classmethod
     def load(cls, index_dir: str | os.PathLike[str], **kwargs: Any) -> Pipeline:
         """Open an existing index; :class:`IndexNotFoundError` if there is none at ``index_dir``."""
-        if not IndexDirectory(index_dir).exists():
-            IndexDirectory(index_dir).current_name()  # raises IndexNotFoundError with the reason
+        IndexDirectory(index_dir).require()
         return cls(index_dir, **kwargs)
 
     # ---- state ------------------------------------------------------------------------------------

@@ -72,8 +72,10 @@ def test_retrieve_errors_stay_one_line_exit_2(index, tmp_path):
     proc, _ = _run(["retrieve", "   ", "--index", str(index)], [])
     assert proc.returncode == 2 and proc.stderr.startswith("Error: the query is empty")
     assert "Traceback" not in proc.stderr
-    proc, imported = _run(["retrieve", "x", "--index", str(tmp_path / "none")], MODEL_LIBRARIES)
-    assert proc.returncode == 2 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
+    for verb in (["retrieve", "x"], ["query", "x"], ["delete", "x"]):  # a missing index: said before any import
+        proc, imported = _run([*verb, "--index", str(tmp_path / "none")], MODEL_LIBRARIES)
+        assert proc.returncode == 2 and "Error: no index at " in proc.stderr and "Traceback" not in proc.stderr
+        assert imported == [], f"{verb[0]} imported {imported} to say that there is no index"
 
 
 def test_query_speaks_before_its_heavy_imports(index):
