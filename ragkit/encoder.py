@@ -8,7 +8,7 @@ padding mask transformers builds, or none when nothing is padded --, the same po
 normalizations), so its vectors equal the package's bit for bit (tests/ragkit/test_encoder.py).
 It needs only torch, ``tokenizers`` and ``safetensors``: importing sentence-transformers (scikit-learn,
 PEFT, bitsandbytes, torch's compiler) or even transformers' modeling code (torch.distributed, dynamo)
-cost ``ragkit retrieve`` 6 of its 10 CPU seconds. Any other layout (prompts, lower-casing, other
+cost ``ragkit retrieve`` 5 of its 10 CPU seconds. Any other layout (prompts, lower-casing, other
 poolings, architectures or weight formats, extra modules) is loaded by sentence-transformers itself.
 """
 
