@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import typer
 
@@ -165,6 +167,12 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def _quiet_model_loading() -> None:
+    """No transformers progress bars or info lines; through the environment while transformers is not
+    imported yet (importing it costs a second that ``retrieve`` on the default embedder does not need)."""
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -172,9 +180,13 @@ def _quiet_model_loading() -> None:
 
 
 def _open(index: str, *, must_exist: bool, **kwargs):  # type: ignore[no-untyped-def]
-    from ragkit.pipeline import Pipeline
-
     from ragkit.store.url import is_store_url
+
+    if must_exist and not is_store_url(index):
+        from ragkit.store.index_dir import IndexDirectory
+
+        IndexDirectory(index).require()  # a missing index is reported before seconds of imports
+    from ragkit.pipeline import Pipeline
 
     _quiet_model_loading()
     if is_store_url(index):  # a server-backed store keeps its state itself; an empty one says so at retrieve
