@@ -36,6 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from ragkit import mla
 
 NAME = "ragkit_sdpa"
+DECODE_CHUNK = 256  # slots per chunk of a decode step's probs @ value (static caches are sized in whole chunks)
 
 
 def _mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -91,10 +92,16 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     softmax with the query heads of each KV head grouped as rows, so K and V are read once, never repeated; SDPA's
     kernels that take a mask give such a step one thread block per (row, KV head), a few percent of an H200."""
     b, h, _, d = query.shape
-    q = query.view(b, key.shape[1], h // key.shape[1], d)
+    kv, slots, dv = key.shape[1], key.shape[2], value.shape[-1]
+    q = query.view(b, kv, h // kv, d)
     scores = (q @ key.transpose(-1, -2)).float() * (d**-0.5 if scaling is None else scaling)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(value.dtype)
-    return (probs @ value).reshape(b, h, 1, value.shape[-1]).transpose(1, 2)
+    if slots % DECODE_CHUNK or slots == DECODE_CHUNK:
+        return (probs @ value).reshape(b, h, 1, dv).transpose(1, 2)
+    # probs @ value reduces over every slot into a few rows: split the slots so the GPU works on all chunks at once
+    n = slots // DECODE_CHUNK
+    parts = probs.view(b, kv, -1, n, DECODE_CHUNK).transpose(2, 3) @ value.view(b, kv, n, DECODE_CHUNK, dv)
+    return parts.float().sum(2).to(value.dtype).reshape(b, h, 1, dv).transpose(1, 2)
 
 
 def lower_right_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):

@@ -25,6 +25,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
+from ragkit.attention import DECODE_CHUNK
+
 # generation-config fields that change greedy decoding, with the values at which they do nothing
 _NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "min_new_tokens": (None, 0),
             "min_length": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
@@ -156,7 +158,10 @@ def _adopt(layer: StaticLayer, keys: torch.Tensor, values: torch.Tensor, used: i
 
 
 def buffers_like(cache: DynamicCache, rows: int, slots: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zeroed ``[rows, heads, slots, dim]`` key and value buffers shaped like each layer of ``cache``."""
+    """Zeroed ``[rows, heads, slots', dim]`` key and value buffers shaped like each layer of ``cache``, ``slots'``
+    = ``slots`` rounded up to whole chunks of :data:`ragkit.attention.DECODE_CHUNK` (the decode attention splits
+    its reduction over them)."""
+    slots = -(-slots // DECODE_CHUNK) * DECODE_CHUNK
     keys = [la.keys.new_zeros(rows, la.keys.shape[1], slots, la.keys.shape[3]) for la in cache.layers]
     values = [la.values.new_zeros(rows, la.values.shape[1], slots, la.values.shape[3]) for la in cache.layers]
     return keys, values
