@@ -19,6 +19,10 @@ holds depths x seeds + 1 cells, and each row holds a whole prompt's KV). On a CP
 stays 1, the path that holds the least memory. Memory: a batch holds its rows' KV besides the shared cache;
 on CUDA fewer rows are taken when they would not fit in half the free memory.
 
+Static decode. On one GPU the batch's rows get ``max_new_tokens`` free slots after the prompt and decode on them as a
+static cache, each step replayed as a CUDA graph (:mod:`ragkit.graph_decode`; H200, 7B-dense shape: a batch-8 step at
+an 8k cache 11.7 ms where the DynamicCache step of one row took 40-100 ms); rows that end stay in the graph.
+
 Attention. On CUDA the model is switched to ragkit's mask-free attention (:mod:`ragkit.attention`): a cell's
 tail on the shared cache attends lower-right causally without the query x key mask transformers' ``sdpa`` builds
 (on the H200, 7B-dense shape: a 32k tail on a 46-token cache 87 -> 45 us/token, fresh 43; at 128k, half on half,

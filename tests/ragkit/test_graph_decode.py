@@ -34,6 +34,9 @@ def test_batch_one_equals_generate_and_stops_after_eos(smollm2, prompts):
     assert cut[-1] == eos and len(cut) < 12
     assert graph_decode.greedy(model, ids, 12, [eos]) == cut
     assert graph_decode.greedy(model, ids, 1, [10**6]) == want[:1]
+    kept = model._ragkit_decode  # the static cache of this bucket is kept and refilled for the next prompt
+    assert graph_decode.greedy(model, prompts[1], 12, [10**6]) == _generate(model, prompts[1], 12, [10**6])
+    assert model._ragkit_decode is kept and kept.slots == graph_decode.BUCKET
 
 
 def test_left_padded_rows_decode_like_one_generate_each(smollm2, prompts):
