@@ -236,7 +236,7 @@ def _kv_rows(model, cfg, n: int, rows: int, room: int):
     ids = torch.randint(3, cfg.vocab_size, (1, n), device=DEVICE)
     cache = DynamicCache(config=cfg)
     first = int(_forward(model, ids, cache)[0, -1].argmax())
-    keys, values = graph_decode.buffers_like(cache, rows, n + room)
+    keys, values = graph_decode.buffers_like(cache, rows, graph_decode.static_slots(n + room))
     for k, v, layer in zip(keys, values, cache.layers):
         k[:, :, :n], v[:, :, :n] = layer.keys, layer.values
     return keys, values, first

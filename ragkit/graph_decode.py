@@ -173,11 +173,14 @@ def _adopt(layer: StaticLayer, keys: torch.Tensor, values: torch.Tensor, used: i
     layer.is_initialized = True
 
 
+def static_slots(n: int) -> int:
+    """Slots of a static cache for ``n`` positions: whole chunks of :data:`ragkit.attention.DECODE_CHUNK` (the
+    decode attention splits its reduction over them)."""
+    return -(-n // DECODE_CHUNK) * DECODE_CHUNK
+
+
 def buffers_like(cache: DynamicCache, rows: int, slots: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zeroed ``[rows, heads, slots', dim]`` key and value buffers shaped like each layer of ``cache``, ``slots'``
-    = ``slots`` rounded up to whole chunks of :data:`ragkit.attention.DECODE_CHUNK` (the decode attention splits
-    its reduction over them)."""
-    slots = -(-slots // DECODE_CHUNK) * DECODE_CHUNK
+    """Zeroed ``[rows, heads, slots, dim]`` key and value buffers shaped like each layer of ``cache``."""
     keys = [la.keys.new_zeros(rows, la.keys.shape[1], slots, la.keys.shape[3]) for la in cache.layers]
     values = [la.values.new_zeros(rows, la.values.shape[1], slots, la.values.shape[3]) for la in cache.layers]
     return keys, values

@@ -149,7 +149,7 @@ class GreedyDecoder:
                 if goes_on:
                     if batch is None:
                         width = max(len(prompts[j]) for j in wanted)
-                        room = self.max_new_tokens if self.static else 0
+                        room = graph_decode.static_slots(width + self.max_new_tokens) - width if self.static else 0
                         rows = self._rows_that_fit(prefix.cache, width + room, len(wanted))
                         batch = _Batch(prefix.cache, rows, width, room)
                     batch.add(row, prefix.cache)
