@@ -302,7 +302,7 @@ def decode(args, res: dict, save: Callable[[], None]) -> None:
             torch.cuda.synchronize()
             row["graph_first_call_s"] = time.perf_counter() - t0
             got, t = timed(lambda: graph_decode.greedy(model, ids, 128, eos), args.repeats)
-            row.update(graph_s=t, graph_tok_per_s=128 / med(t), speedup=row["generate_s"] and med(row["generate_s"]) / med(t),
+            row.update(graph_s=t, graph_tok_per_s=128 / med(t), speedup=med(row["generate_s"]) / med(t),
                        same_tokens=got == want, common_prefix=next((i for i, (a, b) in enumerate(zip(got, want))
                                                                    if a != b), len(want)))
             res.setdefault("end_to_end", []).append(row)

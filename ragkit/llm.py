@@ -216,7 +216,8 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
 
         args = self._generate_args(input_ids, gen)
         config = args["generation_config"]
-        if self._static and "logits_processor" not in args and "tokenizer" not in args and graph_decode.plain_greedy(config):
+        plain = "logits_processor" not in args and "tokenizer" not in args  # no JSON schema, no stop strings
+        if self._static and plain and graph_decode.plain_greedy(config):
             # plain greedy on one GPU: decode steps replayed as a CUDA graph (ragkit.graph_decode), same tokens
             return graph_decode.greedy(self._model, input_ids, config.max_new_tokens, self._eos_ids())
         with torch.inference_mode():
