@@ -62,6 +62,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
     _model: Any = PrivateAttr()
     _tokenizer: Any = PrivateAttr()
     _adapters: list[lora.Adapter] = PrivateAttr(default_factory=list)
+    _static: bool = PrivateAttr(default=False)
 
     def __init__(
         self,
@@ -137,6 +138,12 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         CustomLLM.__init__(self, context_window=prompts.context_window(model), **fields)
         self._model = model.eval()
         self._tokenizer = tokenizer
+        from ragkit import graph_decode
+        from ragkit.attention import use_lower_right
+
+        self._static = graph_decode.supported(model)
+        if self._static:  # mask-free prefill on a cache, grouped decode attention, MLA on its latents
+            use_lower_right(model)
 
     @classmethod
     def class_name(cls) -> str:
@@ -211,8 +218,16 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         """
         import torch
 
+        from ragkit import graph_decode
+
+        args = self._generate_args(input_ids, gen)
+        config = args["generation_config"]
+        plain = "logits_processor" not in args and "tokenizer" not in args  # no JSON schema, no stop strings
+        if self._static and plain and graph_decode.plain_greedy(config):
+            # plain greedy on one GPU: decode steps replayed as a CUDA graph (ragkit.graph_decode), same tokens
+            return graph_decode.greedy(self._model, input_ids, config.max_new_tokens, self._eos_ids())
         with torch.inference_mode():
-            out = self._model.generate(**self._generate_args(input_ids, gen))
+            out = self._model.generate(**args)
         return out[0, len(input_ids) :].tolist()
 
     @llm_completion_callback()
