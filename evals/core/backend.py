@@ -6,7 +6,8 @@ of the same names in its settings (:class:`evals.core.settings.SuiteSettings`). 
 ``concurrency`` and ``timeout`` are run control, so a run resumes against a restarted server at another
 address or concurrency. See docs/serving.md. ``batch_size``
 (``--batch-size``, with the model flags) is run control too: how many cells the in-process backend decodes
-together (evals/core/decode.py), not what a cell measures. ``adapter`` (``--adapter``, LoRA directories on the local
+together (evals/core/decode.py), not what a cell measures; so is ``prefill_chunk`` (``--prefill-chunk``), the prompt
+tokens fed per forward call. ``adapter`` (``--adapter``, LoRA directories on the local
 model) is configuration by identity: the sha256 of each adapter's weights and config go into the hash, its path
 does not; without an adapter the hash is what it was before adapters existed (docs/lora.md).
 """
@@ -34,6 +35,9 @@ def add_model_flags(add: Callable[..., Any]) -> None:
         "it) and counts against --max-new-tokens (default +1024 with high)")
     add("--batch-size", type=int, help="cells of a group decoded together after their shared-prefix prefill "
         "(default 8 on CUDA, 1 on CPU); run control: cell ids do not depend on it")
+    add("--prefill-chunk", type=int, help="prompt tokens fed per forward call, bounding activation memory (default: "
+        "on CUDA the largest power of two up to 16384 that fits a quarter of the free memory; on CPU the whole "
+        "prompt); run control")
 
 
 def add_flags(add: Callable[..., Any]) -> None:
@@ -55,6 +59,10 @@ def check(s: Any) -> None:
         raise SettingsError(f"--concurrency must be >= 1, got {s.concurrency}")
     if s.batch_size is not None and s.batch_size < 1:
         raise SettingsError(f"--batch-size must be >= 1, got {s.batch_size}")
+    if s.prefill_chunk is not None and s.prefill_chunk < 1:
+        raise SettingsError(f"--prefill-chunk must be >= 1 token, got {s.prefill_chunk}")
+    if s.backend == "openai" and s.prefill_chunk is not None:
+        raise SettingsError("--prefill-chunk applies to the in-process backend; a server schedules its own prefill")
     if s.backend == "local" and (s.concurrency > 1 or s.base_url or s.tokenizer):
         raise SettingsError("--concurrency, --base-url and --tokenizer need --backend openai; the in-process "
                             "backend shares each haystack's prefix and decodes --batch-size cells together")

@@ -28,7 +28,10 @@ tail on the shared cache attends lower-right causally without the query x key ma
 (on the H200, 7B-dense shape: a 32k tail on a 46-token cache 87 -> 45 us/token, fresh 43; at 128k, half on half,
 19.2 -> 7.7 s and 36.5 -> 16.1 GiB transient), and MLA models decode on their latent cache (:mod:`ragkit.mla`).
 On a CPU SDPA has no lower-right kernel, so the model is left as it is. ``prefill_chunk`` feeds long stretches
-in chunks of that many tokens (activation memory bounded by the chunk instead of the prompt; None: one call).
+in chunks of that many tokens (activation memory bounded by the chunk instead of the prompt). Default
+(:func:`default_prefill_chunk`): on CUDA the largest power of two up to 16,384 whose estimated activations take at
+most a quarter of the free GPU memory (real-width Mistral-4 NF4: a 256k cell peaks at 17.4 GiB for 4 layers with
+16k chunks, where unchunked it would need ~137 GB for 36); on a CPU one call, as before.
 
 Accounting. ``computed_tokens`` of a row counts every prompt token fed for it, including the stretch of the
 shared prefix its prefill was the first to need (the first cell of a group computes the prefix up to its needle,
@@ -74,11 +77,41 @@ def default_batch_size(device: torch.device | str) -> int:
     return 8 if torch.device(device).type == "cuda" else 1
 
 
+MAX_PREFILL_CHUNK = 16_384  # the chunk the H200 measurements used (benchmarks/results/gpu_engine_h200)
+
+
+def activation_bytes_per_token(config) -> int:
+    """A generous estimate of one prefill token's transient activations in one layer (bytes, 2-byte dtype, x4 for
+    the copies a forward keeps alive): the MLP's or the active experts' up/gate/act rows, the residual stream and
+    the attention projections. Attention scores are not counted: SDPA's flash kernels never hold them."""
+    text = getattr(config, "text_config", None) or config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    mlp = max(getattr(text, "intermediate_size", 0) or 0,
+              (getattr(text, "num_experts_per_tok", 0) or 0) * (getattr(text, "moe_intermediate_size", 0) or 0))
+    return 2 * 4 * (3 * mlp + 6 * hidden + 4 * heads * head_dim)
+
+
+def default_prefill_chunk(model) -> int | None:
+    """Tokens fed per forward call by default: None (the whole stretch at once) off CUDA; on CUDA the largest power
+    of two <= MAX_PREFILL_CHUNK whose :func:`activation_bytes_per_token` fit in a quarter of the free memory."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    chunk, per_token = MAX_PREFILL_CHUNK, activation_bytes_per_token(model.config)
+    while chunk > 256 and chunk * per_token > free / 4:
+        chunk //= 2
+    return chunk
+
+
 class GreedyDecoder:
     """Greedy decoding on a Hugging Face causal LM with prefix-cache reuse within a group of prompts.
 
     ``batch_size``: cells decoded together (None: :func:`default_batch_size` of the model's device); 1 decodes
-    each cell on the shared cache as soon as it is prefilled.
+    each cell on the shared cache as soon as it is prefilled. ``prefill_chunk``: tokens per forward call while
+    prefilling (None: :func:`default_prefill_chunk`).
     """
 
     def __init__(self, model, eos_ids: Sequence[int], max_new_tokens: int, batch_size: int | None = None,
@@ -90,7 +123,7 @@ class GreedyDecoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = default_prefill_chunk(model) if prefill_chunk is None else prefill_chunk
         if self.device.type == "cuda":  # tails on the shared cache without a query x key mask (ragkit.attention)
             use_lower_right(model)
         self.static = graph_decode.supported(model)  # batches decode on a static cache, as CUDA graphs

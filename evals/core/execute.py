@@ -50,7 +50,7 @@ def execute(suite: SuiteRecord, s: SuiteSettings, fingerprints: dict[str, Any],
     if not (run_dir.path / RUN_JSON).exists():
         run_dir.write_run({**provenance(suite.name, hashed, config, target.info, out), **recorded})
     stats = run(cells, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
-                batch_size=s.batch_size)
+                batch_size=s.batch_size, prefill_chunk=s.prefill_chunk)
     suite.code.write_report(run_dir)
     print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
     return run_dir.path

@@ -91,16 +91,18 @@ def progress_columns() -> tuple:
 
 
 def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, show_progress: bool = True,
-        concurrency: int = 1, batch_size: int | None = None) -> RunStats:
+        concurrency: int = 1, batch_size: int | None = None, prefill_chunk: int | None = None) -> RunStats:
     """Run every cell of ``suite`` not in ``done``; rows are appended to ``run_dir`` as they finish.
 
     A served target (``--backend openai``) goes through :func:`run_concurrent`, ``concurrency`` requests at a time.
-    An in-process one decodes ``batch_size`` cells of a group together (None: evals.core.decode's device default).
+    An in-process one decodes ``batch_size`` cells of a group together and prefills ``prefill_chunk`` tokens per
+    forward call (None: evals.core.decode's defaults for the model's device).
     """
     if target.served:
         return run_concurrent(suite, target, run_dir, done, concurrency=concurrency, show_progress=show_progress)
     n_todo, groups = todo_groups(suite, done)
-    decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens, batch_size=batch_size)
+    decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens, batch_size=batch_size,
+                            prefill_chunk=prefill_chunk)
     stats = RunStats()
     t_start = time.perf_counter()
     with Progress(*progress_columns(), disable=not show_progress, transient=False) as progress:

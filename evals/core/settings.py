@@ -18,7 +18,7 @@ from evals.core.targets import adapter_hashes
 from ragkit.store.url import redact_url
 
 # fields that do not change what a cell measures (left out of the configuration hash)
-BACKEND_RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
+BACKEND_RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size", "prefill_chunk")
 REASONING = ("none", "high")  # --reasoning: the chat template's reasoning_effort (ragkit.reasoning.EFFORTS)
 THINKING_BUDGET = 1024  # tokens added to a suite's default --max-new-tokens under --reasoning high
 
@@ -34,6 +34,7 @@ class SuiteSettings(BaseModel):
     concurrency: int = 1
     timeout: float = 300.0
     batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
+    prefill_chunk: int | None = None  # local: prompt tokens per forward call (None: sized from free GPU memory)
     adapter: tuple[str, ...] = ()  # local: LoRA adapter directories on the model (hashed by identity)
     reasoning: str | None = None  # local: the template's reasoning_effort (none | high); None: not set
 
