@@ -90,3 +90,19 @@ def test_git_state_never_claims_a_commit_it_does_not_have(tmp_path):
     assert len(state["commit"]) == 40 and state["dirty"] is False and state["source"] == "checkout"
     code.write_text("x = 2\n")
     assert git_state(code)["dirty"] is True
+
+
+def test_an_installed_package_reports_the_commit_pip_recorded(tmp_path, monkeypatch):
+    """Installed from a git URL, pip writes the commit into direct_url.json (PEP 610): that is the commit, with
+    dirty unknown; installed from a directory (no vcs_info): commit and dirty null, never a guess."""
+    from evals.core.store import installed_commit
+
+    dist = tmp_path / "ragkit_probe-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ragkit-probe\nVersion: 1.0\n")
+    (dist / "direct_url.json").write_text(json.dumps(
+        {"url": "https://example.org/ragkit.git", "vcs_info": {"vcs": "git", "commit_id": "ab" * 20}}))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed_commit("ragkit-probe") == {"commit": "ab" * 20, "dirty": None, "source": "installed package"}
+    (dist / "direct_url.json").write_text(json.dumps({"url": "file:///src/ragkit", "dir_info": {"editable": True}}))
+    assert installed_commit("ragkit-probe") == {"commit": None, "dirty": None, "source": None}

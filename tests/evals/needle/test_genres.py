@@ -47,7 +47,7 @@ def test_bad_haystack_items_name_the_problem(items, message):
 
 def test_the_default_genre_keeps_the_configuration_hash_of_older_runs():
     old = config_hash(NeedleSettings(lengths="1k,2k,4k").hashed())
-    assert old == "591e305a42a60a93"  # pinned in tests/test_haystack_start.py too
+    assert old == "591e305a42a60a93"  # pinned in tests/evals/needle/test_haystack_start.py too
     s, _ = settings_from_args(["--lengths", "1k,2k,4k", "--haystack", "docs"])
     assert config_hash(s.hashed()) == old
     two, _ = settings_from_args(["--lengths", "1k,2k,4k", "--haystack", "docs", "novels"])

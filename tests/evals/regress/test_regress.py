@@ -84,6 +84,17 @@ def test_mechanics_clear_drop_exit_1_names_where(tmp_path, baseline, capsys):
     assert root.find("testsuite").get("failures") == str(len(failures))
 
 
+def test_mechanics_lists_every_flipped_cell_not_one_groups(tmp_path, baseline, capsys):
+    # 17 cells go pass -> fail (7k everywhere, 4k at depth 0; the baseline already misses 7k/100%/seed 1), and
+    # one fail -> pass: the list holds all of them, not only those of the last group tested (the late depths)
+    candidate = make_run(tmp_path / "cand", CLEAR_DROP - {(7168, 100.0, 1)}, quant="nf4")
+    assert regress(tmp_path, baseline, candidate) == 1
+    out = capsys.readouterr().out
+    assert "| all cells | 60 | 59/60 = 98% [91%, 100%] | 43/60 = 72% [59%, 81%] | -27% | 17 | 1 |" in out
+    assert "Cells that went pass → fail (17):" in out and "Cells that went fail → pass (1):" in out
+    assert out.count("length=4096, seed=") == 3 and "length=7168, seed=1, depth=100.0" in out
+
+
 def test_mechanics_small_insignificant_drop_exit_0(tmp_path, baseline, capsys):
     candidate = make_run(tmp_path / "cand", {(7168, 100.0, 1), (4096, 50.0, 2), (2048, 25.0, 3)}, quant="nf4")
     assert regress(tmp_path, baseline, candidate) == 0

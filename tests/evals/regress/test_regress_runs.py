@@ -86,7 +86,8 @@ def test_the_suite_file_that_made_the_runs_is_checked_and_used(runs):
 @pytest.mark.parametrize("suite, baseline, candidate, message", [
     ("evals/suites/nightly.yaml", "baseline/niah", "runs/day1/niah",
      "does not describe --candidate runs/day1/niah (entry 'needle'): controls: True vs the run's False; depths: "
-     "[0.0, 25.0, 50.0, 75.0, 100.0] vs the run's [50.0]; lengths: [1024, 2048, 4096, 7168] vs the run's [256]; seeds: [1, 2, 3] vs the run's [1]"),
+     "[0.0, 25.0, 50.0, 75.0, 100.0] vs the run's [50.0]; haystack: ['docs', 'novels'] vs the run's "
+     "['corpora/sqlite', 'corpora/python']; lengths: [1024, 2048, 4096, 7168] vs the run's [256]; seeds: [1, 2, 3] vs the run's [1]"),
     ("evals/suites/nightly.yaml", "baseline/litm", "runs/day1/litm",
      "entry 'needle' is a needle suite, the run a lost_in_middle run"),
     ("litm2.yaml", "baseline/litm", "runs/day1/litm", "(entry 'lost_in_middle'): questions: 2 vs the run's 1"),
