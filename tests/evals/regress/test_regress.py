@@ -90,7 +90,7 @@ def test_mechanics_lists_every_flipped_cell_not_one_groups(tmp_path, baseline, c
     candidate = make_run(tmp_path / "cand", CLEAR_DROP - {(7168, 100.0, 1)}, quant="nf4")
     assert regress(tmp_path, baseline, candidate) == 1
     out = capsys.readouterr().out
-    assert "| all cells | 60 | 59/60 = 98% [91%, 100%] | 43/60 = 72% [59%, 81%] | -27% | 17 | 1 |" in out
+    assert "| all cells | 60 | 59/60 = 98% (95% CI 91–100%) | 43/60 = 72% (95% CI 59–81%) | -27% | 17 | 1 |" in out
     assert "Cells that went pass → fail (17):" in out and "Cells that went fail → pass (1):" in out
     assert out.count("length=4096, seed=") == 3 and "length=7168, seed=1, depth=100.0" in out
 
