@@ -115,6 +115,25 @@ def test_nf4_adapter_matches_peft(adapters, base_dir):
     torch.testing.assert_close(_logits(llm.model, adapters["ids"]), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # PEFT reference models on SmolLM2 (bf16 and int8): minutes on 2 cores
+@pytest.mark.parametrize("kw, layer", [({"dtype": "bfloat16"}, "Linear"),
+                                       ({"quantization": "int8", "compute_dtype": "float32"}, "Linear8bitLt")])
+def test_bf16_and_int8_adapters_match_peft(adapters, base_dir, kw, layer):
+    """The other two bases the issue names: LocalLLM's adapter gives PeftModel's logits on the same base."""
+    from peft import PeftModel
+
+    reference = PeftModel.from_pretrained(loading.load_model(base_dir, device_map="cpu", **kw), adapters["a"])
+    expected = _logits(reference, adapters["ids"])
+    with reference.disable_adapter():
+        plain = _logits(reference, adapters["ids"])
+    del reference
+    gc.collect()
+    llm = LocalLLM("default", adapter=adapters["a"], **kw)
+    assert type(llm.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == layer
+    assert (expected - plain).abs().max() > 0.5
+    torch.testing.assert_close(_logits(llm.model, adapters["ids"]), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_merge_on_quantized_base_is_refused_before_loading(adapters):
     with pytest.raises(AdapterError, match=r"adapter .*/a: merge needs an unquantized base"):
         LocalLLM("default", quantization="nf4", adapter=adapters["a"], merge_adapter=True)
