@@ -252,9 +252,9 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout
             by_dimension[i].setdefault(g, []).append(key)
     by_dimension = [dim for dim in by_dimension if len(dim) > 1 or not next(iter(dim)).split()[-2:-1] == ["genre"]]
     members = {"all cells": keys} | {g: ks for dim in by_dimension for g, ks in dim.items()}
-    for name, keys in members.items():
-        a = [base[k]["found"] for k in keys]
-        b = [cand[k]["found"] for k in keys]
+    for name, group in members.items():
+        a = [base[k]["found"] for k in group]
+        b = [cand[k]["found"] for k in group]
         t = mcnemar_exact(a, b)
         result.groups.append(GroupResult(name, t.n, sum(a), sum(b), t.a_only, t.b_only, t.p_value, t.p_value))
     if correction == "holm":
