@@ -2,10 +2,10 @@
 question about it, the answer as the assistant's turn (docs/lora.md, the worked example).
 
 Facts are passcodes and key -> value pairs phrased several ways (the needle suite's phrasings among them),
-at a uniformly drawn depth of a window of WINDOW words taken from the corpus's .txt files. The needle suite
-reads another genre at evaluation time (corpora/sqlite), so what is learned must be the task, not the text.
+at a uniformly drawn depth of a window of WINDOW words taken from the corpus's .txt files. The worked example
+evaluates on another genre (novels, corpora/austen), so what is learned must be the task, not the text.
 
-    python benchmarks/lora_retrieval_data.py --corpus corpora/python --count 3000 --out runs/lora/train.jsonl
+    python benchmarks/lora_retrieval_data.py --corpus corpora/python --count 3000 --window 30 --out runs/lora/train.jsonl
 """
 
 from __future__ import annotations

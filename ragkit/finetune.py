@@ -151,6 +151,32 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+Rows = list[tuple[list[int], list[int]]]  # (token ids, labels) per example
+
+
+def training_split(examples: list[list[dict[str, str]]], tokenizer: Any, s: FinetuneSettings) -> tuple[Rows, Rows, int]:
+    """(train rows, held-out rows, examples dropped for keeping no assistant token within ``max_tokens``)."""
+    encoded = [encode_example(tokenizer, m, s.max_tokens) for m in examples]
+    usable = [row for row in encoded if any(t != IGNORE for t in row[1])]
+    train_idx, eval_idx = split(len(usable), s.eval_fraction, s.seed)
+    return [usable[i] for i in train_idx], [usable[i] for i in eval_idx], len(encoded) - len(usable)
+
+
+def held_out_loss(model: Any, rows: Rows, batch_size: int, pad: int, device: str) -> float:
+    """Mean loss per assistant token of ``rows`` (the model is left in eval mode)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(rows), batch_size):
+            batch = {n: t.to(device) for n, t in _batch(rows[k : k + batch_size], pad).items()}
+            n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total += float(model(**batch).loss) * n_tokens
+            count += n_tokens
+    return total / max(count, 1)
+
+
 def batch_indices(step: int, n_train: int, batch_size: int, seed: int) -> list[int]:
     """The training rows of ``step`` (0-based): epoch e's rows in a permutation seeded by (seed, e)."""
     import torch
@@ -248,11 +274,7 @@ def finetune(s: FinetuneSettings) -> Path:
     out = Path(s.out)
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = loading.load_tokenizer(directory)
-    encoded = [encode_example(tokenizer, m, s.max_tokens) for m in examples]
-    usable = [i for i, (_, y) in enumerate(encoded) if any(t != IGNORE for t in y)]
-    train_idx, eval_idx = split(len(usable), s.eval_fraction, s.seed)
-    train = [encoded[usable[i]] for i in train_idx]
-    held_out = [encoded[usable[i]] for i in eval_idx]
+    train, held_out, dropped = training_split(examples, tokenizer, s)
     if not train:
         raise FinetuneError(f"training data {s.data}: no example keeps an assistant token within {s.max_tokens} "
                             "tokens; raise --max-tokens")
@@ -280,18 +302,6 @@ def finetune(s: FinetuneSettings) -> Path:
     _rewrite_log(out / "losses.jsonl", history)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def evaluate() -> float:
-        peft_model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for k in range(0, len(held_out), s.batch_size):
-                batch = {n: t.to(device) for n, t in _batch(held_out[k : k + s.batch_size], pad).items()}
-                n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-                total += float(peft_model(**batch).loss) * n_tokens
-                count += n_tokens
-        peft_model.train()
-        return total / max(count, 1)
-
     peft_model.train()
     bar = tqdm(total=steps, initial=step, desc=f"finetune {Path(s.data).name}", unit="step",
                disable=not s.progress, mininterval=5.0, dynamic_ncols=False)
@@ -311,7 +321,8 @@ def finetune(s: FinetuneSettings) -> Path:
             row: dict[str, Any] = {"step": step, "loss": round(float(loss), 6), "tokens": tokens,
                                    "lr": scheduler.get_last_lr()[0]}
             if held_out and (step % s.eval_every == 0 or step == steps):
-                row["eval_loss"] = round(evaluate(), 6)
+                row["eval_loss"] = round(held_out_loss(peft_model, held_out, s.batch_size, pad, device), 6)
+                peft_model.train()
             history.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -325,7 +336,7 @@ def finetune(s: FinetuneSettings) -> Path:
     shutil.rmtree(adapter, ignore_errors=True)
     peft_model.save_pretrained(adapter)
     summary = {"train_examples": len(train), "eval_examples": len(held_out),
-               "dropped_examples": len(encoded) - len(usable), "steps": steps, "device": device,
+               "dropped_examples": dropped, "steps": steps, "device": device,
                "train_tokens": sum(r["tokens"] for r in history),
                "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
                "eval_losses": [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]}

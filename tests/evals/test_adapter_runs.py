@@ -13,6 +13,7 @@ from evals.core import compare as cmp
 from evals.lost_in_middle import suite as lost_in_middle
 from evals.needle import suite as needle
 from evals.core.errors import SettingsError
+from evals.core.portable import portable_path
 from evals.core.spec import config_hash
 from evals.core.targets import wrap
 
@@ -86,7 +87,7 @@ def test_wrong_shape_adapter_stops_the_suite_before_any_cell(tmp_path, capsys):
 @pytest.mark.slow  # real SmolLM2 suite runs: minutes on 2 cores; run with --run-slow
 def test_base_and_adapter_runs_compare_cell_by_cell(tmp_path, smollm2):
     adapter = _smollm2_adapter(tmp_path / "adapter", seed=3)
-    flags = ["--lengths", "384", "--depths", "50", "--no-controls", "--no-progress", "--haystack", "corpora/sqlite"]
+    flags = ["--lengths", "384", "--depths", "50%", "--no-controls", "--no-progress", "--haystack", "corpora/sqlite"]
     base_s, _ = needle.settings_from_args([*flags, "--out", str(tmp_path / "base")])
     base = needle.execute(base_s, target=wrap(smollm2))
     cand_s, _ = needle.settings_from_args([*flags, "--out", str(tmp_path / "cand"), "--adapter", str(adapter)])
@@ -94,7 +95,8 @@ def test_base_and_adapter_runs_compare_cell_by_cell(tmp_path, smollm2):
     base_run, cand_run = (json.loads((d / "run.json").read_text()) for d in (base, cand))
     assert base_run["config"] != cand_run["config"]
     [identity] = cand_run["model"]["adapters"]
-    assert identity["path"] == str(adapter) and identity["r"] == 2 and identity["target_modules"] == ["q_proj"]
+    assert identity["path"] == portable_path(adapter, cand)  # run.json carries no machine path (evals.core.portable)
+    assert identity["r"] == 2 and identity["target_modules"] == ["q_proj"]
     assert cand_run["settings"]["adapter"] == [{k: identity[k] for k in ("sha256", "config_sha256")}]
     assert "adapters" not in base_run["model"] and "adapter" not in base_run["settings"]
     result = cmp.compare("needle", base, cand)

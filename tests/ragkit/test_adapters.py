@@ -115,6 +115,25 @@ def test_nf4_adapter_matches_peft(adapters, base_dir):
     torch.testing.assert_close(_logits(llm.model, adapters["ids"]), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # PEFT reference models on SmolLM2 (bf16 and int8): minutes on 2 cores
+@pytest.mark.parametrize("kw, layer", [({"dtype": "bfloat16"}, "Linear"),
+                                       ({"quantization": "int8", "compute_dtype": "float32"}, "Linear8bitLt")])
+def test_bf16_and_int8_adapters_match_peft(adapters, base_dir, kw, layer):
+    """The other two bases the issue names: LocalLLM's adapter gives PeftModel's logits on the same base."""
+    from peft import PeftModel
+
+    reference = PeftModel.from_pretrained(loading.load_model(base_dir, device_map="cpu", **kw), adapters["a"])
+    expected = _logits(reference, adapters["ids"])
+    with reference.disable_adapter():
+        plain = _logits(reference, adapters["ids"])
+    del reference
+    gc.collect()
+    llm = LocalLLM("default", adapter=adapters["a"], **kw)
+    assert type(llm.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == layer
+    assert (expected - plain).abs().max() > 0.5
+    torch.testing.assert_close(_logits(llm.model, adapters["ids"]), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_merge_on_quantized_base_is_refused_before_loading(adapters):
     with pytest.raises(AdapterError, match=r"adapter .*/a: merge needs an unquantized base"):
         LocalLLM("default", quantization="nf4", adapter=adapters["a"], merge_adapter=True)
@@ -178,3 +197,67 @@ def test_adapter_for_other_target_modules(tmp_path):
     with pytest.raises(AdapterError, match=r"adapter .*gpt2_lora: target_modules \['c_attn'\] are not modules of "
                                            r"the base model \(its linear layers are named like .*q_proj"):
         LocalLLM("default", adapter=other)
+
+
+# ---------------------------------------------------------------- ragkit's expert-aware NF4 MoE path
+
+MOE_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+               "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
+
+
+def _word_tokenizer():
+    """A word-level tokenizer for the tiny Mistral4 (its 256 ids as words w0..w255)."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token="w1", eos_token="w2", pad_token="w11")
+
+
+@pytest.mark.slow  # two NF4 loads of the tiny MoE and a PEFT reference: about a minute on 2 cores
+def test_attention_and_shared_expert_adapter_on_the_nf4_moe_path_matches_peft(tiny_mistral4_dir, tmp_path):
+    """On ragkit's expert-aware NF4 (fused experts as NF4Experts), LoRA on the MLA attention projections and
+    the shared experts (bitsandbytes Linear4bit) gives PeftModel's logits; the fused experts stay as they are."""
+    from ragkit.quant import NF4Experts
+
+    ids = [5, 17, 42, 99, 3, 250, 7, 64]
+    base = loading.load_model(tiny_mistral4_dir, quantization="nf4", compute_dtype="float32", device_map="cpu")
+    reference = _make_adapter(base, tmp_path / "moe", seed=4, targets=MOE_TARGETS)
+    expected = _logits(reference, ids)
+    with reference.disable_adapter():
+        plain = _logits(reference, ids)
+    del reference, base
+    gc.collect()
+    llm = LocalLLM(str(tiny_mistral4_dir), quantization="nf4", compute_dtype="float32", device_map="cpu",
+                   tokenizer=_word_tokenizer(), adapter=tmp_path / "moe")
+    layer = llm.model.model.language_model.layers[0]
+    assert isinstance(layer.mlp.experts, NF4Experts)
+    assert type(layer.self_attn.q_a_proj.base_layer).__name__ == "Linear4bit"
+    assert type(layer.mlp.shared_experts.up_proj.base_layer).__name__ == "Linear4bit"
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(_logits(llm.model, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def _lora_file(path, module, fan_in, fan_out, r=2):
+    """A LoRA directory whose one module is ``module`` (shapes as PEFT writes them)."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": [module.rsplit(".", 1)[-1]]}))
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.zeros(r, fan_in),
+               f"base_model.model.{module}.lora_B.weight": torch.zeros(fan_out, r)},
+              path / "adapter_model.safetensors")
+    return path
+
+
+def test_adapter_on_fused_experts_or_a_router_module_is_refused_before_loading(tiny_mistral4_dir, tmp_path):
+    experts = _lora_file(tmp_path / "experts", "model.language_model.layers.0.mlp.experts", 128, 256)
+    with pytest.raises(AdapterError, match=r"adapter .*experts: it targets the fused MoE experts "
+                                           r"model.language_model.layers.0.mlp.experts; .*take no adapter"):
+        LocalLLM(str(tiny_mistral4_dir), quantization="nf4", tokenizer=_word_tokenizer(), adapter=experts)
+    router = _lora_file(tmp_path / "router", "model.language_model.layers.0.mlp.gate", 128, 16)
+    with pytest.raises(AdapterError, match=r"adapter .*router: module model.language_model.layers.0.mlp.gate is a "
+                                           r"Mistral4TopkRouter, not a linear layer"):
+        check_against(read_adapters(router), loading.empty_model(tiny_mistral4_dir))

@@ -123,6 +123,18 @@ def test_mechanics_improvement_is_reported_not_failed(tmp_path, capsys):
     assert "| improvement |" in capsys.readouterr().out
 
 
+def test_mechanics_every_changed_cell_is_listed_not_only_the_last_groups(tmp_path, capsys):
+    """Changed cells at an early and a late depth: both are listed (the list once held only the cells of the
+    last group tested, the late depth band)."""
+    base = make_run(tmp_path / "base", {(1024, 0.0, 1), (2048, 100.0, 2)})
+    candidate = make_run(tmp_path / "cand", {(4096, 25.0, 3)}, quant="nf4")
+    assert regress(tmp_path, base, candidate) == 0
+    out = capsys.readouterr().out
+    assert "Cells that went fail → pass (2):" in out and "Cells that went pass → fail (1):" in out
+    assert "length=1024, seed=1, depth=0.0" in out and "length=2048, seed=2, depth=100.0" in out
+    assert "length=4096, seed=3, depth=25.0" in out
+
+
 def test_mechanics_drop_below_min_drop_is_not_flagged(tmp_path, baseline):
     candidate = make_run(tmp_path / "cand", CLEAR_DROP, quant="nf4")
     assert regress(tmp_path, baseline, candidate, "--min-drop", "0.95") == 0  # 7k dropped 14/15 = 93%
