@@ -31,6 +31,11 @@ shared prefix its prefill was the first to need (the first cell of a group compu
 the next one the stretch to its own, ...), so a group's rows add up to the prompt tokens the model was fed and
 ``reused_tokens`` (= prompt tokens - computed) is what came from cache computed for an earlier cell.
 
+Constrained answers. ``run_group(..., processors=)`` gives a prompt a logits processor (``(input_ids, scores) ->
+scores``, as ``generate`` calls one; ragkit.structured's JSON-schema grammar): it masks the logits before every
+greedy choice of that prompt's answer, batched or not. ``decode_seconds`` of a row is its time after the prefill
+(its token choices and decode steps), which the per-token cost of a grammar is measured on.
+
 Answers equal ``model.generate`` greedy answers (tests/evals/needle/test_needle_decode.py checks it on the real model).
 """
 
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -54,6 +59,7 @@ class Decoded:
     reused_tokens: int  # prompt tokens whose KV came from the shared cache, computed for an earlier cell
     computed_tokens: int  # prompt tokens fed to the model for this cell, shared-prefix tokens it computed first included
     seconds: float  # this cell's prefill, plus its share of each batched decode step it took part in
+    decode_seconds: float = 0.0  # of ``seconds``, the part after the prefill: token choices and decode steps
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -99,6 +105,10 @@ class GreedyDecoder:
             logits = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         return logits
 
+    def _choosers(self, prompts: Sequence[Sequence[int]], processors: Sequence[Any] | None) -> list[_Chooser]:
+        return [_Chooser(p, None if processors is None else processors[i], self.max_new_tokens)
+                for i, p in enumerate(prompts)]
+
     def _grow(self, new: list[int], tok: int) -> bool:
         """Append greedy token ``tok`` to the answer ``new`` unless it ends it; True while the answer goes on."""
         if tok in self.eos:
@@ -107,28 +117,33 @@ class GreedyDecoder:
         return len(new) < self.max_new_tokens
 
     @torch.inference_mode()
-    def run_group(self, prompts: Sequence[Sequence[int]], base: Sequence[int] | None = None) -> Iterator[Decoded]:
-        """Decode every prompt; yields results as they finish (in shared-prefix order, not input order)."""
+    def run_group(self, prompts: Sequence[Sequence[int]], base: Sequence[int] | None = None,
+                  processors: Sequence[Any] | None = None) -> Iterator[Decoded]:
+        """Decode every prompt; yields results as they finish (in shared-prefix order, not input order).
+        ``processors``: one logits processor (or None) per prompt, applied before each of its greedy choices."""
+        choose = self._choosers(prompts, processors)
         shared = [min(common_prefix(p, base), len(p) - 1) if base is not None else 0 for p in prompts]
         order = sorted(range(len(prompts)), key=lambda j: shared[j])
         prefix = _Prefix(self._forward, base, DynamicCache(config=self.model.config))
         # batch rows are plain full-attention layers; sliding-window or other caches decode one cell at a time
         if self.batch_size > 1 and all(type(layer) is DynamicLayer for layer in prefix.cache.layers):
-            yield from self._batched(prompts, shared, order, prefix)
+            yield from self._batched(prompts, shared, order, prefix, choose)
             return
         for i in order:
             t0 = time.perf_counter()
             logits, computed = prefix.prefill(prompts[i], shared[i])
+            t1 = time.perf_counter()
             new: list[int] = []
             for _ in range(self.max_new_tokens):
-                if not self._grow(new, int(torch.argmax(logits))):
+                if not self._grow(new, choose[i](logits, new)):
                     break
                 logits = self._forward([new[-1]], prefix.cache)
             prefix.release()
-            yield Decoded(i, new, len(prompts[i]) - computed, computed, time.perf_counter() - t0)
+            end = time.perf_counter()
+            yield Decoded(i, new, len(prompts[i]) - computed, computed, end - t0, end - t1)
 
     def _batched(self, prompts: Sequence[Sequence[int]], shared: list[int], order: list[int],
-                 prefix: _Prefix) -> Iterator[Decoded]:
+                 prefix: _Prefix, choose: list[_Chooser]) -> Iterator[Decoded]:
         """Prefill cells one at a time on the shared cache, decode them ``batch_size`` at a time."""
         k = 0
         while k < len(order):
@@ -139,7 +154,9 @@ class GreedyDecoder:
                 k += 1
                 logits, computed = prefix.prefill(prompts[i], shared[i])
                 row = Decoded(i, [], len(prompts[i]) - computed, computed, 0.0)
-                goes_on = self.max_new_tokens > 0 and self._grow(row.new_ids, int(torch.argmax(logits)))
+                t1 = time.perf_counter()
+                goes_on = self.max_new_tokens > 0 and self._grow(row.new_ids, choose[i](logits, row.new_ids))
+                row.decode_seconds = time.perf_counter() - t1
                 if goes_on:
                     if batch is None:
                         width = max(len(prompts[j]) for j in wanted)
@@ -152,9 +169,9 @@ class GreedyDecoder:
                 if batch is not None and batch.full:
                     break
             if batch is not None:
-                yield from self._decode(batch)
+                yield from self._decode(batch, choose)
 
-    def _decode(self, batch: _Batch) -> Iterator[Decoded]:
+    def _decode(self, batch: _Batch, choose: list[_Chooser]) -> Iterator[Decoded]:
         """Greedy steps over the batch's rows until every row has ended; a row is yielded when it ends."""
         rows = batch.rows
         cache = DynamicCache(batch.drain(), config=self.model.config)
@@ -167,12 +184,14 @@ class GreedyDecoder:
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = self.model(input_ids=tokens, attention_mask=mask, position_ids=(lengths + step)[:, None],
                              cache=cache, use_cache=True, logits_to_keep=1)
-            best = out.logits[:, -1].argmax(-1).tolist()
+            logits = out.logits[:, -1]
+            best = [choose[r.index](logits[j], r.new_ids) for j, r in enumerate(rows)]
             step += 1
             share = (time.perf_counter() - t0) / len(rows)
             keep = []
             for j, (row, tok) in enumerate(zip(rows, best)):
                 row.seconds += share
+                row.decode_seconds += share
                 if self._grow(row.new_ids, tok):
                     keep.append(j)
                 else:
@@ -198,6 +217,27 @@ class GreedyDecoder:
                 free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
                 rows = min(rows, max(1, free // 2 // need))
         return rows
+
+
+class _Chooser:
+    """The greedy choice of one prompt's next token: the argmax, after its logits processor when it has one
+    (which sees the prompt and the answer so far as ``input_ids``, kept in one preallocated row)."""
+
+    def __init__(self, prompt: Sequence[int], processor: Any, max_new_tokens: int):
+        self.processor, self.n_prompt = processor, len(prompt)
+        self.ids = None
+        if processor is not None:
+            self.ids = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long)
+            self.ids[0, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+
+    def __call__(self, logits: torch.Tensor, new: Sequence[int]) -> int:
+        if self.processor is None:
+            return int(torch.argmax(logits))
+        n = self.n_prompt + len(new)
+        if new:
+            self.ids[0, n - 1] = new[-1]
+        scores = self.processor(self.ids[:, :n], logits[None].to(torch.float32, copy=True))  # as generate's float32
+        return int(torch.argmax(scores[0]))
 
 
 class _Prefix:

@@ -69,6 +69,13 @@ class Target:
     def decode(self, ids: Sequence[int]) -> str:
         return self.llm.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def json_processor(self, schema: dict[str, Any]) -> Any:
+        """A fresh logits processor that keeps one answer inside ``schema`` (ragkit.structured's xgrammar grammar)."""
+        from ragkit import structured
+
+        return structured.logits_processor(self.llm.tokenizer, self.model.config.get_text_config().vocab_size,
+                                           schema, self.eos_ids)
+
     def generate_naive(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """The plain path: one ``generate`` call on the whole prompt (the reference for decode.py)."""
         return [t for t in self.llm.generate_ids(list(ids), max_new_tokens=max_new_tokens) if t not in self.eos_ids]

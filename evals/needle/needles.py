@@ -19,6 +19,9 @@ import random
 import uuid
 from dataclasses import dataclass
 
+from typing import Any
+
+from evals.core.answers import bounded_string, object_schema
 from evals.core.errors import SettingsError
 from evals.core.scoring import NUMBER, UUID, ValueKind
 
@@ -68,6 +71,26 @@ class Needle:
     expected: tuple[str, ...]
     distractors: tuple[str, ...] = ()  # values of distractor needles (multikey): reported when answered
     extra_depths: tuple[float, ...] = ()  # depths (percent) of sentences[1:]
+    asked: tuple[str, ...] = ()  # multiquery: the keys asked for, in order
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """The right answer as a JSON object (``--answer-format json``): one field per asked value (the
+        asked keys for multiquery), a list of all values for multivalue."""
+        if self.type == "multiquery":
+            return dict(zip(self.asked, self.expected))
+        if self.type == "multivalue":
+            return {"numbers": list(self.expected)}
+        field = {"passcode": "passcode", "nonliteral": "name", "kv-words": "word", "kv-uuid": "uuid"}
+        return {field.get(self.type, "number"): self.expected[0]}
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema of the answer object: the reference's fields, each a bounded string of the value's
+        kind (``multivalue``: a list of 1 to 8 of them), nothing else."""
+        value = _VALUE_SCHEMAS[self.type]
+        return object_schema({k: {"type": "array", "items": value, "minItems": 1, "maxItems": 8}
+                              if isinstance(v, list) else value for k, v in self.reference.items()})
 
     @property
     def instruction(self) -> str:
@@ -114,7 +137,16 @@ def make_needle(kind: str, seed: int) -> Needle:
     asked = ", ".join(keys[:-1]) + f" and {keys[-1]}"
     return Needle(kind, seed, tuple(fact(k, v) for k, v in zip(keys, values)),
                   f"What are the special magic {thing}s for {asked} mentioned in the text?",
-                  f"The special magic {thing}s for {asked} are", tuple(values), (), extra)
+                  f"The special magic {thing}s for {asked} are", tuple(values), (), extra, tuple(keys))
+
+
+_DIGITS = bounded_string("[0-9]", 12)
+_WORD = bounded_string("[A-Za-z]", 24)
+_VALUE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "passcode": _DIGITS, "kv-numbers": _DIGITS, "multikey": _DIGITS, "multivalue": _DIGITS, "multiquery": _DIGITS,
+    "kv-words": _WORD, "nonliteral": _WORD,
+    "kv-uuid": {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"},
+}
 
 
 def _value(rng: random.Random, kind: str) -> str:
