@@ -4,7 +4,9 @@ Prefill. Cells of one length share the haystack up to their needle. The group's 
 prompt (the control cell): each cell's prompt equals ``base`` up to its needle. Cells are visited in order of
 that shared prefix; one DynamicCache holds ``base[:p]`` and grows only forward. A cell feeds its own tokens
 after ``p`` (batch 1), and the cache is cropped back to ``p`` — so the haystack prefix is computed once for the
-whole group instead of once per cell.
+whole group instead of once per cell. Cells with the same prompt (a JSON run's free and constrained answers)
+are visited one after the other and the prompt is prefilled once: the first cell's prompt stays in the cache
+until a cell with another prompt comes.
 
 Decoding. With ``batch_size`` 1 a cell decodes on the shared cache right after its prefill. With ``batch_size``
 N > 1 the cell's whole KV (shared prefix + own tokens) is copied into one row of a batch cache, left-padded to
@@ -123,7 +125,8 @@ class GreedyDecoder:
         ``processors``: one logits processor (or None) per prompt, applied before each of its greedy choices."""
         choose = self._choosers(prompts, processors)
         shared = [min(common_prefix(p, base), len(p) - 1) if base is not None else 0 for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda j: shared[j])
+        # by shared prefix; the same prompt twice (free and constrained answers) adjacent, so it is prefilled once
+        order = sorted(range(len(prompts)), key=lambda j: (shared[j], hash(tuple(prompts[j]))))
         prefix = _Prefix(self._forward, base, DynamicCache(config=self.model.config))
         # batch rows are plain full-attention layers; sliding-window or other caches decode one cell at a time
         if self.batch_size > 1 and all(type(layer) is DynamicLayer for layer in prefix.cache.layers):
@@ -132,13 +135,13 @@ class GreedyDecoder:
         for i in order:
             t0 = time.perf_counter()
             logits, computed = prefix.prefill(prompts[i], shared[i])
-            t1 = time.perf_counter()
+            first, t1 = logits, time.perf_counter()
             new: list[int] = []
             for _ in range(self.max_new_tokens):
                 if not self._grow(new, choose[i](logits, new)):
                     break
                 logits = self._forward([new[-1]], prefix.cache)
-            prefix.release()
+            prefix.release(prompts[i], first)
             end = time.perf_counter()
             yield Decoded(i, new, len(prompts[i]) - computed, computed, end - t0, end - t1)
 
@@ -154,6 +157,7 @@ class GreedyDecoder:
                 k += 1
                 logits, computed = prefix.prefill(prompts[i], shared[i])
                 row = Decoded(i, [], len(prompts[i]) - computed, computed, 0.0)
+                first = logits
                 t1 = time.perf_counter()
                 goes_on = self.max_new_tokens > 0 and self._grow(row.new_ids, choose[i](logits, row.new_ids))
                 row.decode_seconds = time.perf_counter() - t1
@@ -162,7 +166,7 @@ class GreedyDecoder:
                         width = max(len(prompts[j]) for j in wanted)
                         batch = _Batch(prefix.cache, self._rows_that_fit(prefix.cache, width, len(wanted)), width)
                     batch.add(row, prefix.cache)
-                prefix.release()
+                prefix.release(prompts[i], first)
                 row.seconds = time.perf_counter() - t0
                 if not goes_on:
                     yield row
@@ -241,17 +245,25 @@ class _Chooser:
 
 
 class _Prefix:
-    """The group's one cache: ``base[:cached]``, plus one cell's own tokens between ``prefill`` and ``release``."""
+    """The group's one cache: ``base[:cached]``, plus one cell's own tokens between ``prefill`` and ``release``
+    (and, after ``release``, that cell's prompt, until a cell with another prompt comes)."""
 
     def __init__(self, forward: Callable[[Sequence[int], DynamicCache], torch.Tensor], base: Sequence[int] | None,
                  cache: DynamicCache):
         self.forward, self.base, self.cache, self.cached = forward, base, cache, 0
+        self.last: tuple[tuple[int, ...], torch.Tensor] | None = None  # the prompt kept after base[:cached], its logits
 
     def prefill(self, ids: Sequence[int], p: int) -> tuple[torch.Tensor, int]:
         """Bring the cache to ``base[:p]``, feed ``ids[p:]``; the logits after the prompt's last token and the
         tokens fed for this cell: its own ``len(ids) - p`` plus the shared-prefix tokens the cache lacked (the
         first cell to need a stretch of the prefix is the one that computes it, so a group's ``computed``
-        add up to the tokens the model was fed)."""
+        add up to the tokens the model was fed). The prompt the last cell kept (:meth:`release`) costs nothing."""
+        if self.last is not None:
+            kept, logits = self.last
+            self.last = None
+            if kept == tuple(ids):
+                return logits, 0
+            _crop_to(self.cache, self.cached)
         grown = 0
         if p > self.cached:
             self.forward(self.base[self.cached:p], self.cache)
@@ -261,9 +273,11 @@ class _Prefix:
             self.cached = p
         return self.forward(ids[p:], self.cache), grown + len(ids) - p
 
-    def release(self) -> None:
-        """Drop the cell's own tokens: back to the shared prefix."""
-        _crop_to(self.cache, self.cached)
+    def release(self, ids: Sequence[int], logits: torch.Tensor) -> None:
+        """Drop the cell's answer tokens, keeping its prompt (and the logits after it) for a next cell with the
+        same prompt; any other next cell crops back to the shared prefix."""
+        _crop_to(self.cache, len(ids))
+        self.last = (tuple(ids), logits)
 
 
 class _Batch:
