@@ -21,6 +21,9 @@ from evals.core.errors import SettingsError
 ANSWER_FORMATS = ("text", "json")
 CONSTRAINED = ("no", "yes", "both")
 FREE, GRAMMAR = "free", "constrained"  # the decoding coordinate of a JSON cell
+ASCII_TEXT = r"[ !#-\[\]-~]"  # printable ASCII but the quote and backslash: no escapes, one token per character at most
+UUID_STRING = {"type": "string",
+               "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
 _QUANTIFIED = re.compile(r"(\[(?:\\.|[^\]])+\]|\\.|[^\\\[{])(?:\{(\d+)(?:,(\d+))?\})?")
 
 

@@ -208,7 +208,8 @@ class CorpusRAG:
     def retrieve(self, question: str, top_k: int) -> list[Any]:
         return self.pipeline.retrieve(question, top_k=top_k)
 
-    def prompt(self, question: str, nodes: list[Any], ordering: str) -> tuple[str, Any]:
-        """The chat prompt text ``Pipeline.query`` would send, and ragkit's AssembledContext (chunks in prompt order)."""
-        ctx = self.pipeline.assemble(question, nodes, ordering)
+    def prompt(self, question: str, nodes: list[Any], ordering: str, output_cls: Any = None) -> tuple[str, Any]:
+        """The chat prompt text ``Pipeline.query`` would send (with ``output_cls``, a JSON schema: its structured
+        form), and ragkit's AssembledContext (chunks in prompt order)."""
+        ctx = self.pipeline.assemble(question, nodes, ordering, output_cls)
         return self.pipeline.llm.chat_prompt(ctx.messages), ctx

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from typing import Any
 
-from evals.core.answers import bounded_string, object_schema
+from evals.core.answers import UUID_STRING, bounded_string, object_schema
 from evals.core.errors import SettingsError
 from evals.core.scoring import NUMBER, UUID, ValueKind
 
@@ -145,7 +145,7 @@ _WORD = bounded_string("[A-Za-z]", 24)
 _VALUE_SCHEMAS: dict[str, dict[str, Any]] = {
     "passcode": _DIGITS, "kv-numbers": _DIGITS, "multikey": _DIGITS, "multivalue": _DIGITS, "multiquery": _DIGITS,
     "kv-words": _WORD, "nonliteral": _WORD,
-    "kv-uuid": {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"},
+    "kv-uuid": UUID_STRING,
 }
 
 

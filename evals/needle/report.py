@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.core.report import code_line, rate_table, scoring_line
+from evals.core.report import code_line, json_table, rate_table, scoring_line
 from evals.core.scorers import scorer_of
 from evals.core.scoring import wilson
 from evals.core.stats import holm, mcnemar_exact
@@ -207,27 +207,15 @@ def _rate(k: int, n: int) -> str:
 
 
 def structured_lines(df: pd.DataFrame) -> list[str]:
-    """JSON answers: per length and depth, free and constrained decoding side by side (the needle cells):
-    the answer holds a JSON object / it validates / it is only the object / the fields are right."""
+    """JSON answers: per length and depth, free and constrained decoding side by side (the needle cells)."""
     if "json_valid" not in df:
         return []
-    nd = df[df["kind"] == "needle"].copy()
-    nd["depth"] = nd["depth"].astype(float)
-    decs = _decodings(nd)
-    head = " | ".join(f"{d}: parses / valid / only object / found" for d in decs)
-    lines = ["", "## JSON answers: " + " vs ".join(decs), "",
-             "Needle cells; `parses`: a JSON object is in the answer, `valid`: it matches the schema, `only object`: "
-             "no text outside it, `found`: its fields hold the needle's values (strict). Controls are in the "
-             "tables below.", "", f"| mode | length | depth | {head} |", "|---|---|---|" + "---|" * len(decs)]
-    for (mode, length, depth), d in nd.groupby(["mode", "length", "depth"], sort=True):
-        cells = []
-        for dec in decs:
-            g = d[d["decoding"] == dec]
-            n = len(g)
-            cells.append(" / ".join(f"{int(g[c].astype(bool).sum())}/{n}"
-                                    for c in ("json_parses", "json_valid", "json_only", "found")))
-        lines.append(f"| {mode} | {_k(int(length))} | {depth:g}% | {' | '.join(cells)} |")
-    return lines
+    nd = df[df["kind"] == "needle"]
+    nd = nd.assign(depth=nd["depth"].astype(float))
+    return ["", "## JSON answers: " + " vs ".join(_decodings(nd)), "",
+            "Needle cells by length (tokens) and depth (%); `parses`: a JSON object is in the answer, `valid`: it matches the schema, `only object`: "
+            "no text outside it, `found`: its fields hold the needle's values (strict). Controls are in the "
+            "tables below.", ""] + json_table(nd, ["mode", "length", "depth"])
 
 
 def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
