@@ -247,7 +247,7 @@ class NeedleSuite:
         seeds = self.control_seeds.get(cell.cell_id, [cell["seed"]]) if cell["kind"] == "control" else [cell["seed"]]
         needles = [needle] + [make_needle(self.s.needle, x) for x in seeds if x != cell["seed"]]
         row: dict[str, Any] = {"cell_id": cell.cell_id, "suite": SUITE, "config": self.config, **cell.coords,
-                               "expected": list(needle.expected), "question": needle.question,
+                               "expected": list(needle.expected), "question": frame.question,
                                "target_tokens": cell["length"], "max_new_tokens": self.max_new_tokens,
                                "haystack_tokens": built.haystack_span[1] - built.haystack_span[0],
                                "genre": self.genre(cell),
