@@ -7,6 +7,9 @@ compared only with runs scored alike.
 - ``lenient``: every expected value occurs as whole words somewhere in the answer (the substring score that
   gkamradt's NIAH v2 and RULER report; SQuAD-normalized for lost-in-the-middle QA).
 
+JSON answers (``--answer-format json``): strict reads the fields of the answer's first JSON object (no object,
+not found); lenient is the same text rule as above.
+
 A version is bumped whenever a rule changes what a scorer credits. Rows written before scorers were recorded
 were scored by ``lenient`` version 0 (ASCII-only normalization).
 """
