@@ -1,12 +1,15 @@
 """Wall and CPU time of the ``ragkit`` CLI verbs on the embedded defaults, as a user runs them.
 
-Builds an index of one corpus file once (not timed), then runs each verb as a real subprocess
-``--reps`` times: ``info``, ``retrieve`` and ``query`` (plus the time until ``query`` first writes
-anything to stderr or stdout, i.e. how long the user waits in silence). Results (machine, versions,
-every timing, medians) go to ``benchmarks/results/cli_latency_<label>.json`` and ``.md``.
+Builds an index of one corpus file once (not timed), or opens ``--index`` (e.g. one built with
+``ragkit ingest corpora/sqlite``), then runs each verb as a real subprocess ``--reps`` times: ``info``,
+``retrieve`` and ``query`` (plus the time until a verb first writes anything to stderr or stdout, i.e.
+how long the user waits in silence). Every run records its wall time, the child's CPU seconds
+(user + sys: robust to a loaded machine, unlike wall time) and ``os.getloadavg()`` before and after it
+(the machine is shared). Results (machine, versions, every timing, medians) go to
+``benchmarks/results/cli_latency_<label>.json`` and ``.md``.
 
     python benchmarks/cli_latency.py --label before
-    python benchmarks/cli_latency.py --label after --query-reps 3
+    python benchmarks/cli_latency.py --label after --query-reps 3 --index /tmp/sqlite-index
     RAGKIT_CODE_LABEL=base PYTHONPATH=/path/to/old/checkout python benchmarks/cli_latency.py --label old --verbs info retrieve
 """
 
@@ -40,6 +43,7 @@ def run_timed(args: list[str]) -> dict[str, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     first: list[float] = []
+    load_before = os.getloadavg()[0]
     proc = subprocess.Popen([*RAGKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
     def watch(stream) -> None:  # type: ignore[no-untyped-def]
@@ -59,7 +63,16 @@ def run_timed(args: list[str]) -> dict[str, float]:
     if rc != 0:
         raise SystemExit(f"ragkit {' '.join(args)} exited {rc}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "first_output_s": round(first[0] if first else wall, 3)}
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "first_output_s": round(first[0] if first else wall, 3),
+            "load1_before": round(load_before, 2), "load1_after": round(os.getloadavg()[0], 2)}
+
+
+def _describe(index: str) -> str:
+    """Files and chunks of a prebuilt index (no machine path)."""
+    from ragkit.index_info import describe
+
+    info = describe(index)
+    return f"{info['sources']} files, {info['chunks']} chunks, {info['chunk_tokens']}-token chunks"
 
 
 def main() -> None:
@@ -67,12 +80,14 @@ def main() -> None:
     ap.add_argument("--label", required=True, help="name of this measurement (before/after)")
     ap.add_argument("--reps", type=int, default=3, help="runs of info and retrieve")
     ap.add_argument("--query-reps", type=int, default=1, help="runs of query (each loads the LLM)")
+    ap.add_argument("--index", type=Path, help="an existing index to time [default: build one of one file]")
     ap.add_argument("--verbs", nargs="+", default=["info", "retrieve", "query"], help="verbs to time")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        index = str(Path(tmp) / "ix")
-        run_timed(["ingest", str(CORPUS_FILE), "--index", index, "--quiet"])
+        index = str(args.index or Path(tmp) / "ix")
+        if args.index is None:
+            run_timed(["ingest", str(CORPUS_FILE), "--index", index, "--quiet"])
         verbs = {
             "info": (["info", "--index", index], args.reps),
             "retrieve": (["retrieve", "What is a hot journal?", "--index", index], args.reps),
@@ -85,7 +100,7 @@ def main() -> None:
                 rows.append({"verb": verb, "rep": rep, **run_timed(argv)})
                 print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
-    medians = table.groupby("verb", sort=False)[["wall_s", "cpu_s", "first_output_s"]].median()
+    medians = table.groupby("verb", sort=False)[["wall_s", "cpu_s", "first_output_s", "load1_before"]].median()
 
     import torch
     import transformers
@@ -96,7 +111,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "corpus_file": str(CORPUS_FILE.relative_to(ROOT)),
+        "index": "prebuilt (--index): " + _describe(index) if args.index else str(CORPUS_FILE.relative_to(ROOT)),
         "ragkit_code": os.environ.get("RAGKIT_CODE_LABEL", "this checkout"),
         "runs": rows,
         "medians": medians.reset_index().to_dict(orient="records"),

@@ -23,6 +23,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,11 +32,12 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from ragkit import attention
+from ragkit import attention, graph_decode
 
 DENSE = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
              intermediate_size=14336, vocab_size=49152, max_position_embeddings=262144, rope_theta=1e6)
 DEVICE = "cuda"
+GRIDS = ((32768, (0, 25, 50, 75, 100), (1, 2)), (131072, (0, 50, 100), (1,)))  # decode: the issue's two grids
 BF16_TFLOPS, HBM_TBS = 790e12, 4.3e12  # measured ceilings of this workplace's H200 (KINDS.md)
 
 
@@ -169,12 +171,22 @@ def _runner_vs_naive(model, cfg, res: dict, length: int, max_new: int, repeats: 
                                           do_sample=False, pad_token_id=0)[0, len(p):].tolist())
         return out
 
+    stretches: list[tuple[int, int]] = []  # (cached, fed) of each prefill call of the last runner run
+
     def runner(batch: int, lower_right: bool, n: int = len(prompts)):
         def go():
             model.set_attn_implementation("sdpa")
             decoder = GreedyDecoder(model, eos, max_new, batch_size=batch)  # on CUDA: switches to ragkit's path
             if not lower_right:
                 model.set_attn_implementation("sdpa")
+            plain = decoder._forward
+            stretches.clear()
+
+            def counted(ids, cache):  # bs 8: every call is a prefill stretch (decode steps run on the static cache)
+                stretches.append((cache.get_seq_length(), len(ids)))
+                return plain(ids, cache)
+
+            decoder._forward = counted
             rows = list(decoder.run_group(prompts[:n], base))
             return {d.index: d for d in rows}
         return go
@@ -185,20 +197,245 @@ def _runner_vs_naive(model, cfg, res: dict, length: int, max_new: int, repeats: 
     torch.cuda.reset_peak_memory_stats()
     want, t = timed(naive, 1, warm_up=lambda: model.generate(torch.tensor([prompts[0][:4096]], device=DEVICE),
                                                                max_new_tokens=4, do_sample=False, pad_token_id=0))
-    row.update(naive_s=t, naive_median_s=med(t), naive_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    row.update(naive_s=t, naive_median_s=med(t), naive_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+               naive_floor_s=floor_s(cfg, [(0, len(p)) for p in prompts], len(prompts) * (max_new - 1)))
     print("naive", t, flush=True)
     for name, batch, lr in variants:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        got, t = timed(runner(batch, lr), repeats, warm_up=runner(batch, lr, 2))
+        got, t = timed(runner(batch, lr), repeats, warm_up=runner(batch, lr, 2 if length <= 32768 else 1))
         row[name] = {"times_s": t, "median_s": med(t), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                      "speedup_vs_naive": row["naive_median_s"] / med(t),
                      "same_answers": sum(got[i].new_ids == want[i] for i in range(len(prompts))),
                      "computed_tokens": sum(d.computed_tokens for d in got.values()),
+                     "tokens_fed": sum(n for _, n in stretches), "stretches": list(stretches),
                      "prompt_tokens": sum(len(p) for p in prompts)}
+        steps = -(-len(prompts) // batch) * (max_new - 1)  # random weights: every row decodes its whole budget
+        row[name].update(floor_s=floor_s(cfg, stretches, steps), decode_steps=steps)
+        row[name]["wall_over_floor"] = row[name]["median_s"] / row[name]["floor_s"]
         print(name, json.dumps(row[name]), flush=True)
     res.setdefault("runner_vs_naive", []).append(row)
     model.set_attn_implementation("sdpa")
+
+
+def floor_s(cfg, stretches: list[tuple[int, int]], decode_steps: int) -> float:
+    """Prefill-FLOP floor plus decode-bandwidth floor (seconds): for each stretch of ``n`` tokens fed on a cache of
+    ``c``, (2 x non-embedding params x n + 4 x n x (c + n/2) x hidden x layers) / 790 TFLOP/s; plus ``decode_steps``
+    x weight bytes / 4.3 TB/s."""
+    h, L, inter, kv = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_key_value_heads
+    head = h // cfg.num_attention_heads
+    non_emb = L * (2 * h * h + 2 * h * kv * head + 3 * h * inter + 2 * h) + h
+    flops = sum(2 * non_emb * n + 4 * n * (c + n / 2) * h * L for c, n in stretches)
+    weight_bytes = 2 * (non_emb + 2 * cfg.vocab_size * h)
+    return flops / BF16_TFLOPS + decode_steps * weight_bytes / HBM_TBS
+
+
+def _kv_rows(model, cfg, n: int, rows: int, room: int):
+    """Static-cache buffers holding ``rows`` copies of one random ``n``-token prompt's KV, ``room`` free slots
+    after it, and the prompt's greedy first token."""
+    ids = torch.randint(3, cfg.vocab_size, (1, n), device=DEVICE)
+    cache = DynamicCache(config=cfg)
+    first = int(_forward(model, ids, cache)[0, -1].argmax())
+    keys, values = graph_decode.buffers_like(cache, rows, graph_decode.static_slots(n + room))
+    for k, v, layer in zip(keys, values, cache.layers):
+        k[:, :, :n], v[:, :, :n] = layer.keys, layer.values
+    return keys, values, first
+
+
+def _static_decode(model, cfg, n: int, rows: int, steps: int, repeats: int, attn: str) -> dict[str, Any]:
+    """Tokens/s of ``steps`` StaticDecode steps (CUDA graph) of ``rows`` rows on an ``n``-token cache, under
+    attention implementation ``attn``; the first step (eager, then the capture) timed apart."""
+    model.set_attn_implementation(attn)
+    times, first_s, captured = [], [], []
+    for r in range(repeats + 1):
+        keys, values, first = _kv_rows(model, cfg, n, rows, steps + 2)
+        dec = graph_decode.StaticDecode(model, keys, values, [n] * rows, n, [first] * rows)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        it = dec.steps(steps + 1)
+        next(it)  # step 0 (eager + capture) is done, step 1 launched
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for _ in it:
+            pass
+        torch.cuda.synchronize()
+        if r:
+            times.append(time.perf_counter() - t1)
+            first_s.append(t1 - t0)
+        captured.append(dec.captured)
+        del dec, keys, values
+        torch.cuda.empty_cache()
+    ms = med(times) / steps * 1000
+    row = {"cache": n, "rows": rows, "attention": attn, "steps": steps, "times_s": times, "ms_per_step": ms,
+           "tok_per_s": rows * 1000 / ms, "first_step_s": first_s, "captured": all(captured)}
+    print("static", json.dumps(row), flush=True)
+    return row
+
+
+def decode(args, res: dict, save: Callable[[], None]) -> None:
+    """Decode at batch 1 and 8: generate() (DynamicCache, step by step) vs ragkit.graph_decode (static cache, CUDA
+    graph), tokens/s, and whether the greedy tokens agree."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**DENSE)
+    model = _random_bf16(LlamaForCausalLM, cfg)
+    params = sum(p.numel() for p in model.parameters())
+    res.update(model="random Llama, 7B-dense shape", config=DENSE, params=params,
+               weights_gib=torch.cuda.memory_allocated() / 2**30, decode_floor_ms=params * 2 / HBM_TBS * 1000,
+               floor_tok_per_s=HBM_TBS / (params * 2))
+    save()
+    eos = [10**9]
+    with torch.inference_mode():
+        for n in (46, 8192):  # LocalLLM.complete-shaped: a prompt of n tokens, 128 new, end to end
+            ids = torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            x = torch.tensor([ids], device=DEVICE)
+            row: dict[str, Any] = {"prompt": n, "new": 128}
+            model.set_attn_implementation("sdpa")
+            want, t = timed(lambda: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=128,
+                                                   do_sample=False, pad_token_id=0)[0, n:].tolist(), args.repeats)
+            row.update(generate_s=t, generate_tok_per_s=128 / med(t))
+            attention.use_lower_right(model)
+            model._ragkit_decode = None  # the first call of a bucket builds its static cache and captures
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            graph_decode.greedy(model, ids, 128, eos)
+            torch.cuda.synchronize()
+            row["graph_first_call_s"] = time.perf_counter() - t0
+            got, t = timed(lambda: graph_decode.greedy(model, ids, 128, eos), args.repeats)
+            row.update(graph_s=t, graph_tok_per_s=128 / med(t), speedup=med(row["generate_s"]) / med(t),
+                       same_tokens=got == want, common_prefix=next((i for i, (a, b) in enumerate(zip(got, want))
+                                                                   if a != b), len(want)))
+            res.setdefault("end_to_end", []).append(row)
+            print("end_to_end", json.dumps(row), flush=True)
+            save()
+        if args.end_to_end_only:
+            return
+        for n, rows, attn in ((8192, 1, attention.NAME), (8192, 8, attention.NAME), (8192, 1, "sdpa"),
+                              (8192, 8, "sdpa"), (32768, 1, attention.NAME), (32768, 8, attention.NAME)):
+            try:
+                res.setdefault("static", []).append(_static_decode(model, cfg, n, rows, 128, args.repeats, attn))
+            except Exception as e:  # noqa: BLE001 - recorded, the next case still runs
+                res.setdefault("static", []).append({"cache": n, "rows": rows, "attention": attn,
+                                                     "error": repr(e)[:300]})
+            save()
+        model.set_attn_implementation("sdpa")
+        if args.length:
+            for length, depths, seeds in GRIDS:
+                if length <= args.length:
+                    _runner_vs_naive(model, cfg, res, length, args.max_new, args.repeats,
+                                     variants=(("runner_bs8", 8, True),), depths=depths, seeds=seeds)
+                    save()
+
+
+def _timed_stretches(decoder, log: list[tuple[int, int, float]]) -> None:
+    """Record (cached, fed, seconds) of every prefill call of ``decoder`` (CUDA-synchronized)."""
+    plain = decoder._forward
+
+    def timed_call(ids, cache):
+        torch.cuda.synchronize()
+        t, c = time.perf_counter(), cache.get_seq_length()
+        out = plain(ids, cache)
+        torch.cuda.synchronize()
+        log.append((c, len(ids), time.perf_counter() - t))
+        return out
+
+    decoder._forward = timed_call
+
+
+def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
+    """One real-width Mistral-4 MoE layer: BF16 grouped_mm vs ragkit NF4 prefill (experts dequantized 16 or 64 at a
+    time; bitsandbytes cannot dequantize all 128 in one call, 2.1e9 values) at each token count; medians of 5 after
+    2 warm-ups."""
+    import benchmarks.moe_nf4_gpu as moe
+
+    torch.manual_seed(0)
+    config = moe.text_config(1)
+    with torch.device(DEVICE):
+        bf16 = moe.Mistral4MoE(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in bf16.parameters():
+            p.normal_(0.0, 0.02)
+    nf4 = moe.nf4_layer(bf16, config)
+    config._experts_implementation = "grouped_mm"
+    with torch.no_grad():
+        for n in tokens:
+            x = torch.randn(1, n, config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+            row: dict[str, Any] = {"tokens": n, "bf16_grouped_mm_ms": moe.median_ms(lambda: bf16(x), 2, 5)}
+            for group in (nf4.experts.group_size, nf4.experts.num_experts // 2):  # 128 at once: > 2^31 elements
+                nf4.experts.group_size = group
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                row[f"nf4_group{group}_ms"] = moe.median_ms(lambda: nf4(x), 2, 5)
+                row[f"nf4_group{group}_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                row[f"nf4_group{group}_over_bf16"] = row[f"nf4_group{group}_ms"] / row["bf16_grouped_mm_ms"]
+            nf4.experts.group_size = max(1, -(-nf4.experts.num_experts // 8))
+            res.setdefault("moe_prefill", []).append(row)
+            print("moe_prefill", json.dumps(row), flush=True)
+    del bf16, nf4
+    torch.cuda.empty_cache()
+
+
+def nf4(args, res: dict, save: Callable[[], None]) -> None:
+    """Real-width Mistral-4 with ``--layers`` MoE layers (+ the Pixtral tower), written as a random FP8 checkpoint
+    and loaded as NF4 by ragkit's loader; the MoE layer's NF4 prefill vs BF16; then needle-shaped grids (random
+    tokens, depths 0/50/100 + control, one seed) at each ``--lengths`` through the runner (batch 8, prefill in
+    ``--chunk``-token chunks): wall per cell, tokens fed, peak memory, prefill and decode time per layer."""
+    from evals.core.decode import GreedyDecoder
+    import benchmarks.moe_nf4_gpu as moe
+    from ragkit.quant import load_nf4
+
+    _moe_prefill(res, (2048, 16384))
+    save()
+    ckpt = Path(args.ckpt)
+    t = time.perf_counter()
+    moe.write_checkpoint(ckpt, args.layers)
+    res["write_checkpoint_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model = load_nf4(ckpt, device=DEVICE, progress=False)
+    torch.cuda.synchronize()
+    cfg = model.config.get_text_config()
+    res.update(load_s=time.perf_counter() - t, layers=args.layers, weights_gib=torch.cuda.memory_allocated() / 2**30,
+               model=f"Mistral3ForConditionalGeneration, Mistral-4 text at real width, {args.layers} MoE layers, NF4")
+    save()
+    eos = [10**9]
+    with torch.inference_mode():
+        for T in [4096] + list(args.lengths):  # 4096: warm-up, not reported
+            prompts, base = _grid(cfg, T, args.max_new, depths=(0, 50, 100), seeds=(1,))
+            decoder = GreedyDecoder(model, eos, args.max_new, batch_size=8, prefill_chunk=args.chunk)
+            log: list[tuple[int, int, float]] = []
+            _timed_stretches(decoder, log)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            try:
+                rows = sorted(decoder.run_group(prompts, base), key=lambda d: d.index)
+            except torch.OutOfMemoryError as e:
+                res.setdefault("grid", []).append({"length": T, "oom": str(e)[:300]})
+                save()
+                continue
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+            if T == 4096:
+                continue
+            prefill = sum(s for _, _, s in log)
+            steps = -(-len(prompts) // 8) * (args.max_new - 1)
+            row = {"length": T, "cells": len(prompts), "wall_s": wall, "prefill_s": prefill, "decode_s": wall - prefill,
+                   "decode_steps": steps, "decode_ms_per_step": (wall - prefill) / steps * 1000,
+                   "prefill_s_per_layer": prefill / args.layers,
+                   "decode_ms_per_step_per_layer": (wall - prefill) / steps * 1000 / args.layers,
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                   "tokens_fed": sum(n for _, n, _ in log), "computed_tokens": sum(d.computed_tokens for d in rows),
+                   "prompt_tokens": sum(len(p) for p in prompts),
+                   "cells_s": [d.seconds for d in rows], "cells_computed": [d.computed_tokens for d in rows],
+                   "cells_reused": [d.reused_tokens for d in rows], "stretches": log}
+            res.setdefault("grid", []).append(row)
+            print("grid", json.dumps({k: v for k, v in row.items() if k != "stretches"}), flush=True)
+            save()
+        keys, values, first = _kv_rows(model, cfg, 1024, 1, 8)
+        dec = graph_decode.StaticDecode(model, keys, values, [1024], 1024, [first])
+        list(dec.steps(4))
+        res["static_decode_captured"] = dec.captured  # False: NF4 experts route tokens on the host
 
 
 def _random_bf16(model_class, cfg):
@@ -334,7 +571,9 @@ def kernels(args, res: dict, save: Callable[[], None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("dense", "mla", "kernels"))
+    p.add_argument("what", choices=("dense", "decode", "mla", "kernels", "nf4"))
+    p.add_argument("--ckpt", default=str(Path(tempfile.gettempdir()) / "mistral4_fp8"),
+                   help="nf4: where the random FP8 checkpoint is written")
     p.add_argument("--out", required=True)
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--long", type=int, default=0, help="dense: also fresh vs half-on-cache prefill at this length")
@@ -343,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--grid-only", action="store_true", help="dense: only the runner vs naive grid")
     p.add_argument("--prefill-only", action="store_true", help="dense: only the prefill cases")
+    p.add_argument("--end-to-end-only", action="store_true", help="decode: only generate() vs graph_decode.greedy")
     p.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0, 50, 100])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     p.add_argument("--chunk", type=int, default=16384)
@@ -357,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(res, indent=1))
 
     try:
-        {"dense": dense, "mla": mla, "kernels": kernels}[args.what](args, res, save)
+        {"dense": dense, "decode": decode, "mla": mla, "kernels": kernels, "nf4": nf4}[args.what](args, res, save)
     except Exception as e:  # noqa: BLE001 - what was measured before the failure is kept
         res["error"] = repr(e)[:500]
         save()

@@ -1,4 +1,4 @@
-"""Time to build a needle length's prompts (exact-length fit, control, offsets) with the SmolLM2 tokenizer:
+"""Time to build a needle length's prompts (exact-length fit, control, offsets) with the runs' codec over SmolLM2:
 a fresh run directory vs a resumed one whose ``tokens/`` cache holds the texts (evals/needle/token_cache.py).
 
     python -m benchmarks.prompt_build --length 32768 --out benchmarks/results/prompt_build.json
@@ -13,14 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
-
-from evals.needle.haystack import Estimator, SentencePool, TokenizerCodec
-from evals.needle.suite import NeedleSettings, build_cell, haystack_paths
 from evals.core.spec import Cell
-from evals.core.targets import tokenizer_fingerprint
+from evals.core.targets import LLMCodec, tokenizer_fingerprint
+from evals.needle.haystack import Estimator, SentencePool
+from evals.needle.suite import NeedleSettings, build_cell, haystack_paths
 from evals.needle.token_cache import CachedCodec
-from ragkit import models
+from ragkit import LocalLLM
 
 
 def build_all(codec, pool, s: NeedleSettings, length: int) -> float:
@@ -37,10 +35,11 @@ def main() -> None:
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    tok = PreTrainedTokenizerFast.from_pretrained(models.local_dir(models.resolve_llm("default")))
+    llm = LocalLLM("default")
+    tok = llm.tokenizer
     s = NeedleSettings(lengths=str(a.length))
     pool = SentencePool.from_paths(haystack_paths(s.haystack))
-    plain = TokenizerCodec(tok)
+    plain = LLMCodec(llm)
     with tempfile.TemporaryDirectory() as d:
         uncached = build_all(plain, pool, s, a.length)
         first = CachedCodec(plain, Path(d) / "tokens", tokenizer_fingerprint(tok))

@@ -12,7 +12,9 @@ causally) merged by their log-sum-exp (:func:`split_sdpa`), which ran faster tha
 Two functions are registered under :data:`NAME` (see :func:`use_lower_right`):
 - a mask function that returns no mask when the queries sit at the end of the keys and no padding is present, and
   otherwise builds the ``sdpa`` mask as before (left-padded batches, sliding windows, static caches);
-- an attention function that, with no mask, calls SDPA causally (lower-right) and otherwise exactly as ``sdpa``.
+- an attention function that, with no mask, calls SDPA causally (lower-right); for a decode step with a boolean
+  mask on CUDA (a padded batch, a static cache: :mod:`ragkit.graph_decode`) computes :func:`decode_attention`;
+  and otherwise calls exactly ``sdpa``.
 
 On a CPU SDPA has no lower-right kernel and materializes the pattern, so there is nothing to gain there; the
 outputs equal the default path's (tests/ragkit/test_attention.py) and ragkit switches it on for CUDA models only.
@@ -34,6 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from ragkit import mla
 
 NAME = "ragkit_sdpa"
+DECODE_CHUNK = 256  # slots per chunk of a decode step's probs @ value (static caches are sized in whole chunks)
 
 
 def _mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -55,6 +58,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
             mask = None if attention_mask is None else attention_mask[..., :key.shape[2]]
             return mla.attend(module, query, key, value, mask, scaling)
         key, value = module.ragkit_expand_kv(key, value)
+    if query.shape[2] == 1 and query.is_cuda and attention_mask is not None and attention_mask.dtype == torch.bool:
+        return decode_attention(query, key, value, attention_mask[..., :key.shape[2]], scaling), None
     if attention_mask is None and getattr(module, "is_causal", True) and 1 < query.shape[2] < key.shape[2]:
         return causal_sdpa(query, key, value, scaling), None
     # a decode step, a fresh prompt (plain causal) or a padded batch: exactly transformers' sdpa
@@ -78,6 +83,25 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     else:
         out = lower_right_sdpa(query, key, value, scaling)
     return out[..., :v_dim].transpose(1, 2).contiguous()
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                     scaling: float | None) -> torch.Tensor:
+    """One query per row (a decode step) on a padded or static cache: ``query [b, h, 1, d]`` on ``key``/``value
+    [b, h_kv, S, d]`` with a boolean ``[b, 1, 1, S]`` mask; returns ``[b, 1, h, d_v]``. Two matmuls and a float32
+    softmax with the query heads of each KV head grouped as rows, so K and V are read once, never repeated; SDPA's
+    kernels that take a mask give such a step one thread block per (row, KV head), a few percent of an H200."""
+    b, h, _, d = query.shape
+    kv, slots, dv = key.shape[1], key.shape[2], value.shape[-1]
+    q = query.view(b, kv, h // kv, d)
+    scores = (q @ key.transpose(-1, -2)).float() * (d**-0.5 if scaling is None else scaling)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(value.dtype)
+    if slots % DECODE_CHUNK or slots == DECODE_CHUNK:
+        return (probs @ value).reshape(b, h, 1, dv).transpose(1, 2)
+    # probs @ value reduces over every slot into a few rows: split the slots so the GPU works on all chunks at once
+    n = slots // DECODE_CHUNK
+    parts = probs.view(b, kv, -1, n, DECODE_CHUNK).transpose(2, 3) @ value.view(b, kv, n, DECODE_CHUNK, dv)
+    return parts.float().sum(2).to(value.dtype).reshape(b, h, 1, dv).transpose(1, 2)
 
 
 def lower_right_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):

@@ -31,9 +31,7 @@ from ragkit.errors import InvalidSettingError
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 # a sentence ends at . ! ? (closing quotes/brackets allowed) followed by whitespace and not a lowercase letter
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s+(?=[^\sa-z])")
-# chunk metadata is for display and filters, never part of what is embedded or shown to the LLM
 MIN_CONTENT_TOKENS = 8  # the smallest chunk worth embedding, special tokens excluded
-CHUNK_KEYS = ("file_path", "file_name", "part", "chunk_index", "char_start", "char_end", "cut_mid_sentence")
 
 
 @dataclass(frozen=True)
@@ -270,7 +268,7 @@ class TokenSentenceSplitter(NodeParser):
                 meta = dict(doc_meta, chunk_index=i, char_start=base + span.start, char_end=base + span.end)
                 if span.cut_mid_sentence:
                     meta["cut_mid_sentence"] = True
-                keys = list(meta)
+                keys = list(meta)  # metadata is for display and filters, never embedded or shown to the LLM
                 chunk = span.content(text)
                 out.append(
                     TextNode(

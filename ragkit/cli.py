@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import typer
 
@@ -40,24 +42,39 @@ def _ragkit_log(level: int) -> None:
 @app.command("plan")
 def plan_command(
     model: str = typer.Argument(..., help="Model directory, config.json, .gguf file, cached hub id, or 'default'."),
-    context: int = typer.Option(None, "--context", help="Tokens of KV cache to plan for [default: the model's maximum]."),
+    context: str = typer.Option(None, "--context", help="Tokens of KV cache to plan for, e.g. 262144 or 256k "
+                                "[default: the model's maximum]."),
     quant: str = typer.Option("nf4", "--quant", help=f"{', '.join(QUANTIZATIONS)} or none."),
     gpus: str = typer.Option(None, "--gpus", help="GPUs to split over, e.g. 3x24GiB or 80GiB,24GiB."),
     headroom: float = typer.Option(0.12, "--headroom", help="Fraction of each GPU kept free."),
     batch: int = typer.Option(1, "--batch", help="Sequences decoded at once."),
     moe_experts: str = typer.Option("ragkit", "--moe-experts", help="ragkit (expert-aware NF4) or stock bitsandbytes."),
+    gpu: str = typer.Option(None, "--gpu", help="Also project one prompt of --context tokens on this GPU (h200); "
+                            "with --project and no --gpu: the GPU present."),
+    project: bool = typer.Option(False, "--project", help="Project peak memory and time on the present GPU."),
 ) -> None:
-    """Plan memory: weights per precision, KV cache per token, and a per-GPU max_memory split."""
+    """Plan memory: weights per precision, KV cache per token, and a per-GPU max_memory split; with --gpu or
+    --project, also the projected peak memory and time of one prompt of --context tokens on one GPU."""
+    from ragkit import projection
     from ragkit.errors import RagkitError
+    from ragkit.placement import load_config
     from ragkit.planner import plan
 
     try:
-        result = plan(model, context=context, quant=quant, gpus=gpus, headroom=headroom, batch=batch,
+        tokens = None if context is None else projection.parse_tokens(context)
+        result = plan(model, context=tokens, quant=quant, gpus=gpus, headroom=headroom, batch=batch,
                       moe_experts=moe_experts)
+        if gpu or project:
+            name = projection.resolve_gpu(gpu)
+            rows = projection.project_grid(result, load_config(model)[0], [result.context], (), 1, True, 32, name)
     except RagkitError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(result.table(), nl=False)
+    if gpu or project:
+        typer.echo(projection.table(rows, name), nl=False)
+        if not rows[0].fits:
+            raise typer.Exit(2)
 
 
 @app.command("generate")
@@ -150,6 +167,12 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def _quiet_model_loading() -> None:
+    """No transformers progress bars or info lines; through the environment while transformers is not
+    imported yet (importing it costs a second that ``retrieve`` on the default embedder does not need)."""
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -157,9 +180,13 @@ def _quiet_model_loading() -> None:
 
 
 def _open(index: str, *, must_exist: bool, **kwargs):  # type: ignore[no-untyped-def]
-    from ragkit.pipeline import Pipeline
-
     from ragkit.store.url import is_store_url
+
+    if must_exist and not is_store_url(index):
+        from ragkit.store.index_dir import IndexDirectory
+
+        IndexDirectory(index).require()  # a missing index is reported before seconds of imports
+    from ragkit.pipeline import Pipeline
 
     _quiet_model_loading()
     if is_store_url(index):  # a server-backed store keeps its state itself; an empty one says so at retrieve

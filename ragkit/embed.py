@@ -1,4 +1,7 @@
-"""``SentenceTransformerEmbedding``: a LlamaIndex embedding model over sentence-transformers.
+"""``SentenceTransformerEmbedding``: a LlamaIndex embedding model over sentence-transformers models.
+
+Plain encoders (MiniLM's layout) run on transformers alone, bit-identical to sentence-transformers
+(:mod:`ragkit.encoder`); others are loaded by the sentence-transformers package.
 
 Embeddings are L2-normalized, so inner product equals cosine similarity (the FAISS store relies on it).
 ``model_name`` is a stable display id (``sentence-transformers/all-MiniLM-L6-v2`` for ``"default"``).
@@ -114,10 +117,10 @@ class SentenceTransformerEmbedding(BaseEmbedding):
             device=device,
             **kwargs,
         )
-        from sentence_transformers import SentenceTransformer
+        from ragkit.encoder import load_encoder
 
         try:
-            self._model = SentenceTransformer(str(location), device=device or "cpu", local_files_only=True)
+            self._model = load_encoder(location, device or "cpu")
         except Exception as exc:  # corrupt or unsupported files: say which model
             raise ModelLoadError(
                 f"Could not load the embedding model {model_name!r} from {location}: {exc}. "
@@ -157,12 +160,18 @@ class SentenceTransformerEmbedding(BaseEmbedding):
 
     @property
     def tokenizer(self) -> Any:
-        """The encoder's own (fast) tokenizer: chunking counts tokens with it."""
+        """The encoder's transformers tokenizer (fast; loaded at first use for plain encoders)."""
         return self._model.tokenizer
 
     @property
+    def fast_tokenizer(self) -> Any:
+        """The encoder's Rust ``tokenizers.Tokenizer``: chunking counts tokens with it."""
+        return getattr(self._model, "fast_tokenizer", None) or self._model.tokenizer.backend_tokenizer
+
+    @property
     def model(self) -> Any:
-        """The underlying ``SentenceTransformer``."""
+        """The underlying encoder: a :class:`~ragkit.encoder.PlainEncoder` (MiniLM and other plain sentence
+        encoders, without importing sentence-transformers) or a ``SentenceTransformer``."""
         return self._model
 
     def encode(self, texts: list[str]) -> Any:

@@ -72,13 +72,15 @@ class Ingestor:
         chunk_tokens: int | None = None,
         part_chars: int = DEFAULT_PART_CHARS,
     ):
-        for attr in ("tokenizer", "max_seq_length"):
-            if not hasattr(embed_model, attr):
+        # the Rust tokenizer where the embedder has one (a plain encoder then loads no transformers tokenizer)
+        tokenizer = getattr(embed_model, "fast_tokenizer", None) or getattr(embed_model, "tokenizer", None)
+        for attr, value in (("tokenizer", tokenizer), ("max_seq_length", getattr(embed_model, "max_seq_length", None))):
+            if value is None:
                 raise IngestError(
                     f"the embed_model {type(embed_model).__name__} has no .{attr}; token-aware chunking needs the "
                     f"embedder's tokenizer and max_seq_length (use ragkit.embed.SentenceTransformerEmbedding)"
                 )
-        self.splitter = TokenSentenceSplitter(embed_model.tokenizer, embed_model.max_seq_length, chunk_tokens)
+        self.splitter = TokenSentenceSplitter(tokenizer, embed_model.max_seq_length, chunk_tokens)
         self.pipeline = IngestionPipeline(
             transformations=[self.splitter, embed_model],
             vector_store=vector_store,

@@ -33,7 +33,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from ragkit import adapters as lora
-from ragkit import loading, models, prompts
+from ragkit import loading, models, prompts, reasoning
 from ragkit.errors import ContextWindowExceededError
 from ragkit.structured import StructuredPredictMixin
 
@@ -56,10 +56,13 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
     max_new_tokens: int = Field(default=256, description="Default generation budget per call.")
     temperature: float = Field(default=0.0, description="0 = greedy, deterministic decoding.")
     top_p: float = Field(default=1.0, description="Nucleus sampling mass when temperature > 0.")
+    reasoning_effort: str | None = Field(default=None, description="The chat template's reasoning mode "
+                                         "(none | high; None: the template's default), see ragkit/reasoning.py.")
 
     _model: Any = PrivateAttr()
     _tokenizer: Any = PrivateAttr()
     _adapters: list[lora.Adapter] = PrivateAttr(default_factory=list)
+    _static: bool = PrivateAttr(default=False)
 
     def __init__(
         self,
@@ -80,6 +83,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         trust_remote_code: bool = False,
         adapter: lora.AdapterArg = None,
         merge_adapter: bool = False,
+        reasoning_effort: str | None = None,
     ) -> None:
         loading.check_quantization(quantization)
         adapters = lora.read_adapters(adapter)
@@ -88,6 +92,10 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         if adapters:
             lora.check_against(adapters, loading.empty_model(directory, trust_remote_code=trust_remote_code),
                                merge=merge_adapter, quantized=quantization is not None)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tok_dir = directory if tokenizer is None else models.local_dir(models.resolve_llm(tokenizer))
+            tokenizer = loading.load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
+        reasoning.check(tokenizer, reasoning_effort)  # before the weights load
         hf_model = loading.load_model(
             directory,
             quantization=quantization,
@@ -99,9 +107,6 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
             trust_remote_code=trust_remote_code,
         )
         hf_model = lora.attach(hf_model, adapters, merge=merge_adapter, quantized=quantization is not None)
-        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tok_dir = directory if tokenizer is None else models.local_dir(models.resolve_llm(tokenizer))
-            tokenizer = loading.load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
         self._setup(
             hf_model,
             tokenizer,
@@ -110,6 +115,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
             temperature=temperature,
             top_p=top_p,
             system_prompt=system_prompt,
+            reasoning_effort=reasoning_effort,
         )
         self._adapters = adapters
 
@@ -117,12 +123,13 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
     def from_pretrained_objects(cls, model: Any, tokenizer: Any, *, model_name: str | None = None, **kw: Any) -> LocalLLM:
         """Wrap an already loaded transformers model and tokenizer (no files are read).
 
-        ``kw``: max_new_tokens, temperature, top_p, system_prompt.
+        ``kw``: max_new_tokens, temperature, top_p, system_prompt, reasoning_effort.
         """
         if "bitsandbytes" in sys.modules:  # a 4-bit model: keep shapes the packed CPU kernel cannot take off it
             from ragkit.quant.nf4 import set_cpu_packing
 
             set_cpu_packing(model)
+        reasoning.check(tokenizer, kw.get("reasoning_effort"))
         llm = cls.__new__(cls)
         llm._setup(model, tokenizer, model_name=model_name or model.config.name_or_path or type(model).__name__, **kw)
         return llm
@@ -131,6 +138,12 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         CustomLLM.__init__(self, context_window=prompts.context_window(model), **fields)
         self._model = model.eval()
         self._tokenizer = tokenizer
+        from ragkit import graph_decode
+        from ragkit.attention import use_lower_right
+
+        self._static = graph_decode.supported(model)
+        if self._static:  # mask-free prefill on a cache, grouped decode attention, MLA on its latents
+            use_lower_right(model)
 
     @classmethod
     def class_name(cls) -> str:
@@ -174,7 +187,7 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
 
         ``system_prompt`` is prepended as a system message unless the messages start with one.
         """
-        return prompts.chat_prompt(self._tokenizer, messages, self.system_prompt)
+        return prompts.chat_prompt(self._tokenizer, messages, self.system_prompt, self.reasoning_effort)
 
     def encode_prompt(self, prompt_text: str) -> list[int]:
         """Exactly the ids the model sees for ``prompt_text``: one BOS if the tokenizer uses one, never two.
@@ -205,8 +218,16 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         """
         import torch
 
+        from ragkit import graph_decode
+
+        args = self._generate_args(input_ids, gen)
+        config = args["generation_config"]
+        plain = "logits_processor" not in args and "tokenizer" not in args  # no JSON schema, no stop strings
+        if self._static and plain and graph_decode.plain_greedy(config):
+            # plain greedy on one GPU: decode steps replayed as a CUDA graph (ragkit.graph_decode), same tokens
+            return graph_decode.greedy(self._model, input_ids, config.max_new_tokens, self._eos_ids())
         with torch.inference_mode():
-            out = self._model.generate(**self._generate_args(input_ids, gen))
+            out = self._model.generate(**args)
         return out[0, len(input_ids) :].tolist()
 
     @llm_completion_callback()
@@ -278,6 +299,9 @@ class LocalLLM(StructuredPredictMixin, CustomLLM):
         return [eos] if isinstance(eos, int) else list(eos or [])
 
     def _decode(self, ids: Sequence[int]) -> str:
+        """The answer text of generated ids (in reasoning mode: what follows the thinking)."""
+        if self.reasoning_effort is not None:
+            return reasoning.split(self._tokenizer, ids).answer
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def _stream(self, args: dict[str, Any], stop: str | Sequence[str] | None) -> CompletionResponseGen:

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ragkit import tekken
 from ragkit.errors import ModelLoadError, QuantizationError
 from ragkit.models import model_class
 from ragkit.placement import max_memory_with_headroom
@@ -75,11 +76,15 @@ def check_weights(directory: Path) -> list[Path]:
 
 
 def load_tokenizer(directory: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in ``directory``."""
+    """The tokenizer saved in ``directory`` (a Tekken one as :func:`ragkit.tekken.load_tokenizer` loads it)."""
     from transformers import AutoTokenizer
 
     try:
+        if tekken.is_tekken(directory):
+            return tekken.load_tokenizer(directory)
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"Could not load a tokenizer from {directory}: {type(exc).__name__}: {exc}") from exc
 

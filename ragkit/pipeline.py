@@ -147,8 +147,7 @@ class Pipeline:
     @classmethod
     def load(cls, index_dir: str | os.PathLike[str], **kwargs: Any) -> Pipeline:
         """Open an existing index; :class:`IndexNotFoundError` if there is none at ``index_dir``."""
-        if not IndexDirectory(index_dir).exists():
-            IndexDirectory(index_dir).current_name()  # raises IndexNotFoundError with the reason
+        IndexDirectory(index_dir).require()
         return cls(index_dir, **kwargs)
 
     # ---- state ------------------------------------------------------------------------------------
@@ -178,7 +177,7 @@ class Pipeline:
                 f"{source}, {problem}. Put that model back at {source}, or pass "
                 f"--embed-model DIR (embed_model=) with the same model (content fingerprint "
                 f"{str(recorded.get('fingerprint'))[:12]})."
-            ) from None
+            ) from exc
 
     def _recorded(self) -> dict[str, Any]:
         """The live snapshot's pipeline settings (embedder identity, chunker); {} for no or a bad index."""
@@ -365,10 +364,10 @@ class Pipeline:
 
     def _warn_if_truncated(self, query: str) -> None:
         """Warn when the embedder will read only the start of ``query`` (it truncates at max_seq_length)."""
-        tokenizer, limit = getattr(self.embed_model, "tokenizer", None), getattr(self.embed_model, "max_seq_length", None)
-        if tokenizer is None or limit is None or len(query) <= limit:  # a token spans at least one character
+        limit = self.ingestor.splitter.chunker.max_tokens  # the embedder's max_seq_length
+        if len(query) <= limit:  # a token spans at least one character
             return
-        n = len(tokenizer(query, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+        n = len(self.ingestor.splitter.chunker.backend.encode(query, add_special_tokens=True).ids)
         if n > limit:
             warnings.warn(
                 f"the query has {n} tokens; the embedder {self.embed_model.model_name!r} reads the first {limit} "

@@ -11,10 +11,12 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from ragkit.errors import ModelLoadError
 
 
-def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage] | str, system_prompt: str | None) -> str:
+def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage] | str, system_prompt: str | None,
+                reasoning_effort: str | None = None) -> str:
     """The chat-template text for ``messages`` (a str is one user message), generation prompt added.
 
-    ``system_prompt`` is prepended as a system message unless the messages start with one.
+    ``system_prompt`` is prepended as a system message unless the messages start with one;
+    ``reasoning_effort`` goes to the template when set (ragkit/reasoning.py checks the template takes it).
     """
     if isinstance(messages, str):
         messages = [ChatMessage(role=MessageRole.USER, content=messages)]
@@ -23,7 +25,8 @@ def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage] | str, system_pr
         turns.insert(0, {"role": "system", "content": system_prompt})
     if tokenizer.chat_template is None:
         return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
-    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    extra = {} if reasoning_effort is None else {"reasoning_effort": reasoning_effort}
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, **extra)
 
 
 def encode_prompt(tokenizer: Any, prompt_text: str) -> list[int]:

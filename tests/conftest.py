@@ -82,6 +82,32 @@ def tiny_mistral4_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral4_tekken_dir(tmp_path_factory):
+    """A random Mistral-Small-4-shaped model (Mistral3 + Mistral4 MoE text + Pixtral vision) at the real vocabulary
+    (131,072) with a reasoning Tekken tokenizer (ragkit.tekken.save_tokenizer: mistral-common's shipped Tekken
+    vocabulary, [THINK]/[/THINK], reasoning_effort none|high), saved as Mistral's repositories ship it."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4Config, PixtralVisionConfig
+
+    from ragkit import tekken
+
+    text = Mistral4Config(
+        vocab_size=131072, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+        kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=11,
+    )
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=64, patch_size=8, head_dim=16)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=10, spatial_merge_size=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_mistral4_tekken") / "model"
+    Mistral3ForConditionalGeneration(config).save_pretrained(path)
+    tekken.save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def repo_root():
     """The checkout's root directory (corpora/, evals/, ...)."""
     from pathlib import Path

@@ -157,6 +157,13 @@ def test_ragkit_never_imports_evals():
     assert not {m: ts for m, ts in bad.items() if ts}
 
 
+def test_evals_core_names_no_suite():
+    """The shared machinery reads the suites from evals.core.registry; it imports no suite package."""
+    bad = {m: sorted(t for t in ts if not t.startswith(("evals.core", "ragkit")) and t != "evals")
+           for m, ts in import_graph().items() if m.startswith("evals.core")}
+    assert not {m: ts for m, ts in bad.items() if ts}
+
+
 def test_ragkit_public_names_are_pinned():
     import ragkit
 

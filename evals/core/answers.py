@@ -17,6 +17,7 @@ import re
 from typing import Any, Iterable
 
 from evals.core.errors import SettingsError
+from evals.core.scoring import normalize
 
 ANSWER_FORMATS = ("text", "json")
 CONSTRAINED = ("no", "yes", "both")
@@ -126,6 +127,21 @@ def json_checks(answer: str, schema: dict[str, Any]) -> dict[str, bool]:
         only = False
     return {"json_parses": value is not None,
             "json_valid": value is not None and Draft202012Validator(schema).is_valid(value), "json_only": only}
+
+
+def field_match(value: Any, reference: dict[str, Any]) -> tuple[float, bool]:
+    """(score, found) of a parsed JSON answer against the reference object: every field holds its value
+    (compared normalized: case, Unicode form); a list field all of its values and no other. Score = values
+    matched / (values expected + other values given), as the strict text scorer counts; no object scores 0."""
+    if not isinstance(value, dict):
+        return 0.0, False
+    hit = extra = total = 0
+    for key, want in reference.items():
+        got = value.get(key)
+        wanted = {normalize(str(x)) for x in (want if isinstance(want, list) else [want])}
+        given = {normalize(str(x)) for x in (got if isinstance(got, list) else [] if got is None else [got])}
+        hit, extra, total = hit + len(wanted & given), extra + len(given - wanted), total + len(wanted)
+    return hit / (total + extra), hit == total and extra == 0
 
 
 def add_flags(add: Any) -> None:

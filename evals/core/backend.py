@@ -6,7 +6,8 @@ of the same names in its settings (:class:`evals.core.settings.SuiteSettings`). 
 ``concurrency`` and ``timeout`` are run control, so a run resumes against a restarted server at another
 address or concurrency. See docs/serving.md. ``batch_size``
 (``--batch-size``, with the model flags) is run control too: how many cells the in-process backend decodes
-together (evals/core/decode.py), not what a cell measures. ``adapter`` (``--adapter``, LoRA directories on the local
+together (evals/core/decode.py), not what a cell measures; so is ``prefill_chunk`` (``--prefill-chunk``), the prompt
+tokens fed per forward call. ``adapter`` (``--adapter``, LoRA directories on the local
 model) is configuration by identity: the sha256 of each adapter's weights and config go into the hash, its path
 does not; without an adapter the hash is what it was before adapters existed (docs/lora.md).
 """
@@ -29,8 +30,14 @@ def add_model_flags(add: Callable[..., Any]) -> None:
     add("--device", help="cpu, cuda or auto (default: cuda when present, else cpu)")
     add("--adapter", nargs="+", help="LoRA adapter directories (PEFT, safetensors) on the model, all active; "
         "their identity (sha256 of weights and config) is part of the configuration hash")
+    add("--reasoning", choices=("none", "high"), help="the chat template's reasoning_effort (Mistral-Small-4: "
+        "none or high); the thinking between [THINK] and [/THINK] is stripped before scoring (raw_answer keeps "
+        "it) and counts against --max-new-tokens (default +1024 with high)")
     add("--batch-size", type=int, help="cells of a group decoded together after their shared-prefix prefill "
         "(default 8 on CUDA, 1 on CPU); run control: cell ids do not depend on it")
+    add("--prefill-chunk", type=int, help="prompt tokens fed per forward call, bounding activation memory (default: "
+        "on CUDA the largest power of two up to 16384 that fits a quarter of the free memory; on CPU the whole "
+        "prompt); run control")
 
 
 def add_flags(add: Callable[..., Any]) -> None:
@@ -52,6 +59,10 @@ def check(s: Any) -> None:
         raise SettingsError(f"--concurrency must be >= 1, got {s.concurrency}")
     if s.batch_size is not None and s.batch_size < 1:
         raise SettingsError(f"--batch-size must be >= 1, got {s.batch_size}")
+    if s.prefill_chunk is not None and s.prefill_chunk < 1:
+        raise SettingsError(f"--prefill-chunk must be >= 1 token, got {s.prefill_chunk}")
+    if s.backend == "openai" and s.prefill_chunk is not None:
+        raise SettingsError("--prefill-chunk applies to the in-process backend; a server schedules its own prefill")
     if s.backend == "local" and (s.concurrency > 1 or s.base_url or s.tokenizer):
         raise SettingsError("--concurrency, --base-url and --tokenizer need --backend openai; the in-process "
                             "backend shares each haystack's prefix and decodes --batch-size cells together")
@@ -61,6 +72,9 @@ def check(s: Any) -> None:
     if s.backend == "openai" and s.adapter:
         raise SettingsError("--adapter applies to the in-process backend; a server loads adapters on its own side")
     adapter_hashes(s.adapter)  # a missing or broken adapter fails now, before a run directory is touched
+    if s.backend == "openai" and s.reasoning is not None:
+        raise SettingsError("--reasoning applies to the in-process backend (its thinking is split off by token "
+                            "ids); a server decodes the thinking markers away")
     if s.backend == "openai" and s.quant != "none":
         raise SettingsError("--quant applies to the in-process backend; a server quantizes on its own side")
 
@@ -69,4 +83,4 @@ def load(s: Any) -> Target:
     """The model under test that ``s`` names (fails fast when a server does not answer)."""
     if s.backend == "openai":
         return load_served_target(s.base_url, s.model, s.tokenizer, s.max_new_tokens, s.timeout)
-    return load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens, s.adapter)
+    return load_target(s.model, s.quant, s.dtype, s.device, s.max_new_tokens, s.adapter, s.reasoning)

@@ -16,73 +16,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from xml.etree import ElementTree as ET
 
+from evals.core import registry
 from evals.core.errors import EvalError
-from evals.core.scoring import wilson
-from evals.core.stats import mcnemar_exact, min_flagged_drop, holm
-from evals.core.store import RunDir
 from evals.core.portable import portable_path
-from evals.needle.haystack import DEFAULT_GENRE, GENRES, haystack_sets
-from evals.core.report import code_line
+from evals.core.registry import Layout
+from evals.core.report import code_line, rate_text
 from evals.core.scorers import scorer_of
+from evals.core.stats import holm, mcnemar_exact, min_flagged_drop
+from evals.core.store import RunDir
 
 # settings allowed to differ between baseline and candidate: what a regression job puts under test
 UNDER_TEST = ("model", "quant", "dtype", "backend", "tokenizer", "adapter")
-
-
-def _length(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
-def _band(depth: float) -> str:
-    return "early (0-33%)" if depth < 100 / 3 else "middle (33-67%)" if depth <= 200 / 3 else "late (67-100%)"
-
-
-def _needle_groups(row: dict) -> list[str]:
-    mode = "" if row["mode"] == "context" else f"{row['mode']} "
-    return [f"{mode}length {_length(row['length'])}", f"{mode}depth {_band(row['depth'])}",
-            f"{mode}genre {row['genre']}"]
-
-
-def _litm_groups(row: dict) -> list[str]:
-    if row["task"] == "kv":
-        return [f"kv pairs={row['k']}", f"kv position {row['position']} of {row['k']}"]
-    if row["task"] == "rag":
-        return [f"rag ordering {row['ordering']}"]
-    if row["kind"] != "position":
-        return [f"qa control {row['kind']}"]
-    return [f"qa docs={row['k']}", f"qa position {row['position']} of {row['k']}"]
-
-
-def _needle_expected(meta: dict) -> set[tuple]:
-    """The needle cells a finished run holds: modes x lengths (context: those within the window) x seeds x depths."""
-    s = meta.get("settings", {})
-    window = (meta.get("model") or {}).get("context_window") or float("inf")
-    modes = ("context", "rag") if s.get("mode") == "both" else (s.get("mode"),)
-    return {(m, n, seed, float(d), s.get("needle"), "needle", g) for m in modes for n in s.get("lengths", ())
-            if m == "rag" or n <= window for seed in s.get("seeds", ()) for d in s.get("depths", ())
-            for g in haystack_sets(s.get("haystack") or GENRES[DEFAULT_GENRE])}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a suite's rows are compared: the coordinate fields of a cell, which rows count, their groups, and
-    (when the settings determine it) the scored cells a finished run must hold."""
-
-    coords: tuple[str, ...]
-    scored: Callable[[dict], bool]
-    groups: Callable[[dict], list[str]]
-    expected: Callable[[dict], set[tuple]] | None = None
-
-
-LAYOUTS: dict[str, Layout] = {
-    "needle": Layout(("mode", "length", "seed", "depth", "needle", "kind", "genre"),
-                     lambda r: r.get("kind") == "needle", _needle_groups, _needle_expected),  # controls: no needle
-    "lost_in_middle": Layout(("task", "qid", "item", "seed", "kind", "k", "position", "ordering"),
-                             lambda r: True, _litm_groups),
-}
 
 
 class InvalidComparison(EvalError):
@@ -146,12 +93,12 @@ def _key(row: dict, layout: Layout) -> tuple:
 
 def _scored_rows(run: RunDir, layout: Layout) -> tuple[dict[tuple, dict], int]:
     """Scored rows by coordinates (a re-run cell: the last row wins) and the number of rows without a score.
-    A needle row made before genres gets its run's one haystack set as its genre."""
+    A row made by older code gets the coordinates it lacks from the layout's defaults for its run."""
     out, unscored = {}, 0
-    single = next(iter(haystack_sets(run.read_run().get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])))
+    defaults = layout.defaults(run.read_run()) if layout.defaults else {}
     for row in run.rows():
-        if "genre" in layout.coords:
-            row.setdefault("genre", single)
+        for k, v in defaults.items():
+            row.setdefault(k, v)
         if not layout.scored(row):
             continue
         if not isinstance(row.get("found"), bool):
@@ -178,14 +125,14 @@ def _check_settings(base: dict, cand: dict) -> None:
                                 "tokens, so cells are not paired; compare models that share a tokenizer")
 
 
-def _check_scorers(base: dict[tuple, dict], cand: dict[tuple, dict]) -> None:
+def _check_scorers(base: dict[tuple, dict], cand: dict[tuple, dict], command: str) -> None:
     """Both runs scored by one and the same scorer (name and version), or InvalidComparison saying how to fix it."""
     used = {name: sorted({scorer_of(r) for r in rows.values()}) for name, rows in (("baseline", base),
                                                                                    ("candidate", cand))}
     if len(used["baseline"]) > 1 or len(used["candidate"]) > 1 or used["baseline"] != used["candidate"]:
         raise InvalidComparison(f"the runs were scored differently (baseline {', '.join(used['baseline'])}; "
                                 f"candidate {', '.join(used['candidate'])}); re-score both with the same scorer: "
-                                "python -m evals.needle --rescore RUN --scorer NAME (or evals.lost_in_middle)")
+                                f"{command} --rescore RUN --scorer NAME")
 
 
 def _describe(key: tuple, layout: Layout) -> str:
@@ -206,20 +153,22 @@ def compare(entry: str, baseline: Path, candidate: Path, alpha: float = 0.05, mi
         result.base_meta, result.cand_meta = base_run.read_run(), cand_run.read_run()
         result.suite = result.base_meta.get("suite", "?")
         _check_settings(result.base_meta, result.cand_meta)
-        layout = LAYOUTS.get(result.suite)
-        if layout is None:
-            raise InvalidComparison(f"suite {result.suite!r} has no comparison layout; known: {', '.join(LAYOUTS)}")
+        suite = registry.get(result.suite)
+        if suite is None:
+            raise InvalidComparison(f"suite {result.suite!r} has no comparison layout; known: "
+                                    f"{', '.join(registry.suites())}")
         if not all((m.get("model") or {}).get("tokenizer_fingerprint") for m in (result.base_meta, result.cand_meta)):
             result.notes.append("tokenizer fingerprint not recorded in both runs (made before it existed): "
                                 "checked prompt lengths only")
-        _pair(result, base_run, cand_run, layout, alpha, min_drop, correction)
+        _pair(result, base_run, cand_run, suite, alpha, min_drop, correction)
     except EvalError as e:  # InvalidComparison, or a damaged run directory: never a crash of the job
         result.invalid = str(e)
     return result
 
 
-def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout, alpha: float,
+def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, suite: registry.SuiteRecord, alpha: float,
           min_drop: float, correction: str) -> None:
+    layout = suite.layout
     base, base_unscored = _scored_rows(base_run, layout)
     cand, cand_unscored = _scored_rows(cand_run, layout)
     problems = []
@@ -236,7 +185,7 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout
         problems.append("the baseline has no scored cells")
     if problems:
         raise InvalidComparison("; ".join(problems))
-    _check_scorers(base, cand)
+    _check_scorers(base, cand, suite.command)
     lengths = [k for k in base if base[k].get("prompt_tokens") is not None and cand[k].get("prompt_tokens") is not None
                and base[k]["prompt_tokens"] != cand[k]["prompt_tokens"]]
     if lengths:
@@ -270,11 +219,6 @@ def _pair(result: Comparison, base_run: RunDir, cand_run: RunDir, layout: Layout
 
 
 # ---------------------------------------------------------------- reports
-
-
-def _rate(k: int, n: int) -> str:
-    lo, hi = wilson(k, n)
-    return f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]" if n else "0/0"
 
 
 def _who(meta: dict) -> str:
@@ -315,7 +259,7 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
     verdict = {0: "no regression", 1: "REGRESSION", 2: "INVALID COMPARISON"}[exit_code]
     lines = [f"# Regression check: {verdict} (exit {exit_code})", "",
              f"Exact McNemar test per group (two-sided binomial on discordant cells), alpha {alpha}, "
-             f"min drop {min_drop:.0%}, correction {correction}. Rates: passed/n [95% Wilson interval].", ""]
+             f"min drop {min_drop:.0%}, correction {correction}. Rates: passed/n with the 95% Wilson interval.", ""]
     for r in results:
         lines += [f"## {r.entry} ({r.suite}): {r.status}", "",
                   f"- baseline: `{portable_path(r.baseline)}` ({_who(r.base_meta)})",
@@ -329,7 +273,7 @@ def markdown(results: list[Comparison], alpha: float, min_drop: float, correctio
         for g in r.groups:
             verdict_g = "**regression**" if g.regression else "improvement" if g.improvement else ""
             p = f"{g.p_value:.3g}" + (f" (adj {g.p_adjusted:.3g})" if correction != "none" else "")
-            lines.append(f"| {g.name} | {g.n} | {_rate(g.base_pass, g.n)} | {_rate(g.cand_pass, g.n)} | "
+            lines.append(f"| {g.name} | {g.n} | {rate_text(g.base_pass, g.n)} | {rate_text(g.cand_pass, g.n)} | "
                          f"{(g.cand_pass - g.base_pass) / max(g.n, 1):+.0%} | {g.b} | {g.c} | {p} | {verdict_g} |")
         lines += ["", _power(r.groups, alpha, min_drop, correction)]
         worse = [g.name for g in r.groups if g.regression]
@@ -358,7 +302,7 @@ def junit(results: list[Comparison]) -> str:
             continue
         for g in r.groups:
             case = ET.SubElement(suite, "testcase", classname=f"regress.{r.entry}", name=g.name)
-            text = (f"{g.name}: baseline {_rate(g.base_pass, g.n)}, candidate {_rate(g.cand_pass, g.n)}, "
+            text = (f"{g.name}: baseline {rate_text(g.base_pass, g.n)}, candidate {rate_text(g.cand_pass, g.n)}, "
                     f"pass->fail {g.b}, fail->pass {g.c}, p={g.p_value:.3g}")
             if g.regression:
                 ET.SubElement(case, "failure", message=text, type="Regression").text = text

@@ -21,12 +21,19 @@ holds depths x seeds + 1 cells, and each row holds a whole prompt's KV). On a CP
 stays 1, the path that holds the least memory. Memory: a batch holds its rows' KV besides the shared cache;
 on CUDA fewer rows are taken when they would not fit in half the free memory.
 
+Static decode. On one GPU the batch's rows get ``max_new_tokens`` free slots after the prompt and decode on them as a
+static cache, each step replayed as a CUDA graph (:mod:`ragkit.graph_decode`; H200, 7B-dense shape: a batch-8 step at
+an 8k cache 11.7 ms where the DynamicCache step of one row took 40-100 ms); rows that end stay in the graph.
+
 Attention. On CUDA the model is switched to ragkit's mask-free attention (:mod:`ragkit.attention`): a cell's
 tail on the shared cache attends lower-right causally without the query x key mask transformers' ``sdpa`` builds
 (on the H200, 7B-dense shape: a 32k tail on a 46-token cache 87 -> 45 us/token, fresh 43; at 128k, half on half,
 19.2 -> 7.7 s and 36.5 -> 16.1 GiB transient), and MLA models decode on their latent cache (:mod:`ragkit.mla`).
 On a CPU SDPA has no lower-right kernel, so the model is left as it is. ``prefill_chunk`` feeds long stretches
-in chunks of that many tokens (activation memory bounded by the chunk instead of the prompt; None: one call).
+in chunks of that many tokens (activation memory bounded by the chunk instead of the prompt). Default
+(:func:`default_prefill_chunk`): on CUDA the largest power of two up to 16,384 whose estimated activations take at
+most a quarter of the free GPU memory (real-width Mistral-4 NF4: a 256k cell peaks at 17.4 GiB for 4 layers with
+16k chunks, where unchunked it would need ~137 GB for 36); on a CPU one call, as before.
 
 Accounting. ``computed_tokens`` of a row counts every prompt token fed for it, including the stretch of the
 shared prefix its prefill was the first to need (the first cell of a group computes the prefix up to its needle,
@@ -51,6 +58,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ragkit import graph_decode
 from ragkit.attention import use_lower_right
 
 
@@ -77,11 +85,41 @@ def default_batch_size(device: torch.device | str) -> int:
     return 8 if torch.device(device).type == "cuda" else 1
 
 
+MAX_PREFILL_CHUNK = 16_384  # the chunk the H200 measurements used (benchmarks/results/gpu_engine_h200)
+
+
+def activation_bytes_per_token(config) -> int:
+    """A generous estimate of one prefill token's transient activations in one layer (bytes, 2-byte dtype, x4 for
+    the copies a forward keeps alive): the MLP's or the active experts' up/gate/act rows, the residual stream and
+    the attention projections. Attention scores are not counted: SDPA's flash kernels never hold them."""
+    text = getattr(config, "text_config", None) or config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    mlp = max(getattr(text, "intermediate_size", 0) or 0,
+              (getattr(text, "num_experts_per_tok", 0) or 0) * (getattr(text, "moe_intermediate_size", 0) or 0))
+    return 2 * 4 * (3 * mlp + 6 * hidden + 4 * heads * head_dim)
+
+
+def default_prefill_chunk(model) -> int | None:
+    """Tokens fed per forward call by default: None (the whole stretch at once) off CUDA; on CUDA the largest power
+    of two <= MAX_PREFILL_CHUNK whose :func:`activation_bytes_per_token` fit in a quarter of the free memory."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    chunk, per_token = MAX_PREFILL_CHUNK, activation_bytes_per_token(model.config)
+    while chunk > 256 and chunk * per_token > free / 4:
+        chunk //= 2
+    return chunk
+
+
 class GreedyDecoder:
     """Greedy decoding on a Hugging Face causal LM with prefix-cache reuse within a group of prompts.
 
     ``batch_size``: cells decoded together (None: :func:`default_batch_size` of the model's device); 1 decodes
-    each cell on the shared cache as soon as it is prefilled.
+    each cell on the shared cache as soon as it is prefilled. ``prefill_chunk``: tokens per forward call while
+    prefilling (None: :func:`default_prefill_chunk`).
     """
 
     def __init__(self, model, eos_ids: Sequence[int], max_new_tokens: int, batch_size: int | None = None,
@@ -93,9 +131,10 @@ class GreedyDecoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = default_prefill_chunk(model) if prefill_chunk is None else prefill_chunk
         if self.device.type == "cuda":  # tails on the shared cache without a query x key mask (ragkit.attention)
             use_lower_right(model)
+        self.static = graph_decode.supported(model)  # batches decode on a static cache, as CUDA graphs
 
     @torch.inference_mode()
     def _forward(self, ids: Sequence[int], cache: DynamicCache) -> torch.Tensor:
@@ -164,7 +203,9 @@ class GreedyDecoder:
                 if goes_on:
                     if batch is None:
                         width = max(len(prompts[j]) for j in wanted)
-                        batch = _Batch(prefix.cache, self._rows_that_fit(prefix.cache, width, len(wanted)), width)
+                        room = graph_decode.static_slots(width + self.max_new_tokens) - width if self.static else 0
+                        rows = self._rows_that_fit(prefix.cache, width + room, len(wanted))
+                        batch = _Batch(prefix.cache, rows, width, room)
                     batch.add(row, prefix.cache)
                 prefix.release(prompts[i], first)
                 row.seconds = time.perf_counter() - t0
@@ -173,7 +214,29 @@ class GreedyDecoder:
                 if batch is not None and batch.full:
                     break
             if batch is not None:
-                yield from self._decode(batch, choose)
+                static = self.static and all(c.processor is None for c in choose)  # a grammar masks on the CPU side
+                yield from self._decode_static(batch) if static else self._decode(batch, choose)
+
+    def _decode_static(self, batch: _Batch) -> Iterator[Decoded]:
+        """As :meth:`_decode`, on the batch's buffers as a static cache (:class:`ragkit.graph_decode.StaticDecode`):
+        rows that end stay in the graph, their later tokens dropped."""
+        rows, n = batch.rows, len(batch.rows)
+        steps = graph_decode.StaticDecode(
+            self.model, [k[:n] for k in batch.keys], [v[:n] for v in batch.values],
+            [r.reused_tokens + r.computed_tokens for r in rows], batch.width, [r.new_ids[-1] for r in rows])
+        live = list(range(n))
+        t0 = time.perf_counter()
+        for tokens in steps.steps(self.max_new_tokens - 1):
+            now = time.perf_counter()
+            share, t0 = (now - t0) / len(live), now
+            for j in list(live):
+                rows[j].seconds += share
+                rows[j].decode_seconds += share
+                if not self._grow(rows[j].new_ids, tokens[j]):
+                    live.remove(j)
+                    yield rows[j]
+            if not live:
+                return
 
     def _decode(self, batch: _Batch, choose: list[_Chooser]) -> Iterator[Decoded]:
         """Greedy steps over the batch's rows until every row has ended; a row is yielded when it ends."""
@@ -281,12 +344,12 @@ class _Prefix:
 
 
 class _Batch:
-    """KV rows left-padded to ``width`` positions, filled one prefilled cell at a time from the shared cache."""
+    """KV rows left-padded to ``width`` positions (and ``room`` free ones after them for a static-cache decode),
+    filled one prefilled cell at a time from the shared cache."""
 
-    def __init__(self, cache: DynamicCache, rows: int, width: int):
+    def __init__(self, cache: DynamicCache, rows: int, width: int, room: int = 0):
         self.width, self.capacity, self.rows = width, rows, []
-        self.keys = [_rows_like(layer.keys, rows, width) for layer in cache.layers]
-        self.values = [_rows_like(layer.values, rows, width) for layer in cache.layers]
+        self.keys, self.values = graph_decode.buffers_like(cache, rows, width + room)
 
     @property
     def full(self) -> bool:
@@ -296,8 +359,8 @@ class _Batch:
         """Copy the cache (this cell's whole prompt) into the next row, right-aligned."""
         r, n = len(self.rows), cache.get_seq_length()
         for dst_k, dst_v, layer in zip(self.keys, self.values, cache.layers):
-            dst_k[r, :, self.width - n:] = layer.keys[0, :, :n]
-            dst_v[r, :, self.width - n:] = layer.values[0, :, :n]
+            dst_k[r, :, self.width - n:self.width] = layer.keys[0, :, :n]
+            dst_v[r, :, self.width - n:self.width] = layer.values[0, :, :n]
         self.rows.append(row)
 
     def drain(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -305,10 +368,6 @@ class _Batch:
         n = len(self.rows)
         while self.keys:
             yield self.keys.pop(0)[:n], self.values.pop(0)[:n]
-
-
-def _rows_like(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    return t.new_zeros(rows, t.shape[1], width, t.shape[3])
 
 
 def _crop_to(cache: DynamicCache, length: int) -> None:

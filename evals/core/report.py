@@ -1,5 +1,5 @@
-"""Report helpers every suite uses: the rate table (found/n, rate, Wilson interval, mean score per group), the
-code and scoring lines of a report's header."""
+"""Report helpers every suite uses: the rate table (found/n, rate, Wilson interval, mean score per group), a
+rate as text, the code and scoring lines of a report's header."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def rate_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     out["ci_low"] = [round(a, 4) for a, _ in ci]
     out["ci_high"] = [round(b, 4) for _, b in ci]
     return out
+
+
+def rate_text(k: int, n: int) -> str:
+    """``k`` of ``n`` as every report writes a rate: ``12/15 = 80% (95% CI 55–93%)`` (Wilson interval)."""
+    if not n:
+        return "0/0"
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} = {k / n:.0%} (95% CI {100 * lo:.0f}–{100 * hi:.0f}%)"
 
 
 def code_line(git: dict) -> str:

@@ -11,11 +11,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from evals.core.errors import RunDirError
-from evals.core.scorers import SCORERS, check, scorer_of
+from evals.core.scorers import DEFAULT, SCORERS, check, scorer_of
 from evals.core.store import RESULTS, RunDir
+
+if TYPE_CHECKING:
+    from evals.core.registry import SuiteRecord
 
 
 def rescore(run: str | Path, scorer: str, score_row: Callable[[dict[str, Any], str, dict[str, Any]], dict[str, Any]],
@@ -49,3 +52,13 @@ def rescore(run: str | Path, scorer: str, score_row: Callable[[dict[str, Any], s
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     dst.write_run(meta)
     return dst
+
+
+def rescore_command(suite: SuiteRecord, run: str | Path, scorer: str | None, out: str | Path | None) -> RunDir:
+    """``--rescore RUN [--scorer NAME] [--out DIR]`` of a suite's command: re-score with the suite's own rule,
+    rewrite its report, say where it is."""
+    scorer = scorer or DEFAULT
+    run_dir = rescore(run, scorer, suite.code.rescore_row, out)
+    suite.code.write_report(run_dir)
+    print(f"re-scored {run} with {scorer}; report: {run_dir.path / 'report.md'}")
+    return run_dir

@@ -92,16 +92,18 @@ def progress_columns() -> tuple:
 
 
 def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, show_progress: bool = True,
-        concurrency: int = 1, batch_size: int | None = None) -> RunStats:
+        concurrency: int = 1, batch_size: int | None = None, prefill_chunk: int | None = None) -> RunStats:
     """Run every cell of ``suite`` not in ``done``; rows are appended to ``run_dir`` as they finish.
 
     A served target (``--backend openai``) goes through :func:`run_concurrent`, ``concurrency`` requests at a time.
-    An in-process one decodes ``batch_size`` cells of a group together (None: evals.core.decode's device default).
+    An in-process one decodes ``batch_size`` cells of a group together and prefills ``prefill_chunk`` tokens per
+    forward call (None: evals.core.decode's defaults for the model's device).
     """
     if target.served:
         return run_concurrent(suite, target, run_dir, done, concurrency=concurrency, show_progress=show_progress)
     n_todo, groups = todo_groups(suite, done)
-    decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens, batch_size=batch_size)
+    decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens, batch_size=batch_size,
+                            prefill_chunk=prefill_chunk)
     stats = RunStats()
     t_start = time.perf_counter()
     with Progress(*progress_columns(), disable=not show_progress, transient=False) as progress:
@@ -111,12 +113,11 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
             processors = [None if j.schema is None else target.json_processor(j.schema) for j in group.jobs]
             for d in decoder.run_group([j.ids for j in group.jobs], group.base, processors):
                 job = group.jobs[d.index]
-                answer = target.decode(d.new_ids)
                 row = dict(job.row)
-                row.update(answer=answer, answer_tokens=len(d.new_ids), reused_tokens=d.reused_tokens,
-                           computed_tokens=d.computed_tokens, seconds=round(d.seconds, 3),
+                row.update(target.answer_fields(d.new_ids), answer_tokens=len(d.new_ids),
+                           reused_tokens=d.reused_tokens, computed_tokens=d.computed_tokens, seconds=round(d.seconds, 3),
                            decode_seconds=round(d.decode_seconds, 4))
-                row.update(suite.score(job, answer))
+                row.update(suite.score(job, row["answer"]))
                 run_dir.append(row)
                 stats.add(row, len(job.ids), d.computed_tokens)
                 stats.tick(progress, bar, t_start)

@@ -19,7 +19,9 @@ from evals.core.targets import adapter_hashes
 from ragkit.store.url import redact_url
 
 # fields that do not change what a cell measures (left out of the configuration hash)
-BACKEND_RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size")
+BACKEND_RUN_CONTROL = ("base_url", "concurrency", "timeout", "batch_size", "prefill_chunk")
+REASONING = ("none", "high")  # --reasoning: the chat template's reasoning_effort (ragkit.reasoning.EFFORTS)
+THINKING_BUDGET = 1024  # tokens added to a suite's default --max-new-tokens under --reasoning high
 
 
 class SuiteSettings(BaseModel):
@@ -33,9 +35,11 @@ class SuiteSettings(BaseModel):
     concurrency: int = 1
     timeout: float = 300.0
     batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
+    prefill_chunk: int | None = None  # local: prompt tokens per forward call (None: sized from free GPU memory)
     adapter: tuple[str, ...] = ()  # local: LoRA adapter directories on the model (hashed by identity)
     answer_format: str = "text"  # json: the answer is one JSON object of the suite's schema (evals/core/answers.py)
     constrained: str = "no"  # json: yes = decoded under the schema's grammar; both = free and constrained cells
+    reasoning: str | None = None  # local: the template's reasoning_effort (none | high); None: not set
 
     RUN_CONTROL: ClassVar[tuple[str, ...]] = BACKEND_RUN_CONTROL
     RECIPE_VERSION: ClassVar[int] = 1  # bump when prompt construction changes: old runs then refuse to resume
@@ -69,6 +73,18 @@ class SuiteSettings(BaseModel):
         answers.check(self.answer_format, self.constrained)
         return self
 
+    @field_validator("reasoning")
+    @classmethod
+    def _reasoning(cls, value: str | None) -> str | None:
+        if value is not None and value not in REASONING:
+            raise SettingsError(f"--reasoning {value!r} is unknown; choose one of {', '.join(REASONING)}")
+        return value
+
+    def answer_budget(self, answer_tokens: int) -> int:
+        """The default generation budget: ``answer_tokens``, plus THINKING_BUDGET when the model reasons
+        (its thinking is generated tokens too)."""
+        return answer_tokens + (THINKING_BUDGET if self.reasoning == "high" else 0)
+
     @classmethod
     def fields(cls) -> set[str]:
         """The names of every setting (what a suite file or a regress entry may set)."""
@@ -80,12 +96,14 @@ class SuiteSettings(BaseModel):
         Without the backend keys when local, so that runs made before the server backend existed keep
         their cell ids; adapters by identity (sha256 of weights and config, not their paths), and no
         ``adapter`` key without one, so runs made before adapters existed keep theirs too; likewise no
-        ``store`` key for FAISS, and a server's URL without its password; ``answer_format`` and ``constrained``
-        only when not text / no, so runs made before JSON answers keep theirs.
+        ``store`` key for FAISS, a server's URL without its password, no ``reasoning`` key unless set, and
+        ``answer_format`` and ``constrained`` only when not text / no, so runs made before JSON answers keep theirs.
         """
         d = self.model_dump()
         for k in self.RUN_CONTROL:
             d.pop(k)
+        if d["reasoning"] is None:
+            del d["reasoning"]
         if d.pop("adapter"):
             d["adapter"] = adapter_hashes(self.adapter)
         d["recipe_version"] = self.RECIPE_VERSION

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import ragkit
 from evals.core.errors import SettingsError
 from evals.core.rag_store import open_pipeline
+from ragkit import reasoning
+from ragkit.errors import InvalidSettingError
 from ragkit.loading import QUANTIZATIONS
 
 QUANTS = ("none", *QUANTIZATIONS)  # as the flags spell them
@@ -76,9 +78,33 @@ class Target:
         return structured.logits_processor(self.llm.tokenizer, self.model.config.get_text_config().vocab_size,
                                            schema, self.eos_ids)
 
+    def answer_fields(self, ids: Sequence[int]) -> dict[str, Any]:
+        """The row fields of generated ``ids``: ``answer`` (what is scored) and, in reasoning mode, the thinking
+        stripped from it: ``raw_answer`` (everything generated), ``reasoning_tokens``, ``reasoning_closed``."""
+        if getattr(self.llm, "reasoning_effort", None) is None:
+            return {"answer": self.decode(ids)}
+        r = reasoning.split(self.llm.tokenizer, ids)
+        return {"answer": r.answer, "raw_answer": r.raw, "reasoning_tokens": r.reasoning_tokens,
+                "reasoning_closed": r.closed}
+
     def generate_naive(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """The plain path: one ``generate`` call on the whole prompt (the reference for decode.py)."""
         return [t for t in self.llm.generate_ids(list(ids), max_new_tokens=max_new_tokens) if t not in self.eos_ids]
+
+
+def grid_projection(model: str, quant: str, lengths: Sequence[int], depths: Sequence[float], seeds: int,
+                    controls: bool, max_new_tokens: int, gpu: str | None, shared_haystack: bool) -> tuple[str, list[int]]:
+    """``--plan``: the text of a grid's projected peak memory and wall time per length on one GPU (``gpu``, else
+    the present one; ragkit.projection), and the lengths that will not fit. Reads only the model's config."""
+    from ragkit import projection
+    from ragkit.placement import load_config
+    from ragkit.planner import plan
+
+    config, _ = load_config(model)
+    name = projection.resolve_gpu(gpu)
+    rows = projection.project_grid(plan(config, context=max(lengths), quant=quant), config, lengths, depths, seeds,
+                                   controls, max_new_tokens, name, shared_haystack)
+    return projection.table(rows, name), [r.length for r in rows if not r.fits]
 
 
 def adapter_hashes(paths: Sequence[str]) -> list[dict[str, str]]:
@@ -91,8 +117,10 @@ def adapter_hashes(paths: Sequence[str]) -> list[dict[str, str]]:
 
 
 def load_target(model: str = "default", quant: str = "none", dtype: str | None = None,
-                device: str | None = None, max_new_tokens: int = 32, adapter: Sequence[str] = ()) -> Target:
-    """Load the model under test through ragkit.LocalLLM (greedy decoding), with its LoRA adapters if any."""
+                device: str | None = None, max_new_tokens: int = 32, adapter: Sequence[str] = (),
+                reasoning_effort: str | None = None) -> Target:
+    """Load the model under test through ragkit.LocalLLM (greedy decoding), with its LoRA adapters if any;
+    ``reasoning_effort``: the chat template's reasoning mode (a template without one fails here)."""
     if quant not in QUANTS:
         raise SettingsError(f"--quant {quant!r} is unknown; choose one of {', '.join(QUANTS)}")
     quantization = None if quant == "none" else quant
@@ -105,7 +133,13 @@ def load_target(model: str = "default", quant: str = "none", dtype: str | None =
         kwargs["device_map"] = device
     if adapter:
         kwargs["adapter"] = list(adapter)
-    return wrap(ragkit.LocalLLM(model, **kwargs), model, quant)
+    if reasoning_effort is not None:
+        kwargs["reasoning_effort"] = reasoning_effort
+    try:
+        llm = ragkit.LocalLLM(model, **kwargs)
+    except InvalidSettingError as e:
+        raise SettingsError(f"--reasoning: {e}") from None
+    return wrap(llm, model, quant)
 
 
 def wrap(llm: Any, name: str = "default", quant: str = "none") -> Target:
@@ -151,16 +185,17 @@ def load_served_target(base_url: str | None, model: str = "default", tokenizer: 
 
 
 class Retriever:
-    """Haystacks ingested through ragkit.Pipeline into FAISS indexes in the run directory; one embedder."""
+    """Haystacks ingested through ragkit.Pipeline into FAISS indexes in the run directory; one embedder.
+    ``table_prefix``: how a ``store`` server's tables are named (evals.core.rag_store)."""
 
-    def __init__(self, chunk_tokens: int, top_k: int, store: str | None = None):
-        self.chunk_tokens, self.top_k, self.store = chunk_tokens, top_k, store
+    def __init__(self, chunk_tokens: int, top_k: int, store: str | None = None, table_prefix: str = "rag"):
+        self.chunk_tokens, self.top_k, self.store, self.table_prefix = chunk_tokens, top_k, store, table_prefix
         self._embedder: Any = None
 
     def top_chunks(self, index_dir: Path, text: str, question: str) -> list[str]:
         """Ingest ``text`` (once per index_dir) and return the texts of the top-k chunks for ``question``."""
         index_dir.mkdir(parents=True, exist_ok=True)
-        pipeline = open_pipeline(index_dir / "index", self.store, "needle", embed_model=self._embedder,
+        pipeline = open_pipeline(index_dir / "index", self.store, self.table_prefix, embed_model=self._embedder,
                                  chunk_tokens=self.chunk_tokens, top_k=self.top_k)
         self._embedder = pipeline.embed_model
         src = index_dir / "haystack.txt"
@@ -193,12 +228,13 @@ def orderings() -> tuple[str, ...]:
 
 class CorpusRAG:
     """ragkit.Pipeline over corpus files in a persistent index (reused across runs): the top-k chunks of a
-    question, and the exact prompt ragkit assembles from them with an ordering strategy."""
+    question, and the exact prompt ragkit assembles from them with an ordering strategy (``table_prefix``: as
+    :class:`Retriever`'s)."""
 
     def __init__(self, index_dir: Path, paths: Sequence[Path], llm: Any, chunk_tokens: int, embedder: Any = None,
-                 store: str | None = None):
+                 store: str | None = None, table_prefix: str = "rag"):
         self.paths = list(paths)
-        self.pipeline = open_pipeline(index_dir, store, "litm", llm=llm, embed_model=embedder,
+        self.pipeline = open_pipeline(index_dir, store, table_prefix, llm=llm, embed_model=embedder,
                                       chunk_tokens=chunk_tokens)
 
     def ingest(self, show_progress: bool = True) -> Any:

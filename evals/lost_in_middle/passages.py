@@ -22,8 +22,10 @@ from typing import Any, Sequence, TypeVar
 
 import numpy as np
 
+from evals.core.answers import field_match, first_object
 from evals.core.errors import SettingsError
-from evals.core.scoring import answer_match
+from evals.core.files import text_files
+from evals.core.scoring import ANY, UUID, answer_match, normalize_squad, strict_match
 
 MIN_WORDS, MAX_WORDS = 40, 150
 DISTRACTORS = ("hard", "random")
@@ -85,14 +87,7 @@ class PassagePool:
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path]) -> PassagePool:
-        files: list[Path] = []
-        for p in map(Path, paths):
-            if p.is_dir():
-                files += sorted(f for f in p.rglob("*.txt") if f.is_file())
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise SettingsError(f"corpus path {str(p)!r} does not exist; give folders of .txt files")
+        files = text_files(paths, (".txt",), "corpus path {path!r} does not exist; give folders of .txt files")
         passages, sources = [], []
         for f in files:
             for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
@@ -179,3 +174,24 @@ def place_gold(distractors: Sequence[T], gold: T, position: int) -> list[T]:
     docs = list(distractors)
     docs.insert(position, gold)
     return docs
+
+
+def qa_scores(answer: str, golds: Sequence[str], task: str, json_field: str | None = None) -> dict[str, Any]:
+    """Strict and lenient verdicts of a lost-in-the-middle answer: QA golds are aliases (one suffices, compared
+    SQuAD-normalized); a key-value answer must commit to the asked UUID and claim no other one. ``json_field``:
+    strict judges only that field of the answer's JSON object (a key-value one must equal the UUID); lenient
+    reads the whole text either way."""
+    lenient = answer_match(answer, golds)
+    if json_field is not None:
+        value = first_object(answer)
+        field = value.get(json_field) if isinstance(value, dict) else None
+        if task == "kv":
+            found = field_match(value, {json_field: golds[0]})[1]
+        else:
+            found = isinstance(field, str) and any(strict_match(field, [g], ANY, normalize_squad).found for g in golds)
+    elif task == "kv":
+        found = strict_match(answer, golds, UUID).found
+    else:
+        found = any(strict_match(answer, [g], ANY, normalize_squad).found for g in golds)
+    return {"score_strict": float(found), "found_strict": found, "score_lenient": float(lenient),
+            "found_lenient": lenient}

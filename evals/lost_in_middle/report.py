@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.core.report import code_line, json_table, rate_table, scoring_line
+from evals.core.report import code_line, json_table, rate_table, rate_text, scoring_line
 from evals.core.scoring import wilson
 from evals.core.stats import mcnemar_exact
 from evals.core.store import RunDir
@@ -155,8 +155,7 @@ def orderings_plot(df: pd.DataFrame, path: Path, title: str, order: list[str]) -
 
 
 def _fmt(d: pd.DataFrame) -> str:
-    rate, lo, hi, k, n = _rate_ci(d)
-    return f"{k}/{n} = {100 * rate:.0f}% ({100 * lo:.0f}–{100 * hi:.0f})" if n else "–"
+    return rate_text(int(d["found"].sum()), len(d))
 
 
 def _p(p: float) -> str:

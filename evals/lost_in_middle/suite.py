@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Hashable, Sequence
 
@@ -19,21 +18,22 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from evals.core import answers, scorers
 from evals.core import backend as backends  # (the settings field is named backend)
 from evals.core.errors import SettingsError, TooLongError, cli_exit
+from evals.core.execute import Opened
+from evals.core.execute import execute as run_suite
 from evals.core.portable import portable_path
-from evals.core.rescore import rescore
-from evals.core.runner import Group, Job, run
+from evals.core.rescore import rescore_command
+from evals.core.runner import Group, Job
 from evals.core.scoring import answer_match
 from evals.core.settings import SuiteSettings
-from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_ints
-from evals.core.store import RunDir, provenance
+from evals.core.spec import Cell, load_suite_file, merge_settings, parse_ints
 from evals.core.targets import CorpusRAG, Target, cache_dir, load_embedder, orderings
-from evals.lost_in_middle import report as litm_report
+from evals.lost_in_middle import RECORD
 from evals.lost_in_middle.kv import KVObject, kv_user_text, make_kv
 from evals.lost_in_middle.passages import (DISTRACTORS, Distractors, PassagePool, QAItem, load_qa, place_gold,
-                                           select_questions)
+                                           qa_scores, select_questions)
 from ragkit.structured import instruction as structured_instruction
 
-SUITE = "lost_in_middle"
+SUITE = RECORD.name
 TASKS = ("qa", "kv", "both")
 REPO = Path(__file__).resolve().parents[2]
 QA_INSTRUCTION = ("Write a high-quality answer for the given question using only the provided search results "
@@ -159,7 +159,7 @@ class LitmSettings(SuiteSettings):
         self.orderings = tuple(dict.fromkeys(names))
         if self.questions < 1 or self.rag_top_k < 1 or self.chunk_tokens < 32:
             raise SettingsError("--questions and --rag-top-k must be >= 1, --chunk-tokens >= 32")
-        text_budget = 48 if self.kv else 32
+        text_budget = self.answer_budget(48 if self.kv else 32)
         if self.answer_format == "json":
             tasks = (["qa"] if self.qa else []) + (["kv"] if self.kv else [])
             self.max_new_tokens = answers.json_budget(text_budget, [SCHEMAS[t] for t in tasks], self.max_new_tokens)
@@ -342,10 +342,10 @@ def score_answer(answer: str, golds: Sequence[str], task: str, scorer: str, answ
     """The row fields a scorer writes for one answer; JSON answers also get the format checks (parses, valid,
     only the object) and strict judges the object's field."""
     if answer_format != "json":
-        return scorers.record(scorers.qa_scores(answer, golds, task), scorer)
+        return scorers.record(qa_scores(answer, golds, task), scorer)
     field = FIELDS["kv" if task == "kv" else "qa"]
     return {**answers.json_checks(answer, answer_schema(task)),
-            **scorers.record(scorers.qa_scores(answer, golds, task, field), scorer)}
+            **scorers.record(qa_scores(answer, golds, task, field), scorer)}
 
 
 def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[str, Any]:
@@ -358,37 +358,28 @@ def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[s
 
 def execute(s: LitmSettings, target: Target | None = None) -> Path:
     """Run (or resume) a lost-in-the-middle run; returns its directory. ``target``: an already loaded model."""
-    out = Path(s.out or f"runs/lost_in_middle-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     qa_path = _repo_path(s.qa_file)
     items = load_qa(qa_path)
     corpus = [_repo_path(p) for p in s.corpus]
     pool = PassagePool.from_paths(corpus)
-    hashed = {**s.hashed(), "pool": pool.fingerprint, "qa_fingerprint": _fingerprint(qa_path)}
-    config = config_hash(hashed)
-    run_dir = RunDir(out)
-    done = run_dir.open(SUITE, hashed, config, s.resume)
-    target = target or backends.load(s)
-    cache = Path(s.cache_dir) if s.cache_dir else cache_dir()
-    need_embedder = s.qa and (s.distractors == "hard" or s.orderings)
-    embedder = load_embedder() if need_embedder else None
-    rag = None
-    if s.qa and s.orderings:
-        key = hashlib.sha256("\n".join(str(p.resolve()) for p in corpus).encode()).hexdigest()[:12]
-        rag = CorpusRAG(cache / f"rag-index-{key}-c{s.chunk_tokens}", corpus, target.llm, s.chunk_tokens, embedder,
-                        s.store)
-    suite = LitmSuite(s, target, items, pool, config, embedder, rag, cache)
-    longest = suite.check_lengths()
-    if rag is not None:
-        rag.ingest(show_progress=s.progress)
-    if not (run_dir.path / "run.json").exists():
-        run_dir.write_run({**provenance(SUITE, hashed, config, target.info, out), "longest_prompts": longest,
-                           "qa_file": portable_path(qa_path, out), "corpus_files": len(set(pool.sources)),
-                           "pool_passages": len(pool.passages)})
-    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
-                batch_size=s.batch_size)
-    litm_report.write_report(run_dir)
-    print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
-    return run_dir.path
+
+    def build(opened: Opened) -> tuple[LitmSuite, dict[str, Any]]:
+        cache = Path(s.cache_dir) if s.cache_dir else cache_dir()
+        need_embedder = s.qa and (s.distractors == "hard" or s.orderings)
+        embedder = load_embedder() if need_embedder else None
+        rag = None
+        if s.qa and s.orderings:
+            key = hashlib.sha256("\n".join(str(p.resolve()) for p in corpus).encode()).hexdigest()[:12]
+            rag = CorpusRAG(cache / f"rag-index-{key}-c{s.chunk_tokens}", corpus, opened.target.llm, s.chunk_tokens,
+                            embedder, s.store, table_prefix="litm")
+        suite = LitmSuite(s, opened.target, items, pool, opened.config, embedder, rag, cache)
+        longest = suite.check_lengths()
+        if rag is not None:
+            rag.ingest(show_progress=s.progress)
+        return suite, {"longest_prompts": longest, "qa_file": portable_path(qa_path, opened.out),
+                       "corpus_files": len(set(pool.sources)), "pool_passages": len(pool.passages)}
+
+    return run_suite(RECORD, s, {"pool": pool.fingerprint, "qa_fingerprint": _fingerprint(qa_path)}, build, target)
 
 
 # ---------------------------------------------------------------- command line
@@ -412,7 +403,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--chunk-tokens", type=int, help="orderings: chunk size of the corpus index in embedder tokens (default 128)")
     a("--store", help="orderings: postgresql://... vector store (pgvector) for the corpus chunks instead of FAISS")
     a("--no-controls", dest="controls", action="store_const", const=False, help="skip closed-book and oracle")
-    a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 48 with kv)")
+    a("--max-new-tokens", type=int, help="generation budget per answer, thinking included (default 32; 48 with "
+      "kv; +1024 with --reasoning high)")
     a("--qa-file", help="QA rows (default corpora/qa/qa.jsonl)")
     a("--corpus", nargs="+", help="folders of .txt files for distractors and the RAG index (default corpora/sqlite corpora/python)")
     a("--out", help="run directory (default runs/lost_in_middle-<UTC time>)")
@@ -440,10 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def command() -> None:
         args = _parser().parse_args(argv)
         if args.rescore:
-            scorer = args.scorer or scorers.DEFAULT
-            run_dir = rescore(args.rescore, scorer, rescore_row, args.out)
-            litm_report.write_report(run_dir)
-            print(f"re-scored {args.rescore} with {scorer}; report: {run_dir.path / 'report.md'}")
+            rescore_command(RECORD, args.rescore, args.scorer, args.out)
             return
         execute(settings_from_args(argv))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from evals.core.errors import SettingsError
+from evals.core.files import text_files
 
 SUFFIXES = (".txt", ".md", ".rst")
 # built-in haystack genres (corpora/, each folder with its NOTICE): name -> paths relative to the repository
@@ -78,6 +79,11 @@ def haystack_sets(items: Sequence[str] | str) -> dict[str, tuple[str, ...]]:
     return sets
 
 
+def run_haystack_sets(run: dict) -> dict[str, tuple[str, ...]]:
+    """The haystack sets a run's run.json names (the default genre for a run made before ``--haystack``)."""
+    return haystack_sets(run.get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])
+
+
 def split_sentences(text: str) -> list[str]:
     """Prose sentences of a text (whitespace collapsed; headings, code and fragments dropped)."""
     out = []
@@ -101,14 +107,7 @@ class SentencePool:
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | Path]) -> "SentencePool":
-        files: list[Path] = []
-        for p in map(Path, paths):
-            if p.is_dir():
-                files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise SettingsError(f"haystack path {str(p)!r} does not exist; give text files or folders of them")
+        files = text_files(paths, SUFFIXES, "haystack path {path!r} does not exist; give text files or folders of them")
         sentences: list[str] = []
         for f in files:
             sentences += split_sentences(f.read_text(encoding="utf-8", errors="replace"))
@@ -265,21 +264,22 @@ def fit_prompt(codec: Codec, pool: SentencePool, frame: Frame, needle: Sequence[
         budget -= est(nxt)
         ids.append(nxt)
         nxt += 1
-    tried: set[tuple[int, ...]] = set()
+    tried: set[tuple[tuple[int, ...], int]] = set()
+    overshot: set[int] = set()  # sentences that took more tokens in place than estimated: not picked again
     for _ in range(200):
         recipe = Recipe(list(ids), _slots([est(i) for i in ids], depths))
         n = len(codec.encode(render(codec, pool, frame, needle, recipe)[0]))
         gap = target - n
         if gap == 0:
             return measure(codec, pool, frame, needle, recipe)
-        key = tuple(ids)
+        key = (tuple(ids), len(overshot))
         if key in tried:
             break
         tried.add(key)
         if gap < 0:
-            ids.pop()
+            overshot.add(ids.pop())
             continue
-        used = set(ids)
+        used = set(ids) | overshot
         pick = _find(est, nxt, used, lambda e: e == gap)
         pick = pick if pick is not None else _find(est, nxt, used, lambda e: e < gap)
         if pick is not None:
@@ -315,24 +315,3 @@ def _ranges(ids: Sequence[int]) -> list[list[int]]:
         else:
             out.append([i, i + 1])
     return out
-
-
-class TokenizerCodec:
-    """A Codec over a Hugging Face tokenizer and its chat template (no model needed)."""
-
-    def __init__(self, tokenizer, system_prompt: str | None = None):
-        self.tokenizer, self.system_prompt = tokenizer, system_prompt
-
-    def render(self, user: str, answer_prefix: str = "") -> str:
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-        messages.append({"role": "user", "content": user})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + (answer_prefix if text.endswith((" ", "\n")) or not answer_prefix else " " + answer_prefix)
-
-    def encode(self, text: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        add = not (bos and text.startswith(bos))
-        return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
-
-    def encode_piece(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -18,12 +18,11 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import dataclass
+from typing import Any, Sequence
 
-from typing import Any
-
-from evals.core.answers import UUID_STRING, bounded_string, object_schema
+from evals.core.answers import UUID_STRING, bounded_string, field_match, first_object, object_schema
 from evals.core.errors import SettingsError
-from evals.core.scoring import NUMBER, UUID, ValueKind
+from evals.core.scoring import NUMBER, UUID, ValueKind, strict_match, value_fraction
 
 _ADJECTIVES = (
     "amber brave calm dusty eager fancy gentle hollow icy jolly kind lucky misty noble olive proud quiet rapid "
@@ -176,3 +175,18 @@ def value_kind(kind: str) -> ValueKind:
     if kind == "nonliteral":
         return ValueKind("name", vocabulary=frozenset(n.casefold() for n in _NAMES))
     return NUMBER
+
+
+def needle_scores(answer: str, needles: Sequence[Needle], json_answer: bool = False) -> dict[str, Any]:
+    """Strict and lenient verdicts of a needle answer. Several needles: a control standing for several seeds'
+    (identical) prompts, found when the answer produces the value of any of them; its score is the best.
+    ``json_answer``: strict scores the fields of the answer's JSON object (evals.core.answers.field_match);
+    lenient is the same either way (the values anywhere in the answer's text)."""
+    if json_answer:
+        value = first_object(answer)
+        strict = [field_match(value, n.reference) for n in needles]
+    else:
+        strict = [(m.score, m.found) for m in (strict_match(answer, n.expected, value_kind(n.type)) for n in needles)]
+    lenient = [value_fraction(answer, n.expected) for n in needles]
+    return {"score_strict": max(s for s, _ in strict), "found_strict": any(f for _, f in strict),
+            "score_lenient": max(lenient), "found_lenient": any(f == 1.0 for f in lenient)}

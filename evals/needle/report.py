@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.core.report import code_line, json_table, rate_table, scoring_line
-from evals.core.scorers import scorer_of
-from evals.core.scoring import wilson
+from evals.core.report import code_line, json_table, rate_table, rate_text, scoring_line
 from evals.core.stats import holm, mcnemar_exact
 from evals.core.store import RunDir
-from evals.needle.haystack import DEFAULT_GENRE, GENRES, haystack_sets
+from evals.needle.haystack import run_haystack_sets
+from evals.needle.layout import grid, length_label
 
 
 def collapse_controls(df: pd.DataFrame) -> pd.DataFrame:
@@ -37,7 +36,7 @@ def needle_frame(rows: list[dict], run: dict) -> pd.DataFrame:
     """The rows as a DataFrame with a ``genre`` on every row (rows made before genres: the run's one set) and
     controls collapsed to one per distinct prompt."""
     df = pd.DataFrame(rows)
-    single = next(iter(haystack_sets(run.get("settings", {}).get("haystack") or GENRES[DEFAULT_GENRE])))
+    single = next(iter(run_haystack_sets(run)))
     df["genre"] = df["genre"].fillna(single) if "genre" in df else single
     return collapse_controls(df)
 
@@ -142,7 +141,7 @@ def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
                         fontsize=9, color="dimgray")
         im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         ax.axhline(len(depths) - 0.5, color="black", linewidth=1.5)
-        ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
+        ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
         ax.set_yticks(range(len(depths) + 1), [f"{x:g}%" for x in depths] + ["no needle\n(invented)"])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("needle depth")
@@ -191,19 +190,10 @@ def genre_lines(df: pd.DataFrame, alpha: float = 0.05) -> list[str]:
     return [f"Genres agree within chance: {fmt} (exact McNemar, Holm-adjusted; not significant at {alpha}).", ""]
 
 
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
 def _behind(cd: pd.DataFrame) -> str:
     """', standing for N seeds' controls' when distinct prompts are fewer than the seeds' controls."""
     cells = int(cd["control_cells"].sum()) if "control_cells" in cd and len(cd) else len(cd)
     return f" (standing for {cells} seeds' controls: a shared haystack is one prompt)" if cells > len(cd) else ""
-
-
-def _rate(k: int, n: int) -> str:
-    lo, hi = wilson(k, n)
-    return f"{k}/{n} ({100 * k / n:.0f}%, 95% CI {100 * lo:.0f}–{100 * hi:.0f}%)" if n else "0/0"
 
 
 def structured_lines(df: pd.DataFrame) -> list[str]:
@@ -238,8 +228,8 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         scoring_line(df, df[df["kind"] == "needle"]), "",
         "## Result", "",
     ]
-    planned = (len(st.get("lengths", [])) * len(st.get("seeds", [])) * len(st.get("depths", []))
-               * (2 if st.get("mode") == "both" else 1) * len(_genres(df)))
+    planned = (sum(1 for _ in grid(st.get("mode"), _genres(df), st.get("lengths", [])))
+               * len(st.get("seeds", [])) * len(st.get("depths", [])))
     done = int((df["kind"] == "needle").sum())
     if planned and done < planned:
         lines += [f"**Incomplete run: {done} of {planned} planned needle cells finished** (lengths without rows "
@@ -248,14 +238,14 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
     for mode, genre, dec, d in _panels(df):
         nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
         lines.append(f"- **{mode}{f', {genre} haystack' if multi else ''}{f', {dec} JSON' if dec else ''}**: "
-                     f"needle found in **{_rate(int(nd['found'].sum()), len(nd))}** of cells; "
-                     f"without a needle the model produced the value in {_rate(int(cd['found'].sum()), len(cd))} "
+                     f"needle found in **{rate_text(int(nd['found'].sum()), len(nd))}** of cells; "
+                     f"without a needle the model produced the value in {rate_text(int(cd['found'].sum()), len(cd))} "
                      f"distinct no-needle prompts{_behind(cd)}.")
         if mode == "rag" and len(nd):
             got = nd[nd["retrieved"] == True]  # noqa: E712
-            lines.append(f"  - the needle's chunk was retrieved (top-{st.get('top_k')}) in {_rate(len(got), len(nd))}; "
+            lines.append(f"  - the needle's chunk was retrieved (top-{st.get('top_k')}) in {rate_text(len(got), len(nd))}; "
                          f"median rank {got['retrieval_rank'].median() if len(got) else '-'}; "
-                         f"the reader found it in {_rate(int(got['found'].sum()), len(got))} of those "
+                         f"the reader found it in {rate_text(int(got['found'].sum()), len(got))} of those "
                          f"(a miss with the chunk retrieved is the reader's fault, without it the retriever's).")
         if len(nd) and "distractor_answered" in nd and nd["distractor_answered"].any():
             lines.append(f"  - answered a distractor's value in {int(nd['distractor_answered'].sum())} cells.")
@@ -265,7 +255,7 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
     for mode, genre, dec, panel in _panels(df):
         for length, d in panel.groupby("length", sort=True):
             nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
-            lines.append(f"| {mode} | {genre} | {dec or 'text'} | {length} | {_rate(int(nd['found'].sum()), len(nd))} | "
+            lines.append(f"| {mode} | {genre} | {dec or 'text'} | {length} | {rate_text(int(nd['found'].sum()), len(nd))} | "
                          f"{nd['score'].mean():.2f} | {int(cd['found'].sum())}/{len(cd)} |")
     lines += ["", "## Heatmap", "", "![heatmap](heatmap.png)", "",
               "Rows are needle depths (0% = start of the haystack, 100% = end), columns prompt lengths; each cell "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Hashable, Sequence
 
@@ -17,22 +16,26 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from evals.core import answers, scorers
 from evals.core import backend as backends  # (the settings field is named backend)
 from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exit
+from evals.core.execute import Opened
+from evals.core.execute import execute as run_suite
 from evals.core.portable import portable_value
-from evals.core.rescore import rescore
-from evals.core.runner import Group, Job, run
+from evals.core.rescore import rescore_command
+from evals.core.runner import Group, Job
 from evals.core.scoring import contains_value
 from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
-from evals.core.store import RunDir, provenance
-from evals.core.targets import Retriever, load_target, tokenizer_fingerprint
+from evals.core.store import RunDir
+from evals.core.targets import Retriever, grid_projection, load_target, tokenizer_fingerprint
+from evals.needle import RECORD
 from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
-                                   haystack_sets, measure, start_sentence)
-from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle
+                                   haystack_sets, measure, run_haystack_sets, start_sentence)
+from evals.needle.layout import grid, lengths_within
+from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle, needle_scores
 from evals.needle.token_cache import TOKENS_DIR, CachedCodec
 from ragkit.structured import instruction as structured_instruction
 
-SUITE = "needle"
+SUITE = RECORD.name
 MODES = ("context", "rag", "both")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_HAYSTACK = GENRES["docs"]  # relative paths are looked up in the cwd, then the repo
@@ -70,9 +73,11 @@ class NeedleSettings(SuiteSettings):
     progress: bool = True
     threads: int | None = None
     scorer: str = scorers.DEFAULT  # re-runnable from the stored answers (--rescore), so not hashed
+    plan: bool = False  # print the projected memory and time of the grid, run nothing
+    gpu: str | None = None  # --plan: the GPU to project for (default: the present one)
 
     RUN_CONTROL: ClassVar[tuple[str, ...]] = ("out", "resume", "skip_too_long", "progress", "device", "threads",
-                                              "scorer", *SuiteSettings.RUN_CONTROL)
+                                              "scorer", "plan", "gpu", *SuiteSettings.RUN_CONTROL)
     LABEL: ClassVar[str] = "needle settings"
 
     @field_validator("lengths", "depths", "seeds", "haystack", mode="before")
@@ -95,7 +100,7 @@ class NeedleSettings(SuiteSettings):
             raise SettingsError(f"--haystack-start {self.haystack_start!r} is unknown; choose {' or '.join(STARTS)}")
         if self.needle not in NEEDLE_TYPES:
             raise SettingsError(f"--needle {self.needle!r} is unknown; choose one of {', '.join(NEEDLE_TYPES)}")
-        text_budget = 96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32
+        text_budget = self.answer_budget(96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32)
         if self.answer_format == "json":
             schemas = [make_needle(self.needle, seed).schema for seed in self.seeds]
             self.max_new_tokens = answers.json_budget(text_budget, schemas, self.max_new_tokens)
@@ -177,21 +182,18 @@ class NeedleSuite:
         self.config = config_hash({**settings.hashed(), "pool": pool_fingerprint(pools)})
         self.codec = CachedCodec(target.codec, run_dir.path / TOKENS_DIR, tokenizer_fingerprint(target.llm.tokenizer))
         self.est = {name: Estimator(self.codec, pool) for name, pool in pools.items()}
-        self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store)
+        self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store, table_prefix=SUITE)
         self.control_seeds: dict[str, list[int]] = {}  # control cell id -> the seeds whose prompt it is
         self.decodings = answers.decodings(settings.answer_format, settings.constrained)
 
     def cells(self) -> list[Cell]:
-        modes = ("context", "rag") if self.s.mode == "both" else (self.s.mode,)
         out = []
-        for genre in self.pools:
-            for mode in modes:
-                for length in self.lengths[mode]:
-                    for decoding in self.decodings:
-                        for seed in self.s.seeds:
-                            out += [self._cell(mode, length, seed, depth, genre, decoding) for depth in self.s.depths]
-                        if self.s.controls:
-                            out += self._controls(mode, length, genre, decoding)
+        for genre, mode, length in grid(self.s.mode, self.pools, self.lengths):
+            for decoding in self.decodings:
+                for seed in self.s.seeds:
+                    out += [self._cell(mode, length, seed, depth, genre, decoding) for depth in self.s.depths]
+                if self.s.controls:
+                    out += self._controls(mode, length, genre, decoding)
         return out
 
     def _controls(self, mode: str, length: int, genre: str, decoding: str | None) -> list[Cell]:
@@ -291,7 +293,7 @@ def score_answer(answer: str, needles: Sequence[Needle], scorer: str, answer_for
     (parses, valid, only the object) and strict scores the object's fields."""
     json_answer = answer_format == "json"
     return {**(answers.json_checks(answer, needles[0].schema) if json_answer else {}),
-            **scorers.record(scorers.needle_scores(answer, needles, json_answer), scorer),
+            **scorers.record(needle_scores(answer, needles, json_answer), scorer),
             "distractor_answered": any(contains_value(answer, v) for v in needles[0].distractors)}
 
 
@@ -299,7 +301,7 @@ def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[s
     """A stored row's score fields under ``scorer`` (the needles are rebuilt from their type and seeds), and its
     genre as the run's settings name it (rows made before genres, or by a single-set run, get that set's name)."""
     seeds = row.get("control_seeds") or [row["seed"]]
-    sets = haystack_sets(run.get("settings", {}).get("haystack") or DEFAULT_HAYSTACK)
+    sets = run_haystack_sets(run)
     genre = row.get("genre") if len(sets) > 1 else next(iter(sets))
     needles = [make_needle(row["needle"], x) for x in seeds]
     return {**score_answer(row["answer"], needles, scorer, row.get("answer_format", "text")), "genre": genre}
@@ -324,7 +326,8 @@ def _parser() -> argparse.ArgumentParser:
       "corpora/python)")
     a("--haystack-start", choices=STARTS, help="fixed: every seed's haystack starts at the first sentence (default); "
       "seed: each seed starts at its own sentence, so seeds read different text")
-    a("--max-new-tokens", type=int, help="generation budget per answer (default 32; 96 for uuid/multi needles)")
+    a("--max-new-tokens", type=int, help="generation budget per answer, thinking included (default 32; 96 for "
+      "uuid/multi needles; +1024 with --reasoning high)")
     a("--top-k", type=int, help="rag: chunks given to the reader (default 4)")
     a("--chunk-size", type=int, help="rag: chunk size in embedder tokens (default 256)")
     a("--store", help="rag: postgresql://... vector store (pgvector) for the cells' chunks instead of FAISS")
@@ -336,6 +339,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     answers.add_flags(a)
     backends.add_flags(a)
+    a("--plan", action="store_const", const=True, help="print the grid's projected peak GPU memory per length and "
+      "its wall time on the present GPU (or --gpu), refuse lengths that will not fit, and run nothing")
+    a("--gpu", help="--plan: project for this GPU (h200) instead of the present one")
     a("--config", help="YAML suite file (evals/suites/*.yaml); flags given on the command line win")
     a("--rebuild-prompt", nargs=2, metavar=("RUN", "CELL"),
       help="print the exact prompt of cell CELL of run directory RUN (fails if its token count differs)")
@@ -361,14 +367,13 @@ def settings_from_args(argv: Sequence[str] | None = None) -> tuple[NeedleSetting
 def _usable_lengths(s: NeedleSettings, window: int) -> dict[str, tuple[int, ...]]:
     """Lengths per mode; context lengths above the context window fail (or are skipped with a warning)."""
     too_long = [n for n in s.lengths if n > window]
-    context = tuple(n for n in s.lengths if n <= window)
     if too_long and s.mode != "rag":
         msg = (f"length(s) {', '.join(map(str, too_long))} exceed the model's context window of {window} tokens "
                f"(a length counts the whole prompt plus the generation budget)")
         if not s.skip_too_long:
             raise TooLongError(msg + "; drop them, or pass --skip-too-long to skip them with a warning")
         print(f"warning: {msg}; skipping them in context mode (--skip-too-long)", file=sys.stderr)
-    return {"context": context, "rag": s.lengths}
+    return lengths_within(s.lengths, window)
 
 
 def execute(s: NeedleSettings, target: Any = None) -> Path:
@@ -377,24 +382,32 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
         import torch
 
         torch.set_num_threads(s.threads)
-    out = Path(s.out or f"runs/needle-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     pools = load_pools(s)
-    run_dir = RunDir(out)
-    hashed = {**s.hashed(), "pool": pool_fingerprint(pools)}
-    config = config_hash(hashed)
-    done = run_dir.open(SUITE, hashed, config, s.resume)
-    target = target or backends.load(s)
-    lengths = _usable_lengths(s, target.context_window)
-    if not (run_dir.path / "run.json").exists():
-        files = {name: portable_value(list(p.files), out) for name, p in pools.items()}
-        run_dir.write_run({**provenance(SUITE, hashed, config, target.info, out),
-                           "haystack_files": next(iter(files.values())) if len(files) == 1 else files})
-    suite = NeedleSuite(s, target, pools, run_dir, lengths)
-    stats = run(suite, target, run_dir, done, show_progress=s.progress, concurrency=s.concurrency,
-                batch_size=s.batch_size)
-    report.write_needle_report(run_dir)
-    print(f"{stats.cells} cells run ({len(done)} resumed); report: {run_dir.path / 'report.md'}")
-    return run_dir.path
+
+    def build(opened: Opened) -> tuple[NeedleSuite, dict[str, Any]]:
+        lengths = _usable_lengths(s, opened.target.context_window)
+        files = {name: portable_value(list(p.files), opened.out) for name, p in pools.items()}
+        return (NeedleSuite(s, opened.target, pools, opened.run_dir, lengths),
+                {"haystack_files": next(iter(files.values())) if len(files) == 1 else files})
+
+    return run_suite(RECORD, s, {"pool": pool_fingerprint(pools)}, build, target)
+
+
+def plan_grid(s: NeedleSettings) -> int:
+    """``--plan``: print the grid's projected memory and wall time per length before any work; TooLongError
+    (exit 2) naming the lengths that will not fit. Context cells only (rag cells read a few chunks)."""
+    if s.gpu is None and s.backend != "local":
+        raise SettingsError("--plan projects the in-process backend's GPU; a server's memory is its own")
+    text, refused = grid_projection(s.model, s.quant, s.lengths, s.depths, len(s.seeds), s.controls,
+                                    s.max_new_tokens, s.gpu, s.haystack_start == "fixed")
+    print(f"needle grid: {len(s.lengths)} lengths x {len(s.depths)} depths x {len(s.seeds)} seeds"
+          f"{' + controls' if s.controls else ''}, {s.max_new_tokens} new tokens per cell, model {s.model} "
+          f"(quant {s.quant})")
+    sys.stdout.write(text)
+    if refused:
+        raise TooLongError(f"length(s) {', '.join(map(str, refused))} will not fit on one GPU (the reason is "
+                           "above); drop them or quantize (--quant nf4)")
+    return 0
 
 
 def rebuild_prompt(run: str, cell_id: str) -> str:
@@ -411,7 +424,8 @@ def rebuild_prompt(run: str, cell_id: str) -> str:
     if pool.fingerprint != row["recipe"]["pool"]:
         raise RebuildError(f"the haystack files {list(paths)} changed since the run (fingerprint "
                            f"{pool.fingerprint} != {row['recipe']['pool']}); the prompt cannot be rebuilt exactly")
-    target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"])
+    target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"],
+                         reasoning_effort=st.get("reasoning"))
     needle = make_needle(row["needle"], row["seed"])
     frame = needle_frame(needle, st.get("answer_format", "text"))
     if row["mode"] == "rag":
@@ -437,13 +451,13 @@ def _command(argv: Sequence[str] | None) -> int:
         print(f"report: {Path(args.report) / 'report.md'}")
         return 0
     if args.rescore:
-        run_dir = rescore(args.rescore, args.scorer or scorers.DEFAULT, rescore_row, args.out)
-        report.write_needle_report(run_dir)
-        print(f"re-scored {args.rescore} with {args.scorer or scorers.DEFAULT}; report: {run_dir.path / 'report.md'}")
+        rescore_command(RECORD, args.rescore, args.scorer, args.out)
         return 0
     if settings is None:
         sys.stdout.write(rebuild_prompt(*args.rebuild_prompt))
         return 0
+    if settings.plan:
+        return plan_grid(settings)
     execute(settings)
     return 0
 

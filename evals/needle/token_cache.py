@@ -5,7 +5,7 @@ the final prompt, the needle's and the haystack's token offsets); many of these 
 length renders the same template head, the group's control is built again as its ``base``, and a resumed or
 repeated run builds every cell again (issue 14 measured 3.3 s of prompt building per 32k group on a GPU host).
 
-:class:`CachedCodec` wraps a :class:`~evals.haystack.Codec`: ``encode`` looks the text up by a SHA-256 of the
+:class:`CachedCodec` wraps a :class:`~evals.needle.haystack.Codec`: ``encode`` looks the text up by a SHA-256 of the
 tokenizer's fingerprint (``evals.core.targets.tokenizer_fingerprint``) and the text, in memory and then in
 ``directory`` (one ``.npy`` of int32 ids per text, written atomically); everything else goes to the wrapped
 codec. Memory holds the last ``MEMORY_TEXTS`` texts' ids as int32 arrays (a 256k-token prompt: 1 MiB).

@@ -17,12 +17,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import yaml
 from filelock import FileLock, Timeout
 
 from evals.core import compare as cmp
+from evals.core import registry
 from evals.core.errors import EvalError, SettingsError
 from evals.core.spec import load_suite_file
 from evals.core.store import RUN_JSON, RunDir
@@ -33,22 +34,8 @@ from ragkit.errors import RagkitError
 OK, REGRESSION, INVALID, LOCKED = 0, 1, 2, 3
 ENTRY_KEYS = {"suite", "name", "config", "settings"}
 RUN_CONTROL = {"out", "resume"}  # set by evals.regress itself
+PLAIN_FILE_SUITE = "needle"  # the suite of a plain suite file (no 'runs:' list), such as evals/suites/nightly.yaml
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _needle() -> tuple[type, Callable]:
-    from evals.needle.suite import NeedleSettings, execute
-
-    return NeedleSettings, execute
-
-
-def _litm() -> tuple[type, Callable]:
-    from evals.lost_in_middle.suite import LitmSettings, execute
-
-    return LitmSettings, execute
-
-
-SUITES: dict[str, Callable[[], tuple[type, Callable]]] = {"needle": _needle, "lost_in_middle": _litm}
 
 
 @dataclass
@@ -61,7 +48,7 @@ class Entry:
 
     def build(self, out: Path | None = None, progress: bool = True) -> Any:
         """The suite's settings object (validates every setting); ``out``: run into that directory, resuming."""
-        cls, _ = SUITES[self.suite]()
+        cls = registry.get(self.suite).code.settings
         known = cls.fields()
         unknown = sorted(set(self.settings) - known)
         if unknown:
@@ -84,7 +71,7 @@ def load_entries(path: str | Path, model: str | None = None, quant: str | None =
     path = Path(path)
     data = load_suite_file(path)
     if "runs" not in data:
-        raw = [{"suite": "needle", "settings": data}]
+        raw = [{"suite": PLAIN_FILE_SUITE, "settings": data}]
     else:
         if set(data) != {"runs"}:
             extra = sorted(set(data) - {"runs"})
@@ -101,8 +88,8 @@ def load_entries(path: str | Path, model: str | None = None, quant: str | None =
         if bad:
             raise SettingsError(f"{where} has unknown keys {bad}; allowed: {sorted(ENTRY_KEYS)}")
         suite = item.get("suite")
-        if suite not in SUITES:
-            raise SettingsError(f"{where}: suite {suite!r} is unknown; choose one of {', '.join(SUITES)}")
+        if registry.get(suite) is None:
+            raise SettingsError(f"{where}: suite {suite!r} is unknown; choose one of {', '.join(registry.suites())}")
         settings = dict(load_suite_file(path.parent / item["config"]) if item.get("config") else {})
         overlay = item.get("settings") or {}
         if not isinstance(overlay, dict):
@@ -173,7 +160,7 @@ def check_runs(entries: list[Entry], root: Path, what: str, source: str, skip: s
         if meta.get("suite") != e.suite:
             raise SettingsError(f"{source} does not describe {what} {run}: entry {e.name!r} is a {e.suite} suite, "
                                 f"the run a {meta.get('suite')} run; {_DROP_SUITE}")
-        cls, _ = SUITES[e.suite]()
+        cls = registry.get(e.suite).code.settings
         want = json.loads(json.dumps(e.build().hashed(), default=str))
         have = meta.get("settings", {})
         keys = (set(want) | set(have) & cls.fields()) - skip
@@ -211,9 +198,8 @@ def comparison_entries(args: argparse.Namespace, baseline: Path, candidate: Path
 def run_candidate(entries: list[Entry], run_dir: Path, progress: bool) -> None:
     """Run (or resume) every entry into ``run_dir/<name>``; finished cells are reused."""
     for e in entries:
-        _, execute = SUITES[e.suite]()
         print(f"running {e.name} ({e.suite}) into {run_dir / e.name}", file=sys.stderr)
-        execute(e.build(run_dir / e.name, progress))
+        registry.get(e.suite).code.execute(e.build(run_dir / e.name, progress))
 
 
 def promote(candidate: Path, baseline: Path) -> None:

@@ -151,6 +151,11 @@ class IndexDirectory:
         """True when the directory has a ``CURRENT`` pointer (it may still be corrupt)."""
         return (self.path / CURRENT).is_file()
 
+    def require(self) -> None:
+        """:class:`IndexNotFoundError` saying why, unless the directory has a ``CURRENT`` pointer."""
+        if not self.exists():
+            self.current_name()
+
     def current_name(self) -> str:
         """The name ``CURRENT`` points to, checked for form but not verified."""
         pointer = self.path / CURRENT

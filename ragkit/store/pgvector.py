@@ -137,7 +137,7 @@ def _build_store_class() -> type:  # noqa: C901 - one class, built once
                 raise StoreUnavailableError(
                     f"cannot reach the vector store at {self._url}: {str(exc.orig).strip().splitlines()[0]}. "
                     f"Check that the Postgres server is running and the URL (host, port, database, user) is right."
-                ) from None
+                ) from None  # the driver's error can carry the URL with its password
             self._initialize()
 
         @property

@@ -89,3 +89,19 @@ def test_query_answers_with_sources(tmp_path):
     out = ragkit("query", "What is a hot journal in SQLite?", "--index", str(index), "--show-sources",
                  "--max-new-tokens", "48").stdout
     assert "Sources:" in out and "lockingv3.txt (chunk" in out and "prompt tokens" in out
+
+
+@pytest.mark.slow
+def test_ingest_progress_in_a_log_is_one_line_per_refresh(tmp_path):
+    """stderr is a pipe here (a log, not a TTY): progress comes as whole lines, advancing, ending at 100%."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in ("lockingv3.txt", "atomiccommit.txt", "testing.txt", "about.txt"):  # 131 KB: three batches
+        shutil.copy(SQLITE / name, docs / name)
+    proc = ragkit("ingest", str(docs), "--index", str(tmp_path / "ix"))
+    assert "\r" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ingest:")]
+    percents = [int(line.split("%")[0].split()[-1]) for line in lines]
+    assert len(lines) >= 2 and percents == sorted(percents) and percents[-1] == 100, proc.stderr
+    embedded = int(proc.stdout.split(" chunks embedded")[0].split()[-1])
+    assert f"chunks={embedded}" in lines[-1], lines[-1]

@@ -9,12 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from evals.core import answers, scorers
+from evals.core import answers
 from evals.core.errors import SettingsError
 from evals.core.spec import config_hash
 from evals.lost_in_middle.suite import SCHEMAS, LitmSettings, load_qa
 from evals.lost_in_middle.suite import main as litm_main
-from evals.needle.needles import NEEDLE_TYPES, make_needle
+from evals.lost_in_middle.passages import qa_scores
+from evals.needle.needles import NEEDLE_TYPES, make_needle, needle_scores
 from evals.needle.suite import NeedleSettings
 from evals.needle.suite import main as needle_main
 
@@ -90,7 +91,7 @@ def test_each_needles_reference_object_validates_against_its_schema(kind):
     n = make_needle(kind, 7)
     assert Draft202012Validator(n.schema).is_valid(n.reference)
     assert not Draft202012Validator(n.schema).is_valid({**n.reference, "note": "x"})  # additionalProperties false
-    assert scorers.field_match(n.reference, n.reference) == (1.0, True)
+    assert answers.field_match(n.reference, n.reference) == (1.0, True)
 
 
 def test_every_qa_question_has_an_answer_the_qa_schema_holds_and_strict_credits(repo_root):
@@ -101,9 +102,9 @@ def test_every_qa_question_has_an_answer_the_qa_schema_holds_and_strict_credits(
     for item in load_qa(repo_root / "corpora/qa/qa.jsonl"):
         plain = ["".join(c for c in a if c.isascii() and c not in '"\\') for a in item.answers]
         fits = [a for a in plain if Draft202012Validator(schema).is_valid({"answer": a})]
-        as_json = any(scorers.qa_scores(json.dumps({"answer": a}), item.answers, "qa", "answer")["found_strict"]
+        as_json = any(qa_scores(json.dumps({"answer": a}), item.answers, "qa", "answer")["found_strict"]
                       for a in fits)
-        as_text = any(scorers.qa_scores(a, item.answers, "qa")["found_strict"] for a in item.answers)
+        as_text = any(qa_scores(a, item.answers, "qa")["found_strict"] for a in item.answers)
         assert as_json == as_text, item.id
 
 
@@ -149,29 +150,29 @@ def test_json_checks_tell_parses_valid_and_only_the_object_apart():
 
 def test_strict_json_scoring_reads_the_fields_lenient_reads_the_text():
     n = make_needle("passcode", 1)  # 57318
-    got = scorers.needle_scores('{"passcode": "57318"}', [n], json_answer=True)
+    got = needle_scores('{"passcode": "57318"}', [n], json_answer=True)
     assert got["found_strict"] and got["found_lenient"]
-    got = scorers.needle_scores("The secret passcode is 57318.", [n], json_answer=True)
+    got = needle_scores("The secret passcode is 57318.", [n], json_answer=True)
     assert not got["found_strict"] and got["found_lenient"]  # no object: nothing to read the field from
-    got = scorers.needle_scores('{"passcode": "12345", "note": "not 57318"}', [n], json_answer=True)
+    got = needle_scores('{"passcode": "12345", "note": "not 57318"}', [n], json_answer=True)
     assert not got["found_strict"] and got["found_lenient"]
-    assert scorers.needle_scores('{"passcode": 57318}', [n], json_answer=True)["found_strict"]  # the value, if not the type
+    assert needle_scores('{"passcode": 57318}', [n], json_answer=True)["found_strict"]  # the value, if not the type
     mv = make_needle("multivalue", 1)
     values = list(mv.expected)
-    assert scorers.field_match({"numbers": values[:2]}, mv.reference) == (0.5, False)
-    assert scorers.field_match({"numbers": values + ["1234567"]}, mv.reference) == (0.8, False)
-    assert scorers.field_match({"numbers": list(reversed(values))}, mv.reference) == (1.0, True)
+    assert answers.field_match({"numbers": values[:2]}, mv.reference) == (0.5, False)
+    assert answers.field_match({"numbers": values + ["1234567"]}, mv.reference) == (0.8, False)
+    assert answers.field_match({"numbers": list(reversed(values))}, mv.reference) == (1.0, True)
     mq = make_needle("multiquery", 1)
     wrong = {**mq.reference, mq.asked[0]: "0000000"}
-    assert scorers.field_match(wrong, mq.reference)[1] is False
-    assert scorers.field_match([1, 2], mq.reference) == (0.0, False)
+    assert answers.field_match(wrong, mq.reference)[1] is False
+    assert answers.field_match([1, 2], mq.reference) == (0.0, False)
 
 
 def test_qa_json_scoring_judges_the_answer_field():
     golds = ["100% branch test coverage", "100%"]
-    assert scorers.qa_scores('{"answer": "100%"}', golds, "qa", "answer")["found_strict"]
-    assert not scorers.qa_scores('{"answer": "maybe 100%"}', golds, "qa", "answer")["found_strict"]  # hedged
-    assert not scorers.qa_scores('{"other": "100%"}', golds, "qa", "answer")["found_strict"]
+    assert qa_scores('{"answer": "100%"}', golds, "qa", "answer")["found_strict"]
+    assert not qa_scores('{"answer": "maybe 100%"}', golds, "qa", "answer")["found_strict"]  # hedged
+    assert not qa_scores('{"other": "100%"}', golds, "qa", "answer")["found_strict"]
     uuid = "56a07c85-f903-4c47-8d2a-7556121f4c4e"
-    assert scorers.qa_scores(f'{{"value": "{uuid}"}}', [uuid], "kv", "value")["found_strict"]
-    assert not scorers.qa_scores(f'The value is {uuid}', [uuid], "kv", "value")["found_strict"]
+    assert qa_scores(f'{{"value": "{uuid}"}}', [uuid], "kv", "value")["found_strict"]
+    assert not qa_scores(f'The value is {uuid}', [uuid], "kv", "value")["found_strict"]

@@ -13,7 +13,8 @@ import pytest
 
 from evals.core import compare, scorers
 from evals.core.errors import SettingsError
-from evals.needle.needles import NEEDLE_TYPES, make_needle, value_kind
+from evals.lost_in_middle.passages import qa_scores
+from evals.needle.needles import NEEDLE_TYPES, make_needle, needle_scores, value_kind
 from evals.core.scoring import normalize, strict_match
 
 REPO = Path(__file__).resolve().parents[3]
@@ -55,22 +56,22 @@ def _other(kind: str, seed: int) -> str:
 def test_every_needle_type_and_answer_shape(kind, shape, strict, lenient):
     n = make_needle(kind, 7)
     answer = shape.format(v=" and ".join(n.expected), o=_other(kind, 7), v0=n.expected[0])
-    got = scorers.needle_scores(answer, [n])
+    got = needle_scores(answer, [n])
     assert (got["found_strict"], got["found_lenient"]) == (strict, lenient), answer
 
 
 @pytest.mark.parametrize("kind", ["multivalue", "multiquery"])
 def test_several_values_score_fractions(kind):
     n = make_needle(kind, 3)
-    got = scorers.needle_scores(", ".join(n.expected[:3]), [n])
+    got = needle_scores(", ".join(n.expected[:3]), [n])
     assert got["score_lenient"] == got["score_strict"] == 0.75 and not got["found_strict"]
-    got = scorers.needle_scores(", ".join(n.expected) + ", " + _other(kind, 3), [n])
+    got = needle_scores(", ".join(n.expected) + ", " + _other(kind, 3), [n])
     assert got["found_lenient"] and not got["found_strict"] and got["score_strict"] == 0.8
 
 
 def test_multikey_distractor_value_fails_strict_only():
     n = make_needle("multikey", 2)
-    got = scorers.needle_scores(f"{n.expected[0]}, {n.distractors[0]}", [n])
+    got = needle_scores(f"{n.expected[0]}, {n.distractors[0]}", [n])
     assert got["found_lenient"] and not got["found_strict"]
 
 
@@ -86,10 +87,10 @@ def test_passcode_answers_seen_in_committed_runs(answer, value, found):
 
 
 def test_strict_qa_gold_is_an_alias_and_none_is_not_a_negation():
-    got = scorers.qa_scores("The entry is None during import, so it raises ModuleNotFoundError.",
+    got = qa_scores("The entry is None during import, so it raises ModuleNotFoundError.",
                             ["ModuleNotFoundError"], "qa")
     assert got["found_strict"] and got["found_lenient"]
-    got = scorers.qa_scores("It does not raise ModuleNotFoundError.", ["ModuleNotFoundError", "x"], "qa")
+    got = qa_scores("It does not raise ModuleNotFoundError.", ["ModuleNotFoundError", "x"], "qa")
     assert got["found_lenient"] and not got["found_strict"]
 
 
@@ -103,7 +104,7 @@ def test_normalize_keeps_letters_and_digits_of_every_script(text, expected):
 
 
 def test_unicode_values_match_whole_words():
-    assert scorers.needle_scores("Die Antwort ist café.", [make_needle("passcode", 1)])["found_lenient"] is False
+    assert needle_scores("Die Antwort ist café.", [make_needle("passcode", 1)])["found_lenient"] is False
     assert strict_match("Die Antwort ist Café.", ["café"]).found
     assert not strict_match("cafés", ["café"]).found
 

@@ -9,11 +9,11 @@ import pytest
 
 from evals.core.decode import common_prefix
 from evals.core.errors import SettingsError
-from evals.needle.haystack import STARTS, Estimator, Frame, Recipe, SentencePool, TokenizerCodec, measure, start_sentence
+from evals.needle.haystack import STARTS, Estimator, Frame, Recipe, SentencePool, measure, start_sentence
 from evals.needle.suite import NeedleSettings, build_cell, execute, haystack_paths, settings_from_args
 from evals.needle.needles import make_needle
 from evals.core.spec import Cell, config_hash
-from evals.core.targets import wrap
+from evals.core.targets import LLMCodec, wrap
 
 OLD_RUN = "benchmarks/results/regress_smollm2_h200/nf4-10/niah10"  # made on an H200 before the flag existed
 
@@ -45,12 +45,12 @@ def test_the_setting_is_a_flag_and_a_bad_value_names_it():
         NeedleSettings(lengths="1k", haystack_start="random")
 
 
-# ---------------------------------------------------------------- prompts (tokenizer only, no model)
+# ---------------------------------------------------------------- prompts (the runs' codec; no generation)
 
 
 @pytest.fixture(scope="module")
-def codec(smollm2_tokenizer) -> TokenizerCodec:
-    return TokenizerCodec(smollm2_tokenizer)
+def codec(smollm2) -> LLMCodec:
+    return LLMCodec(smollm2)
 
 
 @pytest.fixture(scope="module")

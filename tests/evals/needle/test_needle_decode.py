@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from evals.core.decode import GreedyDecoder, default_batch_size
+from evals.core.decode import MAX_PREFILL_CHUNK, GreedyDecoder, activation_bytes_per_token, default_batch_size
 from evals.needle.haystack import Estimator, Frame, Recipe, SentencePool, fit_prompt, measure
 from evals.needle.needles import make_needle
 from evals.core.targets import wrap
@@ -114,6 +114,34 @@ def test_batch_size_is_run_control_and_bad_values_are_refused(capsys):
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
     assert main(["--lengths", "1k", "--backend", "openai", "--batch-size", "2"]) == 2
     assert "--batch-size applies to the in-process backend" in capsys.readouterr().err
+
+
+def test_prefill_chunk_is_run_control_and_bad_values_are_refused(capsys):
+    """--prefill-chunk (the suites' way to bound a 256k prefill's activations) leaves cell ids as they were."""
+    from evals.lost_in_middle.suite import LitmSettings
+    from evals.needle.suite import NeedleSettings, main
+
+    assert NeedleSettings(lengths="1k", prefill_chunk=512).hashed() == NeedleSettings(lengths="1k").hashed()
+    assert LitmSettings(prefill_chunk=512).hashed() == LitmSettings().hashed()
+    assert main(["--lengths", "1k", "--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk must be >= 1 token, got 0" in capsys.readouterr().err
+    assert main(["--lengths", "1k", "--backend", "openai", "--prefill-chunk", "4096"]) == 2
+    assert "--prefill-chunk applies to the in-process backend" in capsys.readouterr().err
+
+
+def test_prefill_is_one_call_on_cpu_and_the_cuda_estimate_covers_the_flagships_experts(target):
+    """On a CPU the default feeds a stretch in one call (answers and timings as before); the activation estimate
+    that sizes CUDA chunks counts a MoE's active experts; on an H200 beside the flagship's 63 GB of NF4 weights it
+    still allows the 16k chunk the measurements used (their activation peak: 6.75 GiB)."""
+    from transformers import AutoConfig
+
+    from ragkit.models import shipped_config
+
+    assert GreedyDecoder(target.model, target.eos_ids, 4).prefill_chunk is None
+    per_token = activation_bytes_per_token(AutoConfig.from_pretrained(
+        shipped_config("mistralai/Mistral-Small-4-119B-2603")))
+    assert 6.75 * 2**30 / MAX_PREFILL_CHUNK < per_token < 1_000_000  # above what was measured: a safe estimate
+    assert MAX_PREFILL_CHUNK * per_token < (139e9 - 63.2e9) / 4
 
 
 @pytest.mark.gpu

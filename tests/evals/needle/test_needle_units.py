@@ -1,4 +1,5 @@
-"""Needle suite building blocks without a model: settings, needles, scoring, token-exact haystacks."""
+"""Needle suite building blocks: settings, needles, scoring, and token-exact haystacks built through the codec the
+runs use (evals.core.targets.LLMCodec over a LocalLLM; its model is never called)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import re
 import pytest
 
 from evals.core.errors import SettingsError
-from evals.needle.haystack import Estimator, Frame, Recipe, SentencePool, TokenizerCodec, fit_prompt, measure, render
+from evals.core.targets import LLMCodec
+from evals.needle.haystack import Estimator, Frame, Recipe, SentencePool, fit_prompt, measure, render
 from evals.needle.needles import NEEDLE_TYPES, make_needle
 from evals.core.scoring import contains_value, normalize, value_fraction, wilson
 from evals.core.spec import Cell, config_hash, parse_depths, parse_lengths
@@ -149,8 +151,14 @@ def mistral_tokenizer(pool):
 
 
 @pytest.fixture(params=["smollm2", "mistral"])
-def codec(request, smollm2_tokenizer, mistral_tokenizer):
-    return TokenizerCodec(smollm2_tokenizer if request.param == "smollm2" else mistral_tokenizer)
+def codec(request, smollm2, mistral_tokenizer):
+    """The runs' codec over SmolLM2, or over a LocalLLM whose tokenizer is the Mistral-shaped one (BOS written by
+    the template and added by the post-processor; the prompt methods use only the tokenizer)."""
+    from ragkit import LocalLLM
+
+    if request.param == "smollm2":
+        return LLMCodec(smollm2)
+    return LLMCodec(LocalLLM.from_pretrained_objects(smollm2.model, mistral_tokenizer))
 
 
 @pytest.mark.parametrize("kind", ["passcode", "multikey"])

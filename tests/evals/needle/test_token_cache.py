@@ -1,11 +1,11 @@
 """evals/token_cache.py: prompt texts are tokenized once per run directory, also across a resume, and the
-cached ids are exactly the tokenizer's (the embedded SmolLM2 tokenizer, real haystack text)."""
+cached ids are exactly the codec's (the embedded SmolLM2's, real haystack text)."""
 
 from __future__ import annotations
 
-from evals.needle.haystack import Estimator, Frame, SentencePool, TokenizerCodec, fit_prompt
+from evals.needle.haystack import Estimator, Frame, SentencePool, fit_prompt
 from evals.needle.needles import make_needle
-from evals.core.targets import tokenizer_fingerprint
+from evals.core.targets import LLMCodec, tokenizer_fingerprint
 from evals.needle.token_cache import CachedCodec
 
 
@@ -15,10 +15,10 @@ def _fit(codec, pool, depth):
     return fit_prompt(codec, pool, frame, needle.sentences, (depth,), 1024, 16, Estimator(codec, pool))
 
 
-def test_a_resumed_run_finds_every_prompt_already_tokenized(tmp_path, smollm2_tokenizer, repo_root):
-    plain = TokenizerCodec(smollm2_tokenizer)
+def test_a_resumed_run_finds_every_prompt_already_tokenized(tmp_path, smollm2, repo_root):
+    plain = LLMCodec(smollm2)  # the codec of the runs (its model is never called here)
     pool = SentencePool.from_paths([repo_root / "corpora" / "sqlite"])
-    fp = tokenizer_fingerprint(smollm2_tokenizer)
+    fp = tokenizer_fingerprint(smollm2.tokenizer)
     first = CachedCodec(plain, tmp_path / "tokens", fp)
     built = [_fit(first, pool, d) for d in (0, 50, 100)]
     assert [b.ids for b in built] == [_fit(plain, pool, d).ids for d in (0, 50, 100)]

@@ -1,0 +1,83 @@
+"""Know before you run: the grid projection reads its GPU ceilings and measured factors from one file, gives the
+measured 4-layer run back, projects the flagship, and refuses what will not fit with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ragkit import projection
+from ragkit.cli import app
+from ragkit.errors import MemoryPlanError
+from ragkit.placement import load_config
+from ragkit.planner import plan
+
+FLAGSHIP = "mistralai/Mistral-Small-4-119B-2603"
+
+
+def test_the_measured_run_projects_to_what_was_measured(repo_root):
+    measured = projection.gpu_table()["h200"]["measured"]
+    bench = json.loads((repo_root / measured["source"].split(",")[0]).read_text())
+    run = bench["runs"][2]
+    assert (run["mode"], run["chunk"], run["T"]) == ("ragkit_sdpa", measured["prefill_chunk"], measured["prompt_tokens"])
+    assert run["fresh_s"] == measured["prefill_s"] and run["decode_ms_absorbed"] / 1e3 == measured["decode_step_s"]
+    shape = projection.measured_model_shape("h200")
+    assert shape.layers == bench["args"]["layers"] == 4
+    assert shape.weights_bytes == pytest.approx(bench["weights_gib"] * 2**30, rel=1e-3)  # the planner's weights
+    f = projection.factors("h200")
+    floor = shape.prefill_flops(measured["prompt_tokens"]) / f.flops
+    assert f.prefill * floor == pytest.approx(run["fresh_s"])
+    assert 1 < f.prefill < 3 and f.decode > 1  # slower than the floors, as measured
+    peak = shape.weights_bytes + shape.kv_bytes_per_token * measured["prompt_tokens"] + f.activation_bytes
+    assert peak == pytest.approx(run["second_half_peak_gib"] * 2**30, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def flagship():
+    config, _ = load_config(FLAGSHIP)
+    return config
+
+
+def test_flagship_grid_in_nf4_fits_one_h200_and_refuses_bf16_with_the_reason(flagship):
+    nf4 = plan(flagship, context=262144, quant="nf4")
+    assert nf4.kv.bytes_per_token == 23040
+    rows = projection.project_grid(nf4, flagship, [8192, 32768, 131072, 262144], (0, 25, 50, 75, 100), 1, True,
+                                   32, "h200")
+    assert all(r.fits for r in rows) and [r.cells for r in rows] == [6] * 4
+    longest = rows[-1]
+    assert longest.peak_bytes == nf4.weights_bytes + 23040 * 262144 + projection.factors("h200").activation_bytes
+    assert longest.prefill_s > rows[-2].prefill_s > rows[0].prefill_s  # attention grows with the square
+    bf16 = plan(flagship, context=262144, quant="none")
+    refused = projection.project_grid(bf16, flagship, [262144], (50,), 1, True, 32, "h200")[0]
+    assert not refused.fits and "of 135.7 GB usable on one NVIDIA H200" in refused.reason
+    text = projection.table([longest, refused], "h200")
+    assert "refused: length 262144: needs 252" in text and "measured in benchmarks/results/gpu_engine_h200" in text
+
+
+def test_an_unknown_gpu_and_a_bad_token_count_are_named():
+    with pytest.raises(MemoryPlanError, match=r"no measured factors for the GPU 'a100'; ragkit has them for h200"):
+        projection.resolve_gpu("a100")
+    assert projection.resolve_gpu("NVIDIA H200") == "h200"
+    assert projection.parse_tokens("256k") == 262144
+    with pytest.raises(MemoryPlanError, match=r"cannot read the token count '256kb'"):
+        projection.parse_tokens("256kb")
+
+
+def test_ragkit_plan_projects_a_context_on_a_named_gpu():
+    result = CliRunner().invoke(app, ["plan", FLAGSHIP, "--context", "256k", "--gpu", "h200"])
+    assert result.exit_code == 0, result.output
+    assert "KV cache, 262,144 tokens" in result.output and "Projected on one NVIDIA H200" in result.output
+    refused = CliRunner().invoke(app, ["plan", FLAGSHIP, "--context", "256k", "--quant", "none", "--gpu", "h200"])
+    assert refused.exit_code == 2 and "refused: length 262144" in refused.output
+
+
+def test_without_a_gpu_the_projection_asks_for_one():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the projection uses it")
+    result = CliRunner().invoke(app, ["plan", FLAGSHIP, "--context", "256k", "--project"])
+    assert result.exit_code == 2
+    assert "there is no CUDA GPU on this machine to project for; name one with --gpu (h200" in result.output
