@@ -7,7 +7,8 @@ one token then, so :func:`longest_object` — the characters of the longest vali
 (``{"a": "x", "b": ["y", "z"]}``) — bounds its tokens, and the generation budget is set to hold it
 (:func:`json_budget`). Each JSON cell records whether a JSON object is in the answer (``json_parses``), whether it
 validates against the schema (``json_valid``), whether the answer is that object and nothing else
-(``json_only``); ``found`` scores the parsed object's fields (evals/core/scorers.py).
+(``json_only``); ``found`` scores the parsed object's fields (:func:`field_match`; the suites' scorers,
+evals/needle/needles.py and evals/lost_in_middle/passages.py, call it for JSON rows).
 """
 
 from __future__ import annotations
