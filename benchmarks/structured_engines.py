@@ -27,8 +27,9 @@ from typing import Any, Callable
 
 import pandas as pd
 import torch
-from jsonschema import Draft202012Validator
 from tqdm import tqdm
+
+from evals.core.answers import first_object, json_checks
 
 from ragkit import structured
 from ragkit.llm import LocalLLM
@@ -171,26 +172,11 @@ def per_token(llm: LocalLLM, ids: list[int], max_new: int, extra: dict) -> tuple
     return out[0, len(ids):].tolist(), (steps[-1] - steps[0]) / max(1, len(steps) - 1)
 
 
-def first_object(text: str) -> Any:
-    """The first JSON object in ``text`` (None if there is none): what a lenient reader would extract."""
-    start = text.find("{")
-    while start >= 0:
-        try:
-            return json.JSONDecoder().raw_decode(text, start)[0]
-        except json.JSONDecodeError:
-            start = text.find("{", start + 1)
-    return None
-
-
 def check(text: str, schema: dict) -> dict[str, Any]:
     """parses: the object is found in the text; validates: it matches; only_object: no text outside it."""
-    value = first_object(text)
-    try:
-        only = isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
-        only = False
-    return {"parses": value is not None, "validates": value is not None and Draft202012Validator(schema).is_valid(value),
-            "only_object": only, "value": value}
+    got = json_checks(text, schema)
+    return {"parses": got["json_parses"], "validates": got["json_valid"], "only_object": got["json_only"],
+            "value": first_object(text)}
 
 
 def engine_rows(llm: LocalLLM, engines: list[str], names: list[str], runs: int, max_new: int) -> list[dict]:

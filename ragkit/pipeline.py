@@ -385,10 +385,11 @@ class Pipeline:
         return self._llm
 
     def assemble(self, question: str, nodes: list[NodeWithScore], ordering: str | None = None,
-                 output_cls: type[BaseModel] | None = None) -> AssembledContext:
+                 output_cls: structured.Schema | None = None) -> AssembledContext:
         """The prompt the LLM would get for ``question`` over ``nodes`` (fitted to its context window).
 
-        With ``output_cls`` the question carries the JSON-schema instruction, so the budget counts it.
+        With ``output_cls`` (a pydantic model class or a JSON-schema dict) the question carries the JSON-schema
+        instruction, so the budget counts it.
         """
         llm = self.llm
         if output_cls is not None:

@@ -4,7 +4,9 @@ Prefill. Cells of one length share the haystack up to their needle. The group's 
 prompt (the control cell): each cell's prompt equals ``base`` up to its needle. Cells are visited in order of
 that shared prefix; one DynamicCache holds ``base[:p]`` and grows only forward. A cell feeds its own tokens
 after ``p`` (batch 1), and the cache is cropped back to ``p`` — so the haystack prefix is computed once for the
-whole group instead of once per cell.
+whole group instead of once per cell. Cells with the same prompt (a JSON run's free and constrained answers)
+are visited one after the other and the prompt is prefilled once: the first cell's prompt stays in the cache
+until a cell with another prompt comes.
 
 Decoding. With ``batch_size`` 1 a cell decodes on the shared cache right after its prefill. With ``batch_size``
 N > 1 the cell's whole KV (shared prefix + own tokens) is copied into one row of a batch cache, left-padded to
@@ -38,6 +40,11 @@ shared prefix its prefill was the first to need (the first cell of a group compu
 the next one the stretch to its own, ...), so a group's rows add up to the prompt tokens the model was fed and
 ``reused_tokens`` (= prompt tokens - computed) is what came from cache computed for an earlier cell.
 
+Constrained answers. ``run_group(..., processors=)`` gives a prompt a logits processor (``(input_ids, scores) ->
+scores``, as ``generate`` calls one; ragkit.structured's JSON-schema grammar): it masks the logits before every
+greedy choice of that prompt's answer, batched or not. ``decode_seconds`` of a row is its time after the prefill
+(its token choices and decode steps), which the per-token cost of a grammar is measured on.
+
 Answers equal ``model.generate`` greedy answers (tests/evals/needle/test_needle_decode.py checks it on the real model).
 """
 
@@ -45,7 +52,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -62,6 +69,7 @@ class Decoded:
     reused_tokens: int  # prompt tokens whose KV came from the shared cache, computed for an earlier cell
     computed_tokens: int  # prompt tokens fed to the model for this cell, shared-prefix tokens it computed first included
     seconds: float  # this cell's prefill, plus its share of each batched decode step it took part in
+    decode_seconds: float = 0.0  # of ``seconds``, the part after the prefill: token choices and decode steps
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -138,6 +146,10 @@ class GreedyDecoder:
             logits = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         return logits
 
+    def _choosers(self, prompts: Sequence[Sequence[int]], processors: Sequence[Any] | None) -> list[_Chooser]:
+        return [_Chooser(p, None if processors is None else processors[i], self.max_new_tokens)
+                for i, p in enumerate(prompts)]
+
     def _grow(self, new: list[int], tok: int) -> bool:
         """Append greedy token ``tok`` to the answer ``new`` unless it ends it; True while the answer goes on."""
         if tok in self.eos:
@@ -146,28 +158,34 @@ class GreedyDecoder:
         return len(new) < self.max_new_tokens
 
     @torch.inference_mode()
-    def run_group(self, prompts: Sequence[Sequence[int]], base: Sequence[int] | None = None) -> Iterator[Decoded]:
-        """Decode every prompt; yields results as they finish (in shared-prefix order, not input order)."""
+    def run_group(self, prompts: Sequence[Sequence[int]], base: Sequence[int] | None = None,
+                  processors: Sequence[Any] | None = None) -> Iterator[Decoded]:
+        """Decode every prompt; yields results as they finish (in shared-prefix order, not input order).
+        ``processors``: one logits processor (or None) per prompt, applied before each of its greedy choices."""
+        choose = self._choosers(prompts, processors)
         shared = [min(common_prefix(p, base), len(p) - 1) if base is not None else 0 for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda j: shared[j])
+        # by shared prefix; the same prompt twice (free and constrained answers) adjacent, so it is prefilled once
+        order = sorted(range(len(prompts)), key=lambda j: (shared[j], hash(tuple(prompts[j]))))
         prefix = _Prefix(self._forward, base, DynamicCache(config=self.model.config))
         # batch rows are plain full-attention layers; sliding-window or other caches decode one cell at a time
         if self.batch_size > 1 and all(type(layer) is DynamicLayer for layer in prefix.cache.layers):
-            yield from self._batched(prompts, shared, order, prefix)
+            yield from self._batched(prompts, shared, order, prefix, choose)
             return
         for i in order:
             t0 = time.perf_counter()
             logits, computed = prefix.prefill(prompts[i], shared[i])
+            first, t1 = logits, time.perf_counter()
             new: list[int] = []
             for _ in range(self.max_new_tokens):
-                if not self._grow(new, int(torch.argmax(logits))):
+                if not self._grow(new, choose[i](logits, new)):
                     break
                 logits = self._forward([new[-1]], prefix.cache)
-            prefix.release()
-            yield Decoded(i, new, len(prompts[i]) - computed, computed, time.perf_counter() - t0)
+            prefix.release(prompts[i], first)
+            end = time.perf_counter()
+            yield Decoded(i, new, len(prompts[i]) - computed, computed, end - t0, end - t1)
 
     def _batched(self, prompts: Sequence[Sequence[int]], shared: list[int], order: list[int],
-                 prefix: _Prefix) -> Iterator[Decoded]:
+                 prefix: _Prefix, choose: list[_Chooser]) -> Iterator[Decoded]:
         """Prefill cells one at a time on the shared cache, decode them ``batch_size`` at a time."""
         k = 0
         while k < len(order):
@@ -178,7 +196,10 @@ class GreedyDecoder:
                 k += 1
                 logits, computed = prefix.prefill(prompts[i], shared[i])
                 row = Decoded(i, [], len(prompts[i]) - computed, computed, 0.0)
-                goes_on = self.max_new_tokens > 0 and self._grow(row.new_ids, int(torch.argmax(logits)))
+                first = logits
+                t1 = time.perf_counter()
+                goes_on = self.max_new_tokens > 0 and self._grow(row.new_ids, choose[i](logits, row.new_ids))
+                row.decode_seconds = time.perf_counter() - t1
                 if goes_on:
                     if batch is None:
                         width = max(len(prompts[j]) for j in wanted)
@@ -186,14 +207,15 @@ class GreedyDecoder:
                         rows = self._rows_that_fit(prefix.cache, width + room, len(wanted))
                         batch = _Batch(prefix.cache, rows, width, room)
                     batch.add(row, prefix.cache)
-                prefix.release()
+                prefix.release(prompts[i], first)
                 row.seconds = time.perf_counter() - t0
                 if not goes_on:
                     yield row
                 if batch is not None and batch.full:
                     break
             if batch is not None:
-                yield from self._decode_static(batch) if self.static else self._decode(batch)
+                static = self.static and all(c.processor is None for c in choose)  # a grammar masks on the CPU side
+                yield from self._decode_static(batch) if static else self._decode(batch, choose)
 
     def _decode_static(self, batch: _Batch) -> Iterator[Decoded]:
         """As :meth:`_decode`, on the batch's buffers as a static cache (:class:`ragkit.graph_decode.StaticDecode`):
@@ -209,13 +231,14 @@ class GreedyDecoder:
             share, t0 = (now - t0) / len(live), now
             for j in list(live):
                 rows[j].seconds += share
+                rows[j].decode_seconds += share
                 if not self._grow(rows[j].new_ids, tokens[j]):
                     live.remove(j)
                     yield rows[j]
             if not live:
                 return
 
-    def _decode(self, batch: _Batch) -> Iterator[Decoded]:
+    def _decode(self, batch: _Batch, choose: list[_Chooser]) -> Iterator[Decoded]:
         """Greedy steps over the batch's rows until every row has ended; a row is yielded when it ends."""
         rows = batch.rows
         cache = DynamicCache(batch.drain(), config=self.model.config)
@@ -228,12 +251,14 @@ class GreedyDecoder:
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = self.model(input_ids=tokens, attention_mask=mask, position_ids=(lengths + step)[:, None],
                              cache=cache, use_cache=True, logits_to_keep=1)
-            best = out.logits[:, -1].argmax(-1).tolist()
+            logits = out.logits[:, -1]
+            best = [choose[r.index](logits[j], r.new_ids) for j, r in enumerate(rows)]
             step += 1
             share = (time.perf_counter() - t0) / len(rows)
             keep = []
             for j, (row, tok) in enumerate(zip(rows, best)):
                 row.seconds += share
+                row.decode_seconds += share
                 if self._grow(row.new_ids, tok):
                     keep.append(j)
                 else:
@@ -261,18 +286,47 @@ class GreedyDecoder:
         return rows
 
 
+class _Chooser:
+    """The greedy choice of one prompt's next token: the argmax, after its logits processor when it has one
+    (which sees the prompt and the answer so far as ``input_ids``, kept in one preallocated row)."""
+
+    def __init__(self, prompt: Sequence[int], processor: Any, max_new_tokens: int):
+        self.processor, self.n_prompt = processor, len(prompt)
+        self.ids = None
+        if processor is not None:
+            self.ids = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long)
+            self.ids[0, :len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+
+    def __call__(self, logits: torch.Tensor, new: Sequence[int]) -> int:
+        if self.processor is None:
+            return int(torch.argmax(logits))
+        n = self.n_prompt + len(new)
+        if new:
+            self.ids[0, n - 1] = new[-1]
+        scores = self.processor(self.ids[:, :n], logits[None].to(torch.float32, copy=True))  # as generate's float32
+        return int(torch.argmax(scores[0]))
+
+
 class _Prefix:
-    """The group's one cache: ``base[:cached]``, plus one cell's own tokens between ``prefill`` and ``release``."""
+    """The group's one cache: ``base[:cached]``, plus one cell's own tokens between ``prefill`` and ``release``
+    (and, after ``release``, that cell's prompt, until a cell with another prompt comes)."""
 
     def __init__(self, forward: Callable[[Sequence[int], DynamicCache], torch.Tensor], base: Sequence[int] | None,
                  cache: DynamicCache):
         self.forward, self.base, self.cache, self.cached = forward, base, cache, 0
+        self.last: tuple[tuple[int, ...], torch.Tensor] | None = None  # the prompt kept after base[:cached], its logits
 
     def prefill(self, ids: Sequence[int], p: int) -> tuple[torch.Tensor, int]:
         """Bring the cache to ``base[:p]``, feed ``ids[p:]``; the logits after the prompt's last token and the
         tokens fed for this cell: its own ``len(ids) - p`` plus the shared-prefix tokens the cache lacked (the
         first cell to need a stretch of the prefix is the one that computes it, so a group's ``computed``
-        add up to the tokens the model was fed)."""
+        add up to the tokens the model was fed). The prompt the last cell kept (:meth:`release`) costs nothing."""
+        if self.last is not None:
+            kept, logits = self.last
+            self.last = None
+            if kept == tuple(ids):
+                return logits, 0
+            _crop_to(self.cache, self.cached)
         grown = 0
         if p > self.cached:
             self.forward(self.base[self.cached:p], self.cache)
@@ -282,9 +336,11 @@ class _Prefix:
             self.cached = p
         return self.forward(ids[p:], self.cache), grown + len(ids) - p
 
-    def release(self) -> None:
-        """Drop the cell's own tokens: back to the shared prefix."""
-        _crop_to(self.cache, self.cached)
+    def release(self, ids: Sequence[int], logits: torch.Tensor) -> None:
+        """Drop the cell's answer tokens, keeping its prompt (and the logits after it) for a next cell with the
+        same prompt; any other next cell crops back to the shared prefix."""
+        _crop_to(self.cache, len(ids))
+        self.last = (tuple(ids), logits)
 
 
 class _Batch:

@@ -49,3 +49,21 @@ def scoring_line(df: pd.DataFrame, nd: pd.DataFrame) -> str:
                  f"{int(strict.sum())}/{len(nd)}, lenient (value anywhere in the answer, as NIAH v2 and RULER "
                  f"count) {int(lenient.sum())}/{len(nd)}; **{int((strict != lenient).sum())} cells differ**")
     return line
+
+
+JSON_COLUMNS = ("json_parses", "json_valid", "json_only", "found")
+
+
+def json_table(df: pd.DataFrame, by: list[str]) -> list[str]:
+    """JSON answers side by side (markdown rows): per group of ``by``, each decoding's counts of answers holding a
+    JSON object / valid against the schema / only the object / found (strict, on the object's fields)."""
+    decs = list(dict.fromkeys(df["decoding"]))
+    head = " | ".join(f"{d}: parses / valid / only object / found" for d in decs)
+    lines = [f"| {' | '.join(by)} | {head} |", "|" + "---|" * (len(by) + len(decs))]
+    for key, d in df.groupby(by, sort=True, dropna=False):
+        counts = [" / ".join(f"{int(g[c].astype(bool).sum())}/{len(g)}" for c in JSON_COLUMNS)
+                  for g in (d[d["decoding"] == dec] for dec in decs)]
+        shown = ["-" if pd.isna(k) else f"{k:g}" if isinstance(k, float) else str(k)
+                 for k in (key if isinstance(key, tuple) else (key,))]
+        lines.append(f"| {' | '.join(shown)} | {' | '.join(counts)} |")
+    return lines

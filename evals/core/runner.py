@@ -29,6 +29,7 @@ class Job:
     ids: list[int]
     row: dict[str, Any]
     payload: Any = None  # suite data the scorer needs (e.g. the needle)
+    schema: dict[str, Any] | None = None  # a JSON schema the answer is decoded under (--constrained); None: free
 
 
 @dataclass
@@ -109,11 +110,13 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
         bar = progress.add_task(suite.name, total=n_todo, tps="-")
         for cells in groups:
             group = suite.prepare(cells)
-            for d in decoder.run_group([j.ids for j in group.jobs], group.base):
+            processors = [None if j.schema is None else target.json_processor(j.schema) for j in group.jobs]
+            for d in decoder.run_group([j.ids for j in group.jobs], group.base, processors):
                 job = group.jobs[d.index]
                 row = dict(job.row)
                 row.update(target.answer_fields(d.new_ids), answer_tokens=len(d.new_ids),
-                           reused_tokens=d.reused_tokens, computed_tokens=d.computed_tokens, seconds=round(d.seconds, 3))
+                           reused_tokens=d.reused_tokens, computed_tokens=d.computed_tokens, seconds=round(d.seconds, 3),
+                           decode_seconds=round(d.decode_seconds, 4))
                 row.update(suite.score(job, row["answer"]))
                 run_dir.append(row)
                 stats.add(row, len(job.ids), d.computed_tokens)
@@ -192,7 +195,8 @@ def run_concurrent(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, d
 
 def _ask(target: Any, job: Job, max_new_tokens: int) -> tuple[Any, float]:
     t0 = time.perf_counter()
-    response = target.llm.complete_ids(job.ids, max_new_tokens=max_new_tokens)
+    extra = {} if job.schema is None else {"json_schema": job.schema}  # the server's response_format
+    response = target.llm.complete_ids(job.ids, max_new_tokens=max_new_tokens, **extra)
     return response, time.perf_counter() - t0
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from evals.core import answers
 from evals.core.errors import SettingsError
 from evals.core.targets import adapter_hashes
 from ragkit.store.url import redact_url
@@ -36,6 +37,8 @@ class SuiteSettings(BaseModel):
     batch_size: int | None = None  # local: cells decoded together (None: 8 on CUDA, 1 on CPU)
     prefill_chunk: int | None = None  # local: prompt tokens per forward call (None: sized from free GPU memory)
     adapter: tuple[str, ...] = ()  # local: LoRA adapter directories on the model (hashed by identity)
+    answer_format: str = "text"  # json: the answer is one JSON object of the suite's schema (evals/core/answers.py)
+    constrained: str = "no"  # json: yes = decoded under the schema's grammar; both = free and constrained cells
     reasoning: str | None = None  # local: the template's reasoning_effort (none | high); None: not set
 
     RUN_CONTROL: ClassVar[tuple[str, ...]] = BACKEND_RUN_CONTROL
@@ -58,6 +61,17 @@ class SuiteSettings(BaseModel):
         if value is None or isinstance(value, str):
             return (value,) if value else ()
         return tuple(str(p) for p in value) if isinstance(value, (list, tuple)) else value  # else: pydantic's error
+
+    @field_validator("constrained", mode="before")
+    @classmethod
+    def _constrained(cls, value: Any) -> Any:
+        """A suite file's ``constrained: true/false`` as the flag's yes/no."""
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _answer_format(self) -> "SuiteSettings":
+        answers.check(self.answer_format, self.constrained)
+        return self
 
     @field_validator("reasoning")
     @classmethod
@@ -82,7 +96,8 @@ class SuiteSettings(BaseModel):
         Without the backend keys when local, so that runs made before the server backend existed keep
         their cell ids; adapters by identity (sha256 of weights and config, not their paths), and no
         ``adapter`` key without one, so runs made before adapters existed keep theirs too; likewise no
-        ``store`` key for FAISS, a server's URL without its password, and no ``reasoning`` key unless set.
+        ``store`` key for FAISS, a server's URL without its password, no ``reasoning`` key unless set, and
+        ``answer_format`` and ``constrained`` only when not text / no, so runs made before JSON answers keep theirs.
         """
         d = self.model_dump()
         for k in self.RUN_CONTROL:
@@ -92,6 +107,9 @@ class SuiteSettings(BaseModel):
         if d.pop("adapter"):
             d["adapter"] = adapter_hashes(self.adapter)
         d["recipe_version"] = self.RECIPE_VERSION
+        for key, default in (("answer_format", "text"), ("constrained", "no")):
+            if d[key] == default:
+                del d[key]
         if d.get("backend") == "local":
             d = {k: v for k, v in d.items() if k not in ("backend", "tokenizer")}
         if "store" in d:  # FAISS (None) as before --store existed; a server by its URL less the password

@@ -71,6 +71,13 @@ class Target:
     def decode(self, ids: Sequence[int]) -> str:
         return self.llm.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def json_processor(self, schema: dict[str, Any]) -> Any:
+        """A fresh logits processor that keeps one answer inside ``schema`` (ragkit.structured's xgrammar grammar)."""
+        from ragkit import structured
+
+        return structured.logits_processor(self.llm.tokenizer, self.model.config.get_text_config().vocab_size,
+                                           schema, self.eos_ids)
+
     def answer_fields(self, ids: Sequence[int]) -> dict[str, Any]:
         """The row fields of generated ``ids``: ``answer`` (what is scored) and, in reasoning mode, the thinking
         stripped from it: ``raw_answer`` (everything generated), ``reasoning_tokens``, ``reasoning_closed``."""
@@ -237,7 +244,8 @@ class CorpusRAG:
     def retrieve(self, question: str, top_k: int) -> list[Any]:
         return self.pipeline.retrieve(question, top_k=top_k)
 
-    def prompt(self, question: str, nodes: list[Any], ordering: str) -> tuple[str, Any]:
-        """The chat prompt text ``Pipeline.query`` would send, and ragkit's AssembledContext (chunks in prompt order)."""
-        ctx = self.pipeline.assemble(question, nodes, ordering)
+    def prompt(self, question: str, nodes: list[Any], ordering: str, output_cls: Any = None) -> tuple[str, Any]:
+        """The chat prompt text ``Pipeline.query`` would send (with ``output_cls``, a JSON schema: its structured
+        form), and ragkit's AssembledContext (chunks in prompt order)."""
+        ctx = self.pipeline.assemble(question, nodes, ordering, output_cls)
         return self.pipeline.llm.chat_prompt(ctx.messages), ctx

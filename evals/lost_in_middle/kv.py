@@ -42,6 +42,8 @@ def make_kv(n_pairs: int, seed: int, item: int) -> KVObject:
     return KVObject(tuple(keys.items()))
 
 
-def kv_user_text(obj: KVObject, position: int) -> str:
-    """The user message asking for the value of the key at ``position``."""
-    return f"{INSTRUCTION}\n\nJSON data:\n{obj.json()}\n\nKey: \"{obj.key(position)}\"\nCorresponding value:"
+def kv_user_text(obj: KVObject, position: int, answer_instruction: str = "") -> str:
+    """The user message asking for the value of the key at ``position`` (``answer_instruction``: how to answer,
+    e.g. as a JSON object, in place of the "Corresponding value:" cue)."""
+    ask = answer_instruction or "Corresponding value:"
+    return f"{INSTRUCTION}\n\nJSON data:\n{obj.json()}\n\nKey: \"{obj.key(position)}\"\n{ask}"

@@ -22,6 +22,7 @@ from typing import Any, Sequence, TypeVar
 
 import numpy as np
 
+from evals.core.answers import field_match, first_object
 from evals.core.errors import SettingsError
 from evals.core.files import text_files
 from evals.core.scoring import ANY, UUID, answer_match, normalize_squad, strict_match
@@ -175,11 +176,20 @@ def place_gold(distractors: Sequence[T], gold: T, position: int) -> list[T]:
     return docs
 
 
-def qa_scores(answer: str, golds: Sequence[str], task: str) -> dict[str, Any]:
+def qa_scores(answer: str, golds: Sequence[str], task: str, json_field: str | None = None) -> dict[str, Any]:
     """Strict and lenient verdicts of a lost-in-the-middle answer: QA golds are aliases (one suffices, compared
-    SQuAD-normalized); a key-value answer must commit to the asked UUID and claim no other one."""
+    SQuAD-normalized); a key-value answer must commit to the asked UUID and claim no other one. ``json_field``:
+    strict judges only that field of the answer's JSON object (a key-value one must equal the UUID); lenient
+    reads the whole text either way."""
     lenient = answer_match(answer, golds)
-    if task == "kv":
+    if json_field is not None:
+        value = first_object(answer)
+        field = value.get(json_field) if isinstance(value, dict) else None
+        if task == "kv":
+            found = field_match(value, {json_field: golds[0]})[1]
+        else:
+            found = isinstance(field, str) and any(strict_match(field, [g], ANY, normalize_squad).found for g in golds)
+    elif task == "kv":
         found = strict_match(answer, golds, UUID).found
     else:
         found = any(strict_match(answer, [g], ANY, normalize_squad).found for g in golds)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.core.report import code_line, rate_table, rate_text, scoring_line
+from evals.core.report import code_line, json_table, rate_table, rate_text, scoring_line
 from evals.core.scoring import wilson
 from evals.core.stats import mcnemar_exact
 from evals.core.store import RunDir
@@ -29,14 +29,25 @@ def frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy with Wilson 95% intervals per (task, kind, k, position, ordering), plus prompt tokens."""
-    out = rate_table(df, BY)
-    more = df.groupby(BY, dropna=False, sort=True).agg(prompt_tokens=("prompt_tokens", "mean")).reset_index()
-    out = out.merge(more, on=BY)
+    """Accuracy with Wilson 95% intervals per (task, kind, k, position, ordering[, decoding]), plus prompt tokens
+    (and, for JSON answers, how many parse, validate and are only the object)."""
+    by = BY + (["decoding"] if "decoding" in df else [])
+    out = rate_table(df, by)
+    agg = {"prompt_tokens": ("prompt_tokens", "mean"),
+           **{c: (c, "sum") for c in ("json_parses", "json_valid", "json_only") if c in df}}
+    more = df.groupby(by, dropna=False, sort=True).agg(**agg).reset_index()
+    out = out.merge(more, on=by)
     if "answer_in_context" in df:
-        rag = df[df["task"] == "rag"].groupby(BY, dropna=False).agg(answer_in_context=("answer_in_context", "mean"))
-        out = out.merge(rag.reset_index(), on=BY, how="left")
+        rag = df[df["task"] == "rag"].groupby(by, dropna=False).agg(answer_in_context=("answer_in_context", "mean"))
+        out = out.merge(rag.reset_index(), on=by, how="left")
     return out.round(4)
+
+
+def by_decoding(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """("", rows) for text answers; (" (free JSON)", rows), (" (constrained JSON)", rows) for a JSON run."""
+    if "decoding" not in df:
+        return [("", df)]
+    return [(f" ({dec} JSON)", df[df["decoding"] == dec]) for dec in dict.fromkeys(df["decoding"])]
 
 
 def paired(df: pd.DataFrame, a: pd.Series, b: pd.Series) -> tuple[int, int, int, float]:
@@ -82,12 +93,13 @@ def curve(df: pd.DataFrame, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, task in zip(axes[0], panels):
         d = df[(df["task"] == task) & (df["kind"] == "position")]
-        for k, g in d.groupby("k"):
+        for key, g in d.groupby(["k"] + (["decoding"] if "decoding" in d else [])):
+            k, dec = (key + ("",))[:2] if isinstance(key, tuple) else (key, "")
             pts = [(int(p) + 1, *_rate_ci(gp)) for p, gp in g.groupby("position")]
             xs = [p[0] for p in pts]
             ys = [p[1] for p in pts]
             err = [[y - p[2] for y, p in zip(ys, pts)], [p[3] - y for y, p in zip(ys, pts)]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{k} {'documents' if task == 'qa' else 'pairs'}")
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{k} {'documents' if task == 'qa' else 'pairs'}{f', {dec}' if dec else ''}")
         for kind, colour in (("oracle", "tab:green"), ("closed_book", "tab:gray")):
             c = df[(df["task"] == task) & (df["kind"] == kind)]
             if len(c):
@@ -120,6 +132,8 @@ def orderings_plot(df: pd.DataFrame, path: Path, title: str, order: list[str]) -
     import matplotlib.pyplot as plt
 
     d = df[df["task"] == "rag"]
+    if "decoding" in d:  # one bar per ordering and decoding
+        d = d.assign(ordering=d["ordering"] + " " + d["decoding"])
     names = _names(d, order)
     stats = [_rate_ci(d[d["ordering"] == o]) for o in names]
     fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(names), 3.6))
@@ -157,7 +171,9 @@ def markdown(df: pd.DataFrame, run: dict, name: str) -> str:
              f"- **Settings**: task {st.get('task')}; docs {st.get('docs')}; positions `{st.get('positions')}`; "
              f"{st.get('distractors')} distractors; {st.get('questions')} questions per seed, seeds {st.get('seeds')}; "
              f"kv pairs {st.get('kv_pairs')}; orderings {st.get('orderings')} (RAG top-{st.get('rag_top_k')}, "
-             f"{st.get('chunk_tokens')}-token chunks); answer budget {st.get('max_new_tokens')} tokens",
+             f"{st.get('chunk_tokens')}-token chunks); answer budget {st.get('max_new_tokens')} tokens"
+             + (f"; answers: one JSON object, decoded {' and '.join(dict.fromkeys(df['decoding']))}"
+                if "decoding" in df else ""),
              f"- **Longest prompts** (tokens incl. answer budget): {run.get('longest_prompts')}",
              f"- **Code**: {code_line(git)}; "
              f"created {run.get('created')}; config {run.get('config')}", "",
@@ -167,19 +183,27 @@ def markdown(df: pd.DataFrame, run: dict, name: str) -> str:
              "anywhere in it — `scorer` in each row says which; "
              "`k/n = rate (95% Wilson interval)`. Paired tests: exact McNemar on the same items "
              "(`A only` / `B only` = items only A / only B got right; * = p < 0.05).", ""]
-    qa = df[df["task"] == "qa"]
-    if len(qa):
-        lines += ["## Multi-document QA: accuracy by gold position", "", "![curve](curve.png)", ""]
-        cb, orc = qa[qa["kind"] == "closed_book"], qa[qa["kind"] == "oracle"]
-        if len(cb) or len(orc):
-            lines += [f"- closed-book (no documents): **{_fmt(cb)}**", f"- oracle (gold document only): **{_fmt(orc)}**", ""]
-        lines += _position_table(qa, "documents")
-    kv = df[df["task"] == "kv"]
-    if len(kv):
-        lines += ["## Key-value retrieval: accuracy by position of the asked key", ""] + _position_table(kv, "pairs")
-    rag = df[df["task"] == "rag"]
-    if len(rag):
-        lines += _orderings_section(rag, st.get("orderings") or [])
+    if "json_valid" in df:
+        lines += ["## JSON answers: " + " vs ".join(dict.fromkeys(df["decoding"])), "",
+                  "`parses`: a JSON object is in the reply, `valid`: it matches the schema, `only object`: no text "
+                  "outside it, `found`: its field holds a gold answer (strict).", ""]
+        lines += json_table(df, ["task", "kind", "k", "position", "ordering"]) + [""]
+    for suffix, part in by_decoding(df):
+        qa = part[part["task"] == "qa"]
+        if len(qa):
+            lines += [f"## Multi-document QA: accuracy by gold position{suffix}", "", "![curve](curve.png)", ""]
+            cb, orc = qa[qa["kind"] == "closed_book"], qa[qa["kind"] == "oracle"]
+            if len(cb) or len(orc):
+                lines += [f"- closed-book (no documents): **{_fmt(cb)}**",
+                          f"- oracle (gold document only): **{_fmt(orc)}**", ""]
+            lines += _position_table(qa, "documents")
+        kv = part[part["task"] == "kv"]
+        if len(kv):
+            lines += [f"## Key-value retrieval: accuracy by position of the asked key{suffix}", ""]
+            lines += _position_table(kv, "pairs")
+        rag = part[part["task"] == "rag"]
+        if len(rag):
+            lines += _orderings_section(rag, st.get("orderings") or [], suffix)
     lines += ["## How to read this", "",
               "- A **U-shaped** curve (high at the first and last positions, low in the middle) is the "
               "lost-in-the-middle effect; a flat curve means position does not matter for this model.",
@@ -212,10 +236,11 @@ def _position_table(d: pd.DataFrame, what: str) -> list[str]:
     return lines + [""]
 
 
-def _orderings_section(rag: pd.DataFrame, order: list[str]) -> list[str]:
+def _orderings_section(rag: pd.DataFrame, order: list[str], suffix: str = "") -> list[str]:
     k = int(rag["k"].iloc[0])
     names = _names(rag, order)
-    lines = [f"## RAG: ragkit's ordering strategies (top-{k} chunks from the corpus index)", "", "![orderings](orderings.png)", "",
+    lines = [f"## RAG: ragkit's ordering strategies (top-{k} chunks from the corpus index){suffix}", "",
+             "![orderings](orderings.png)", "",
              "| ordering | accuracy (95% CI) | answer in retrieved chunks | mean prompt tokens |", "|---|---|---|---|"]
     for o in names:
         g = rag[rag["ordering"] == o]

@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Hashable, Sequence
 
 from pydantic import ValidationInfo, field_validator, model_validator
 
+from evals.core import answers, scorers
 from evals.core import backend as backends  # (the settings field is named backend)
-from evals.core import scorers
 from evals.core.errors import SettingsError, TooLongError, cli_exit
 from evals.core.execute import Opened
 from evals.core.execute import execute as run_suite
@@ -31,6 +31,7 @@ from evals.lost_in_middle import RECORD
 from evals.lost_in_middle.kv import KVObject, kv_user_text, make_kv
 from evals.lost_in_middle.passages import (DISTRACTORS, Distractors, PassagePool, QAItem, load_qa, place_gold,
                                            qa_scores, select_questions)
+from ragkit.structured import instruction as structured_instruction
 
 SUITE = RECORD.name
 TASKS = ("qa", "kv", "both")
@@ -39,14 +40,25 @@ QA_INSTRUCTION = ("Write a high-quality answer for the given question using only
                   "(some of which might be irrelevant).")
 CLOSED_BOOK_INSTRUCTION = "Write a high-quality answer for the given question."
 GOLD = -1  # the gold passage's id in a prompt recipe (distractors are pool ids)
+# --answer-format json: the answer object of QA (and RAG) cells and of key-value cells, and its field
+SCHEMAS = {"qa": answers.object_schema({"answer": answers.bounded_string(answers.ASCII_TEXT, 64)}),
+           "kv": answers.object_schema({"value": answers.UUID_STRING})}
+FIELDS = {"qa": "answer", "kv": "value"}
 
 
-def qa_user_text(question: str, docs: Sequence[str]) -> str:
-    """The user message of multi-document QA (the paper's template); no documents = closed-book."""
+def qa_user_text(question: str, docs: Sequence[str], answer_instruction: str = "") -> str:
+    """The user message of multi-document QA (the paper's template); no documents = closed-book.
+    ``answer_instruction``: how to answer (e.g. as a JSON object), in place of the "Answer:" cue."""
+    ask = f"Question: {question}\n{answer_instruction or 'Answer:'}"
     if not docs:
-        return f"{CLOSED_BOOK_INSTRUCTION}\n\nQuestion: {question}\nAnswer:"
+        return f"{CLOSED_BOOK_INSTRUCTION}\n\n{ask}"
     body = "\n".join(f"Document [{i + 1}] {' '.join(d.split())}" for i, d in enumerate(docs))
-    return f"{QA_INSTRUCTION}\n\n{body}\n\nQuestion: {question}\nAnswer:"
+    return f"{QA_INSTRUCTION}\n\n{body}\n\n{ask}"
+
+
+def answer_schema(task: str) -> dict[str, Any]:
+    """The JSON answer schema of a cell's task (rag cells answer as QA ones do)."""
+    return SCHEMAS["kv" if task == "kv" else "qa"]
 
 
 def parse_positions(spec: str | int | Sequence[Any], k: int) -> tuple[int, ...]:
@@ -147,8 +159,12 @@ class LitmSettings(SuiteSettings):
         self.orderings = tuple(dict.fromkeys(names))
         if self.questions < 1 or self.rag_top_k < 1 or self.chunk_tokens < 32:
             raise SettingsError("--questions and --rag-top-k must be >= 1, --chunk-tokens >= 32")
-        if self.max_new_tokens is None:
-            self.max_new_tokens = self.answer_budget(48 if self.kv else 32)
+        text_budget = self.answer_budget(48 if self.kv else 32)
+        if self.answer_format == "json":
+            tasks = (["qa"] if self.qa else []) + (["kv"] if self.kv else [])
+            self.max_new_tokens = answers.json_budget(text_budget, [SCHEMAS[t] for t in tasks], self.max_new_tokens)
+        elif self.max_new_tokens is None:
+            self.max_new_tokens = text_budget
         scorers.check(self.scorer)
         backends.check(self)
         return self
@@ -175,6 +191,7 @@ class LitmSuite:
         self.samples = {seed: select_questions(items, settings.questions, seed) for seed in settings.seeds}
         self.distractors = Distractors(pool, embedder, cache)
         self._distractor_ids: dict[tuple[int, str], list[int]] = {}
+        self.decodings = answers.decodings(settings.answer_format, settings.constrained)
 
     # ---- cells
     def cells(self) -> list[Cell]:
@@ -195,7 +212,13 @@ class LitmSuite:
                     for n in s.kv_pairs:
                         out += [self._cell(task="kv", item=i, seed=seed, kind="position", k=n, position=p)
                                 for p in parse_positions(s.positions, n)]
-        return out
+        if self.decodings == (None,):
+            return out
+        return [self._cell(**c.coords, decoding=d) for c in out for d in self.decodings]  # JSON: free / constrained
+
+    def instruction(self, task: str) -> str:
+        """How a cell of ``task`` is asked to answer: "" for text, ragkit's JSON-schema instruction for JSON."""
+        return structured_instruction(answer_schema(task)) if self.s.answer_format == "json" else ""
 
     def _cell(self, **coords: Any) -> Cell:
         return Cell(SUITE, self.config, coords)
@@ -236,7 +259,7 @@ class LitmSuite:
         if c["task"] == "qa" and c["kind"] == "position":  # the gold-last prompt shares each job's prefix up to its gold
             item = self.items[c["qid"]]
             docs = self.doc_texts(item, self.qa_docs(item, c["seed"], c["k"], c["k"] - 1))
-            return Group(jobs, self._ids(qa_user_text(item.question, docs)))
+            return Group(jobs, self._ids(qa_user_text(item.question, docs, self.instruction("qa"))))
         return Group(jobs, jobs[0].ids if c["task"] in ("kv", "rag") else None)
 
     def _job(self, cell: Cell) -> Job:
@@ -244,7 +267,7 @@ class LitmSuite:
         row: dict[str, Any] = {"cell_id": cell.cell_id, "suite": SUITE, "config": self.config, **c}
         if c["task"] == "kv":
             obj: KVObject = make_kv(c["k"], c["seed"], c["item"])
-            ids = self._ids(kv_user_text(obj, c["position"]))
+            ids = self._ids(kv_user_text(obj, c["position"], self.instruction("kv")))
             golds = [obj.value(c["position"])]
             row.update(question=f"value of key {obj.key(c['position'])}", recipe={"key": obj.key(c["position"])})
         elif c["task"] == "rag":
@@ -257,20 +280,24 @@ class LitmSuite:
             golds = list(item.answers)
             doc_ids = [] if c["kind"] == "closed_book" else [GOLD] if c["kind"] == "oracle" else \
                 self.qa_docs(item, c["seed"], c["k"], c["position"])
-            ids = self._ids(qa_user_text(item.question, self.doc_texts(item, doc_ids)))
+            ids = self._ids(qa_user_text(item.question, self.doc_texts(item, doc_ids), self.instruction("qa")))
             row.update(question=item.question, recipe={"docs": doc_ids, "pool": self.pool.fingerprint})
         if len(ids) + self.max_new_tokens > self.target.context_window:
             raise TooLongError(f"cell {cell.cell_id} ({c}) needs {len(ids)} prompt + {self.max_new_tokens} answer "
                                f"tokens > the context window of {self.target.context_window}")
         row.update(expected=golds, prompt_tokens=len(ids), max_new_tokens=self.max_new_tokens)
-        return Job(cell, ids, row, golds)
+        if self.s.answer_format == "json":
+            row.update(answer_format="json")
+        schema = answer_schema(c["task"]) if c.get("decoding") == answers.GRAMMAR else None
+        return Job(cell, ids, row, golds, schema)
 
     def _rag_prompt(self, cell: Cell) -> tuple[list[int], dict[str, Any]]:
         """ragkit's own prompt for the question's top-k chunks in the cell's ordering."""
         c = cell.coords
         item = self.items[c["qid"]]
         nodes = self.rag.retrieve(item.question, c["k"])
-        text, ctx = self.rag.prompt(item.question, nodes, c["ordering"])
+        schema = answer_schema("rag") if self.s.answer_format == "json" else None
+        text, ctx = self.rag.prompt(item.question, nodes, c["ordering"], schema)
         texts = [n.node.get_content() for n in ctx.nodes]
         ranked = [n.node.node_id for n in sorted(nodes, key=lambda n: -(n.score or 0.0))]
         with_answer = [i for i, t in enumerate(texts) if answer_match(t, item.answers)]
@@ -284,7 +311,7 @@ class LitmSuite:
             "recipe": {"chunks": [n.node.node_id for n in ctx.nodes]}}
 
     def score(self, job: Job, answer: str) -> dict[str, Any]:
-        return scorers.record(qa_scores(answer, job.payload, job.cell["task"]), self.s.scorer)
+        return score_answer(answer, job.payload, job.cell["task"], self.s.scorer, self.s.answer_format)
 
     # ---- length safety
     def check_lengths(self) -> dict[str, int]:
@@ -296,11 +323,11 @@ class LitmSuite:
                 if s.qa:
                     k = max(s.docs)
                     docs = self.doc_texts(item, self.qa_docs(item, seed, k, k - 1))
-                    longest[f"qa k={k}"] = max(longest.get(f"qa k={k}", 0),
-                                               len(self._ids(qa_user_text(item.question, docs))) + s.max_new_tokens)
+                    text = qa_user_text(item.question, docs, self.instruction("qa"))
+                    longest[f"qa k={k}"] = max(longest.get(f"qa k={k}", 0), len(self._ids(text)) + s.max_new_tokens)
                 if s.kv:
                     n = max(s.kv_pairs)
-                    need = len(self._ids(kv_user_text(make_kv(n, seed, i), 0))) + s.max_new_tokens
+                    need = len(self._ids(kv_user_text(make_kv(n, seed, i), 0, self.instruction("kv")))) + s.max_new_tokens
                     longest[f"kv pairs={n}"] = max(longest.get(f"kv pairs={n}", 0), need)
         for what, n in longest.items():
             if n > window:
@@ -311,9 +338,19 @@ class LitmSuite:
         return longest
 
 
+def score_answer(answer: str, golds: Sequence[str], task: str, scorer: str, answer_format: str = "text") -> dict[str, Any]:
+    """The row fields a scorer writes for one answer; JSON answers also get the format checks (parses, valid,
+    only the object) and strict judges the object's field."""
+    if answer_format != "json":
+        return scorers.record(qa_scores(answer, golds, task), scorer)
+    field = FIELDS["kv" if task == "kv" else "qa"]
+    return {**answers.json_checks(answer, answer_schema(task)),
+            **scorers.record(qa_scores(answer, golds, task, field), scorer)}
+
+
 def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[str, Any]:
     """A stored row's score fields under ``scorer`` (``run``: its run.json, unused here)."""
-    return scorers.record(qa_scores(row["answer"], row["expected"], row["task"]), scorer)
+    return score_answer(row["answer"], row["expected"], row["task"], scorer, row.get("answer_format", "text"))
 
 
 # ---------------------------------------------------------------- run
@@ -374,6 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--resume", action="store_const", const=True, help="continue a killed run in --out without redoing finished cells")
     a("--cache-dir", help="where passage embeddings and the corpus index are kept across runs (default ~/.cache/ragkit/evals)")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    answers.add_flags(a)
     backends.add_flags(a)
     a("--config", help="YAML suite file (evals/suites/litm*.yaml); flags given on the command line win")
     a("--scorer", choices=tuple(scorers.SCORERS), help="strict: the answer commits to a gold answer, not hedged "

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from evals.core.answers import UUID_STRING, bounded_string, field_match, first_object, object_schema
 from evals.core.errors import SettingsError
 from evals.core.scoring import NUMBER, UUID, ValueKind, strict_match, value_fraction
 
@@ -69,6 +70,26 @@ class Needle:
     expected: tuple[str, ...]
     distractors: tuple[str, ...] = ()  # values of distractor needles (multikey): reported when answered
     extra_depths: tuple[float, ...] = ()  # depths (percent) of sentences[1:]
+    asked: tuple[str, ...] = ()  # multiquery: the keys asked for, in order
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """The right answer as a JSON object (``--answer-format json``): one field per asked value (the
+        asked keys for multiquery), a list of all values for multivalue."""
+        if self.type == "multiquery":
+            return dict(zip(self.asked, self.expected))
+        if self.type == "multivalue":
+            return {"numbers": list(self.expected)}
+        field = {"passcode": "passcode", "nonliteral": "name", "kv-words": "word", "kv-uuid": "uuid"}
+        return {field.get(self.type, "number"): self.expected[0]}
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema of the answer object: the reference's fields, each a bounded string of the value's
+        kind (``multivalue``: a list of 1 to 8 of them), nothing else."""
+        value = _VALUE_SCHEMAS[self.type]
+        return object_schema({k: {"type": "array", "items": value, "minItems": 1, "maxItems": 8}
+                              if isinstance(v, list) else value for k, v in self.reference.items()})
 
     @property
     def instruction(self) -> str:
@@ -115,7 +136,16 @@ def make_needle(kind: str, seed: int) -> Needle:
     asked = ", ".join(keys[:-1]) + f" and {keys[-1]}"
     return Needle(kind, seed, tuple(fact(k, v) for k, v in zip(keys, values)),
                   f"What are the special magic {thing}s for {asked} mentioned in the text?",
-                  f"The special magic {thing}s for {asked} are", tuple(values), (), extra)
+                  f"The special magic {thing}s for {asked} are", tuple(values), (), extra, tuple(keys))
+
+
+_DIGITS = bounded_string("[0-9]", 12)
+_WORD = bounded_string("[A-Za-z]", 24)
+_VALUE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "passcode": _DIGITS, "kv-numbers": _DIGITS, "multikey": _DIGITS, "multivalue": _DIGITS, "multiquery": _DIGITS,
+    "kv-words": _WORD, "nonliteral": _WORD,
+    "kv-uuid": UUID_STRING,
+}
 
 
 def _value(rng: random.Random, kind: str) -> str:
@@ -147,10 +177,16 @@ def value_kind(kind: str) -> ValueKind:
     return NUMBER
 
 
-def needle_scores(answer: str, needles: Sequence[Needle]) -> dict[str, Any]:
+def needle_scores(answer: str, needles: Sequence[Needle], json_answer: bool = False) -> dict[str, Any]:
     """Strict and lenient verdicts of a needle answer. Several needles: a control standing for several seeds'
-    (identical) prompts, found when the answer produces the value of any of them; its score is the best."""
-    strict = [strict_match(answer, n.expected, value_kind(n.type)) for n in needles]
+    (identical) prompts, found when the answer produces the value of any of them; its score is the best.
+    ``json_answer``: strict scores the fields of the answer's JSON object (evals.core.answers.field_match);
+    lenient is the same either way (the values anywhere in the answer's text)."""
+    if json_answer:
+        value = first_object(answer)
+        strict = [field_match(value, n.reference) for n in needles]
+    else:
+        strict = [(m.score, m.found) for m in (strict_match(answer, n.expected, value_kind(n.type)) for n in needles)]
     lenient = [value_fraction(answer, n.expected) for n in needles]
-    return {"score_strict": max(m.score for m in strict), "found_strict": any(m.found for m in strict),
+    return {"score_strict": max(s for s, _ in strict), "found_strict": any(f for _, f in strict),
             "score_lenient": max(lenient), "found_lenient": any(f == 1.0 for f in lenient)}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.core.report import code_line, rate_table, rate_text, scoring_line
+from evals.core.report import code_line, json_table, rate_table, rate_text, scoring_line
 from evals.core.stats import holm, mcnemar_exact
 from evals.core.store import RunDir
 from evals.needle.haystack import run_haystack_sets
@@ -24,7 +24,7 @@ def collapse_controls(df: pd.DataFrame) -> pd.DataFrame:
     seeds = [len(c) if isinstance(c, list) else 1 for c in controls.get("control_seeds", [None] * len(controls))]
     controls = controls.assign(control_cells=seeds, _prompt=[
         json.dumps([r.get("mode"), r.get("genre"), r.get("length"), r.get("question"), r.get("recipe"),
-                    r.get("prompt_tokens"), r.get("chunks")], sort_keys=True, default=str)
+                    r.get("prompt_tokens"), r.get("chunks"), r.get("decoding")], sort_keys=True, default=str)
         for r in controls.to_dict("records")])
     merged = controls.groupby("_prompt", sort=False).agg(
         {**{c: "first" for c in controls.columns if c != "_prompt"}, "found": "max", "score": "max",
@@ -41,14 +41,36 @@ def needle_frame(rows: list[dict], run: dict) -> pd.DataFrame:
     return collapse_controls(df)
 
 
+def _decodings(df: pd.DataFrame) -> list[str | None]:
+    """The decodings of a JSON run's cells (free, constrained), or [None] for text answers."""
+    return list(dict.fromkeys(df["decoding"])) if "decoding" in df else [None]
+
+
+def _panels(df: pd.DataFrame) -> list[tuple[str, str, str | None, pd.DataFrame]]:
+    """(mode, genre, decoding, rows) of every panel a report shows on its own."""
+    out = []
+    for mode in ("context", "rag"):
+        for genre in _genres(df):
+            for dec in _decodings(df):
+                d = df[(df["mode"] == mode) & (df["genre"] == genre)]
+                d = d if dec is None else d[d["decoding"] == dec]
+                if len(d):
+                    out.append((mode, genre, dec, d))
+    return out
+
+
 def needle_summary(df: pd.DataFrame) -> pd.DataFrame:
     """One line per (mode, genre, kind, length, depth): rates with intervals (controls: over distinct prompts),
     tokens, needle positions, retrieval."""
     df = df.copy()
     df["depth"] = df["depth"].astype(float)
-    by = ["mode", "genre", "kind", "length", "depth"]
+    by = ["mode", "genre", "kind", "length", "depth"] + (["decoding"] if "decoding" in df else [])
     out = rate_table(df, by)
     extra = {"prompt_tokens": "mean", "actual_tokens": "mean", "target_tokens": "first"}
+    for col in ("json_parses", "json_valid", "json_only"):
+        if col in df:
+            df[col] = df[col].astype(float)
+            extra[col] = "sum"
     if "control_cells" in df:
         extra["control_cells"] = "sum"
     if "needle_depth_actual" in df:
@@ -99,11 +121,10 @@ def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = [(m, g) for m in ("context", "rag") if m in set(df["mode"]) for g in _genres(df)]
+    panels = _panels(df)
     fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 1.3 * df["length"].nunique() * len(panels) + 1.5,
                                                        1.2 + 0.55 * (df["depth"].nunique() + 1)), squeeze=False)
-    for ax, (mode, genre) in zip(axes[0], panels):
-        d = df[(df["mode"] == mode) & (df["genre"] == genre)]
+    for ax, (mode, genre, dec, d) in zip(axes[0], panels):
         lengths = sorted(d["length"].unique())
         depths = sorted(d.loc[d["kind"] == "needle", "depth"].astype(float).unique())
         grid = np.full((len(depths) + 1, len(lengths)), np.nan)
@@ -124,7 +145,8 @@ def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
         ax.set_yticks(range(len(depths) + 1), [f"{x:g}%" for x in depths] + ["no needle\n(invented)"])
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("needle depth")
-        ax.set_title(f"{mode}, {genre} haystack: found / cells" if len(_genres(df)) > 1 else f"{mode}: found / cells")
+        where = f"{mode}, {genre} haystack" if len(_genres(df)) > 1 else mode
+        ax.set_title(f"{where}{f', {dec} JSON' if dec else ''}: found / cells")
     fig.colorbar(im, ax=axes[0].tolist(), label="fraction of the needle's values in the answer")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -174,6 +196,18 @@ def _behind(cd: pd.DataFrame) -> str:
     return f" (standing for {cells} seeds' controls: a shared haystack is one prompt)" if cells > len(cd) else ""
 
 
+def structured_lines(df: pd.DataFrame) -> list[str]:
+    """JSON answers: per length and depth, free and constrained decoding side by side (the needle cells)."""
+    if "json_valid" not in df:
+        return []
+    nd = df[df["kind"] == "needle"]
+    nd = nd.assign(depth=nd["depth"].astype(float))
+    return ["", "## JSON answers: " + " vs ".join(_decodings(nd)), "",
+            "Needle cells by length (tokens) and depth (%); `parses`: a JSON object is in the answer, `valid`: it matches the schema, `only object`: "
+            "no text outside it, `found`: its fields hold the needle's values (strict). Controls are in the "
+            "tables below.", ""] + json_table(nd, ["mode", "length", "depth"])
+
+
 def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
     m, st = run.get("model", {}), run.get("settings", {})
     git = run.get("git", {})
@@ -183,7 +217,8 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         f"quantization **{m.get('quant')}**, dtype {m.get('dtype')}, device {m.get('device')}, "
         f"context window {m.get('context_window')} tokens",
         f"- **Needle**: `{st.get('needle')}`, seeds {st.get('seeds')}; depths {st.get('depths')}; "
-        f"lengths {st.get('lengths')} (tokens incl. {st.get('max_new_tokens')} for the answer); mode {st.get('mode')}",
+        f"lengths {st.get('lengths')} (tokens incl. {st.get('max_new_tokens')} for the answer); mode {st.get('mode')}"
+        + (f"; answers: one JSON object, decoded {' and '.join(_decodings(df))}" if "decoding" in df else ""),
         f"- **Haystack**: {', '.join(st.get('haystack', []))} (genre {', '.join(_genres(df))}; fingerprint "
         f"{st.get('pool')}); "
         + ("each seed its own text (`--haystack-start seed`)" if st.get("haystack_start") == "seed"
@@ -200,10 +235,10 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
         lines += [f"**Incomplete run: {done} of {planned} planned needle cells finished** (lengths without rows "
                   "below were not reached, or skipped as too long); continue it with the same flags and `--resume`.", ""]
     multi = len(_genres(df)) > 1
-    for mode, genre in [(x, g) for x in ("context", "rag") if x in set(df["mode"]) for g in _genres(df)]:
-        d = df[(df["mode"] == mode) & (df["genre"] == genre)]
+    for mode, genre, dec, d in _panels(df):
         nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
-        lines.append(f"- **{mode}{f', {genre} haystack' if multi else ''}**: needle found in **{rate_text(int(nd['found'].sum()), len(nd))}** of cells; "
+        lines.append(f"- **{mode}{f', {genre} haystack' if multi else ''}{f', {dec} JSON' if dec else ''}**: "
+                     f"needle found in **{rate_text(int(nd['found'].sum()), len(nd))}** of cells; "
                      f"without a needle the model produced the value in {rate_text(int(cd['found'].sum()), len(cd))} "
                      f"distinct no-needle prompts{_behind(cd)}.")
         if mode == "rag" and len(nd):
@@ -214,12 +249,14 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
                          f"(a miss with the chunk retrieved is the reader's fault, without it the retriever's).")
         if len(nd) and "distractor_answered" in nd and nd["distractor_answered"].any():
             lines.append(f"  - answered a distractor's value in {int(nd['distractor_answered'].sum())} cells.")
-    lines += ["", "## By length", "", "| mode | genre | length | found (95% CI) | mean score | "
-              "no-needle: value invented (distinct prompts) |", "|---|---|---|---|---|---|"]
-    for (mode, genre, length), d in df.groupby(["mode", "genre", "length"], sort=False):
-        nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
-        lines.append(f"| {mode} | {genre} | {length} | {rate_text(int(nd['found'].sum()), len(nd))} | "
-                     f"{nd['score'].mean():.2f} | {int(cd['found'].sum())}/{len(cd)} |")
+    lines += structured_lines(df)
+    lines += ["", "## By length", "", "| mode | genre | decoding | length | found (95% CI) | mean score | "
+              "no-needle: value invented (distinct prompts) |", "|---|---|---|---|---|---|---|"]
+    for mode, genre, dec, panel in _panels(df):
+        for length, d in panel.groupby("length", sort=True):
+            nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
+            lines.append(f"| {mode} | {genre} | {dec or 'text'} | {length} | {rate_text(int(nd['found'].sum()), len(nd))} | "
+                         f"{nd['score'].mean():.2f} | {int(cd['found'].sum())}/{len(cd)} |")
     lines += ["", "## Heatmap", "", "![heatmap](heatmap.png)", "",
               "Rows are needle depths (0% = start of the haystack, 100% = end), columns prompt lengths; each cell "
               "shows found/cells and its colour the mean fraction of expected values in the answer (green = found). "

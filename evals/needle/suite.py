@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Hashable, Sequence
 
 from pydantic import ValidationInfo, field_validator, model_validator
 
+from evals.core import answers, scorers
 from evals.core import backend as backends  # (the settings field is named backend)
-from evals.core import scorers
 from evals.core.errors import RebuildError, SettingsError, TooLongError, cli_exit
 from evals.core.execute import Opened
 from evals.core.execute import execute as run_suite
@@ -33,6 +33,7 @@ from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Fram
 from evals.needle.layout import grid, lengths_within
 from evals.needle.needles import NEEDLE_TYPES, Needle, make_needle, needle_scores
 from evals.needle.token_cache import TOKENS_DIR, CachedCodec
+from ragkit.structured import instruction as structured_instruction
 
 SUITE = RECORD.name
 MODES = ("context", "rag", "both")
@@ -99,8 +100,12 @@ class NeedleSettings(SuiteSettings):
             raise SettingsError(f"--haystack-start {self.haystack_start!r} is unknown; choose {' or '.join(STARTS)}")
         if self.needle not in NEEDLE_TYPES:
             raise SettingsError(f"--needle {self.needle!r} is unknown; choose one of {', '.join(NEEDLE_TYPES)}")
-        if self.max_new_tokens is None:
-            self.max_new_tokens = self.answer_budget(96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32)
+        text_budget = self.answer_budget(96 if self.needle in ("kv-uuid", "multivalue", "multiquery") else 32)
+        if self.answer_format == "json":
+            schemas = [make_needle(self.needle, seed).schema for seed in self.seeds]
+            self.max_new_tokens = answers.json_budget(text_budget, schemas, self.max_new_tokens)
+        elif self.max_new_tokens is None:
+            self.max_new_tokens = text_budget
         scorers.check(self.scorer)
         if self.top_k < 1 or self.chunk_size < 32:
             raise SettingsError("--top-k must be >= 1 and --chunk-size >= 32 tokens")
@@ -141,12 +146,20 @@ def pool_fingerprint(pools: dict[str, SentencePool]) -> str | dict[str, str]:
     return next(iter(prints.values())) if len(prints) == 1 else prints
 
 
+def needle_frame(needle: Needle, answer_format: str) -> Frame:
+    """The fixed parts of a needle prompt: for JSON answers the question carries ragkit's JSON-schema instruction
+    (so the length budget counts it) and no answer prefix starts the reply."""
+    if answer_format == "json":
+        return Frame(needle.instruction, f"{needle.question}\n{structured_instruction(needle.schema)}")
+    return Frame(needle.instruction, needle.question, needle.answer_prefix)
+
+
 def build_cell(codec: Codec, pool: SentencePool, est: Estimator, s: NeedleSettings,
                cell: Cell) -> tuple[Needle, Frame, Built]:
     """The needle, frame and fitted haystack prompt of a cell (needle-free for a control: the same haystack,
     which starts where ``s.haystack_start`` says for the cell's seed)."""
     needle = make_needle(s.needle, cell["seed"])
-    frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
+    frame = needle_frame(needle, s.answer_format)
     depth = 50.0 if cell["depth"] is None else cell["depth"]
     built = fit_prompt(codec, pool, frame, needle.sentences, (depth,) + needle.extra_depths, cell["length"],
                        s.max_new_tokens, est, start_sentence(s.haystack_start, cell["seed"], pool))
@@ -171,33 +184,38 @@ class NeedleSuite:
         self.est = {name: Estimator(self.codec, pool) for name, pool in pools.items()}
         self.retriever = Retriever(settings.chunk_size, settings.top_k, settings.store, table_prefix=SUITE)
         self.control_seeds: dict[str, list[int]] = {}  # control cell id -> the seeds whose prompt it is
+        self.decodings = answers.decodings(settings.answer_format, settings.constrained)
 
     def cells(self) -> list[Cell]:
         out = []
         for genre, mode, length in grid(self.s.mode, self.pools, self.lengths):
-            for seed in self.s.seeds:
-                out += [self._cell(mode, length, seed, depth, genre) for depth in self.s.depths]
-            if self.s.controls:
-                out += self._controls(mode, length, genre)
+            for decoding in self.decodings:
+                for seed in self.s.seeds:
+                    out += [self._cell(mode, length, seed, depth, genre, decoding) for depth in self.s.depths]
+                if self.s.controls:
+                    out += self._controls(mode, length, genre, decoding)
         return out
 
-    def _controls(self, mode: str, length: int, genre: str) -> list[Cell]:
+    def _controls(self, mode: str, length: int, genre: str, decoding: str | None) -> list[Cell]:
         """One control per distinct no-needle prompt: seeds whose control prompts are the same tokens (a shared
         haystack and the same question) are one generation, so one cell stands for all of them (the first
         seed's, so its id is the one a per-seed run had) and its row lists them in ``control_seeds``."""
         first: dict[tuple[int, ...], Cell] = {}
         for seed in self.s.seeds:
-            cell = self._cell(mode, length, seed, None, genre)
+            cell = self._cell(mode, length, seed, None, genre, decoding)
             key = tuple(self.build(cell)[2].ids)
             kept = first.setdefault(key, cell)
             self.control_seeds.setdefault(kept.cell_id, []).append(seed)
         return list(first.values())
 
-    def _cell(self, mode: str, length: int, seed: int, depth: float | None, genre: str) -> Cell:
+    def _cell(self, mode: str, length: int, seed: int, depth: float | None, genre: str,
+              decoding: str | None = None) -> Cell:
         coords = {"mode": mode, "length": length, "seed": seed, "depth": depth, "needle": self.s.needle,
                   "kind": "control" if depth is None else "needle"}
         if len(self.pools) > 1:  # a single-genre run keeps the cell ids of runs made before genres
             coords["genre"] = genre
+        if decoding is not None:  # JSON answers only: text cells keep their ids
+            coords["decoding"] = decoding
         return Cell(SUITE, self.config, coords)
 
     def genre(self, cell: Cell) -> str:
@@ -220,7 +238,8 @@ class NeedleSuite:
         jobs = [self._job(c) for c in cells]
         base = None
         if cells[0]["mode"] == "context":
-            control = self._cell("context", cells[0]["length"], cells[0]["seed"], None, self.genre(cells[0]))
+            control = self._cell("context", cells[0]["length"], cells[0]["seed"], None, self.genre(cells[0]),
+                                 cells[0].coords.get("decoding"))
             base = next((j.ids for j in jobs if j.cell.cell_id == control.cell_id), None)
             base = base if base is not None else self.build(control)[2].ids
         return Group(jobs, base)
@@ -230,7 +249,7 @@ class NeedleSuite:
         seeds = self.control_seeds.get(cell.cell_id, [cell["seed"]]) if cell["kind"] == "control" else [cell["seed"]]
         needles = [needle] + [make_needle(self.s.needle, x) for x in seeds if x != cell["seed"]]
         row: dict[str, Any] = {"cell_id": cell.cell_id, "suite": SUITE, "config": self.config, **cell.coords,
-                               "expected": list(needle.expected), "question": needle.question,
+                               "expected": list(needle.expected), "question": frame.question,
                                "target_tokens": cell["length"], "max_new_tokens": self.max_new_tokens,
                                "haystack_tokens": built.haystack_span[1] - built.haystack_span[0],
                                "genre": self.genre(cell),
@@ -240,12 +259,16 @@ class NeedleSuite:
         else:
             row.update(needle_offset=built.needle_offsets[0], needle_depth_actual=built.depth_percent(0),
                        needle_offsets=built.needle_offsets)
+        schema = needle.schema if cell.coords.get("decoding") == answers.GRAMMAR else None
+        if self.s.answer_format == "json":
+            row.update(answer_format="json")
         if cell["mode"] == "context":
             row.update(prompt_tokens=len(built.ids), actual_tokens=len(built.ids) + self.max_new_tokens)
-            return Job(cell, built.ids, row, needles)
-        return self._rag_job(cell, needles, frame, built, row)
+            return Job(cell, built.ids, row, needles, schema)
+        return self._rag_job(cell, needles, frame, built, row, schema)
 
-    def _rag_job(self, cell: Cell, needles: list[Needle], frame: Frame, built: Built, row: dict) -> Job:
+    def _rag_job(self, cell: Cell, needles: list[Needle], frame: Frame, built: Built, row: dict,
+                 schema: dict[str, Any] | None) -> Job:
         needle = needles[0]
         start = built.text.index(frame.instruction) + len(frame.instruction) + 2
         haystack = built.text[start: built.text.rindex("\n\n" + frame.question)]
@@ -258,16 +281,19 @@ class NeedleSuite:
         row.update(prompt_tokens=len(ids), actual_tokens=len(ids) + self.max_new_tokens,
                    retrieved=rank is not None if cell["kind"] == "needle" else None,
                    retrieval_rank=rank if cell["kind"] == "needle" else None, chunks=chunks)
-        return Job(cell, ids, row, needles)
+        return Job(cell, ids, row, needles, schema)
 
     def score(self, job: Job, answer: str) -> dict[str, Any]:
-        return score_answer(answer, job.payload, self.s.scorer)
+        return score_answer(answer, job.payload, self.s.scorer, self.s.answer_format)
 
 
-def score_answer(answer: str, needles: Sequence[Needle], scorer: str) -> dict[str, Any]:
+def score_answer(answer: str, needles: Sequence[Needle], scorer: str, answer_format: str = "text") -> dict[str, Any]:
     """The row fields a scorer writes for one answer (both verdicts, the chosen one as score/found); a control
-    stands for the needles of every seed in its ``control_seeds``."""
-    return {**scorers.record(needle_scores(answer, needles), scorer),
+    stands for the needles of every seed in its ``control_seeds``. JSON answers also get the format checks
+    (parses, valid, only the object) and strict scores the object's fields."""
+    json_answer = answer_format == "json"
+    return {**(answers.json_checks(answer, needles[0].schema) if json_answer else {}),
+            **scorers.record(needle_scores(answer, needles, json_answer), scorer),
             "distractor_answered": any(contains_value(answer, v) for v in needles[0].distractors)}
 
 
@@ -277,7 +303,8 @@ def rescore_row(row: dict[str, Any], scorer: str, run: dict[str, Any]) -> dict[s
     seeds = row.get("control_seeds") or [row["seed"]]
     sets = run_haystack_sets(run)
     genre = row.get("genre") if len(sets) > 1 else next(iter(sets))
-    return {**score_answer(row["answer"], [make_needle(row["needle"], x) for x in seeds], scorer), "genre": genre}
+    needles = [make_needle(row["needle"], x) for x in seeds]
+    return {**score_answer(row["answer"], needles, scorer, row.get("answer_format", "text")), "genre": genre}
 
 
 # ---------------------------------------------------------------- command line
@@ -310,6 +337,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--skip-too-long", action="store_const", const=True, help="skip lengths above the context window with a warning")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    answers.add_flags(a)
     backends.add_flags(a)
     a("--plan", action="store_const", const=True, help="print the grid's projected peak GPU memory per length and "
       "its wall time on the present GPU (or --gpu), refuse lengths that will not fit, and run nothing")
@@ -399,7 +427,7 @@ def rebuild_prompt(run: str, cell_id: str) -> str:
     target = load_target(st["model"], st["quant"], st["dtype"], None, st["max_new_tokens"],
                          reasoning_effort=st.get("reasoning"))
     needle = make_needle(row["needle"], row["seed"])
-    frame = Frame(needle.instruction, needle.question, needle.answer_prefix)
+    frame = needle_frame(needle, st.get("answer_format", "text"))
     if row["mode"] == "rag":
         text = target.codec.render(frame.user("\n\n".join(row["chunks"])), frame.answer_prefix)
         ids = target.codec.encode(text)
