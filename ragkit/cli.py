@@ -72,7 +72,7 @@ def plan_command(
         raise typer.Exit(2) from None
     typer.echo(result.table(), nl=False)
     if gpu or project:
-        typer.echo(projection.table(rows, name), nl=False)
+        typer.echo(projection.table(rows, name, result.quant), nl=False)
         if not rows[0].fits:
             raise typer.Exit(2)
 

@@ -10,11 +10,17 @@ the prompt). Time = floors x measured factors:
   less embeddings, output head and the routed experts a token does not use (top-k of E).
 * decode floor per step: (active weight bytes + output head + KV cache read) / the GPU's HBM bandwidth.
 * each factor = a measured time / the floor of the same run (ragkit/configs/gpu_factors.json, the ONE place the
-  ceilings and measurements live; benchmarks/gpu_engine.py measures them).
+  ceilings and measurements live; benchmarks/gpu_engine.py measures them), taken from the run of the projected
+  model's quantization (NF4's dequantizing MoE prefill and host-synced decode are slower than bf16's), else bf16's.
+  A run that also measured a short fresh prefill (``prefill_short``) splits prefill time into a cost per token and
+  layer (NF4: dequantizing experts per chunk, linear in the tokens) and a factor on the FLOP floor, solved from
+  the two prefills (all per-token when the two scale with the tokens alone, as the 4-layer NF4 run's do).
 
 The grid follows the in-process runner (evals/core/decode.py): with a fixed haystack one group per length computes
-the needle-free prompt once and each needle cell its tail after its depth; every cell decodes ``max_new_tokens``
-steps at batch 1 (an upper bound: answers stop at EOS). Model loading is not counted.
+the needle-free prompt once and each needle cell its tail after its depth; a group's cells decode
+``max_new_tokens`` steps in batches of ``batch_size`` (the runner's CUDA default, 8), each step at the cost of a
+batch-1 step (decode is bandwidth-bound; an upper bound too, as answers stop at EOS). Model loading is not
+counted.
 """
 
 from __future__ import annotations
@@ -136,30 +142,49 @@ class Factors:
     decode: float
     activation_bytes: int  # transient activations of a chunked prefill, over weights and KV cache
     prefill_chunk: int
+    quant: str  # the quantization of the measured run
+    prefill_token_layer_s: float  # prefill seconds per token fed and layer besides the FLOP floor's (0: none)
     source: str
 
 
+def measured_run(gpu: str, quant: str) -> dict[str, Any]:
+    """The measured run of ``gpu`` at ``quant`` (bf16's, ``"none"``, where that quantization was not measured)."""
+    runs = gpu_table()[gpu]["measured"]
+    return runs.get(quant) or runs["none"]
+
+
 @cache
-def factors(gpu: str) -> Factors:
-    """The measured factors of ``gpu`` (a short name of :func:`gpu_table`)."""
+def factors(gpu: str, quant: str = "none") -> Factors:
+    """The measured factors of ``gpu`` (a short name of :func:`gpu_table`) for a model quantized as ``quant``."""
     key, entry = gpu_named(gpu)
-    m = entry["measured"]
-    bench = measured_model_shape(key)
+    m = measured_run(key, quant)
+    bench = measured_model_shape(key, m["quant"])
     floor_prefill = bench.prefill_flops(m["prompt_tokens"]) / entry["bf16_flops"]
     floor_decode = bench.decode_bytes(m["decode_cache_tokens"]) / entry["hbm_bytes_per_s"]
     activations = m["peak_bytes"] - m["weights_bytes"] - bench.kv_bytes_per_token * m["prompt_tokens"]
+    per_token, prefill = 0.0, m["prefill_s"] / floor_prefill
+    if "prefill_short" in m:  # t = per_token x layers x n + factor x floor(n), through both measured prefills
+        short = m["prefill_short"]
+        x1, y1, t1 = bench.layers * m["prompt_tokens"], floor_prefill, m["prefill_s"]
+        x2, t2 = bench.layers * short["prompt_tokens"], short["prefill_s"]
+        y2 = bench.prefill_flops(short["prompt_tokens"]) / entry["bf16_flops"]
+        per_token = (t1 * y2 - t2 * y1) / (x1 * y2 - x2 * y1)
+        prefill = (t1 - per_token * x1) / y1
+        if prefill < 0:  # the two are nearly proportional to the tokens: all per-token cost (fit the longer one)
+            per_token, prefill = t1 / x1, 0.0
     return Factors(key, entry["name"], entry["memory_bytes"], entry["bf16_flops"], entry["hbm_bytes_per_s"],
-                   m["prefill_s"] / floor_prefill, m["decode_step_s"] / floor_decode, int(activations),
-                   m["prefill_chunk"], m["source"])
+                   prefill, m["decode_step_s"] / floor_decode, int(activations), m["prefill_chunk"], m["quant"],
+                   per_token, m["source"])
 
 
-def measured_model_shape(gpu: str) -> Shape:
-    """The Shape of the model the factors of ``gpu`` were measured on (its text model, at its layer count)."""
+def measured_model_shape(gpu: str, quant: str = "none") -> Shape:
+    """The Shape of the model the ``quant`` factors of ``gpu`` were measured on (its text model, at its layer
+    count)."""
     from ragkit.models import shipped_config
     from ragkit.planner import plan as memory_plan
     from ragkit.placement import load_config
 
-    m = gpu_table()[gpu]["measured"]
+    m = measured_run(gpu, quant)
     full = json.loads(shipped_config(m["model"]).read_text(encoding="utf-8"))
     text = {**full.get("text_config", full), "num_hidden_layers": m["layers"], "dtype": m["dtype"]}
     config, _ = load_config(text)
@@ -189,9 +214,10 @@ class LengthProjection:
 
 
 def project_grid(plan: Any, config: Any, lengths: Sequence[int], depths: Sequence[float], seeds: int,
-                 controls: bool, max_new_tokens: int, gpu: str, shared_haystack: bool = True) -> list[LengthProjection]:
+                 controls: bool, max_new_tokens: int, gpu: str, shared_haystack: bool = True,
+                 batch_size: int = 8) -> list[LengthProjection]:
     """The projection of a needle grid per length on ``gpu`` (``plan``: the model's MemoryPlan)."""
-    f, s = factors(gpu), shape(plan, config)
+    f, s = factors(gpu, plan.quant), shape(plan, config)
     budget = f.memory_bytes * (1 - FIT_HEADROOM)
     out = []
     for length in lengths:
@@ -206,7 +232,8 @@ def project_grid(plan: Any, config: Any, lengths: Sequence[int], depths: Sequenc
             flops += s.prefill_flops(prompt - at, at)
             fed += prompt - at
         cells = len(needles) + (groups if controls else 0)
-        decode = cells * max_new_tokens * f.decode * s.decode_bytes(length) / f.bandwidth
+        batches = groups * -(-cells // (groups * batch_size))  # ceil per group
+        decode = batches * max_new_tokens * f.decode * s.decode_bytes(length) / f.bandwidth
         kv = s.kv_bytes_per_token * length
         peak = s.weights_bytes + kv + f.activation_bytes
         fits = peak <= budget
@@ -215,15 +242,16 @@ def project_grid(plan: Any, config: Any, lengths: Sequence[int], depths: Sequenc
             f"activations {f.activation_bytes / 1e9:,.1f}) of {budget / 1e9:,.1f} GB usable on one {f.name} "
             f"({FIT_HEADROOM:.0%} kept free)")
         out.append(LengthProjection(length, prompt, cells, fed, s.weights_bytes, kv, f.activation_bytes, peak,
-                                    f.prefill * flops / f.flops, decode, fits, reason))
+                                    f.prefill * flops / f.flops + f.prefill_token_layer_s * s.layers * fed, decode,
+                                    fits, reason))
     return out
 
 
-def table(rows: Sequence[LengthProjection], gpu: str) -> str:
-    """The projection as text: a pandas table per length, the total, what it rests on."""
+def table(rows: Sequence[LengthProjection], gpu: str, quant: str = "none") -> str:
+    """The projection as text: a pandas table per length, the total, what it rests on (``quant``: the model's)."""
     import pandas as pd
 
-    f = factors(gpu)
+    f = factors(gpu, quant)
     frame = pd.DataFrame([{
         "length": r.length, "cells": r.cells, "tokens fed": r.tokens_fed,
         "weights GB": round(r.weights_bytes / 1e9, 2), "KV cache GB": round(r.kv_cache_bytes / 1e9, 2),
@@ -235,8 +263,10 @@ def table(rows: Sequence[LengthProjection], gpu: str) -> str:
              f"HBM {f.bandwidth / 1e12:,.1f} TB/s)", frame.to_string(index=False),
              f"total wall time of the lengths that fit: {sum(r.seconds for r in fitting):,.1f} s "
              f"({len(fitting)} of {len(rows)} lengths; model loading not counted)",
-             f"factors: prefill {f.prefill:.2f} x FLOP floor, decode {f.decode:.2f} x bandwidth floor, "
+             f"factors: prefill {f.prefill:.2f} x FLOP floor"
+             + (f" + {f.prefill_token_layer_s * 1e9:.1f} ns per token and layer" if f.prefill_token_layer_s else "")
+             + f", decode {f.decode:.2f} x bandwidth floor, "
              f"activations {f.activation_bytes / 2**30:.2f} GiB (prefill chunks of {f.prefill_chunk:,}); "
-             f"measured in {f.source}"]
+             f"measured with quantization {f.quant} in {f.source}"]
     lines += [f"refused: length {r.length}: {r.reason}" for r in rows if not r.fits]
     return "\n".join(lines) + "\n"

@@ -102,9 +102,10 @@ def grid_projection(model: str, quant: str, lengths: Sequence[int], depths: Sequ
 
     config, _ = load_config(model)
     name = projection.resolve_gpu(gpu)
-    rows = projection.project_grid(plan(config, context=max(lengths), quant=quant), config, lengths, depths, seeds,
-                                   controls, max_new_tokens, name, shared_haystack)
-    return projection.table(rows, name), [r.length for r in rows if not r.fits]
+    planned = plan(config, context=max(lengths), quant=quant)
+    rows = projection.project_grid(planned, config, lengths, depths, seeds, controls, max_new_tokens, name,
+                                   shared_haystack)
+    return projection.table(rows, name, planned.quant), [r.length for r in rows if not r.fits]
 
 
 def adapter_hashes(paths: Sequence[str]) -> list[dict[str, str]]:

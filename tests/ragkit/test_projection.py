@@ -18,7 +18,7 @@ FLAGSHIP = "mistralai/Mistral-Small-4-119B-2603"
 
 
 def test_the_measured_run_projects_to_what_was_measured(repo_root):
-    measured = projection.gpu_table()["h200"]["measured"]
+    measured = projection.gpu_table()["h200"]["measured"]["none"]
     bench = json.loads((repo_root / measured["source"].split(",")[0]).read_text())
     run = bench["runs"][2]
     assert (run["mode"], run["chunk"], run["T"]) == ("ragkit_sdpa", measured["prefill_chunk"], measured["prompt_tokens"])
@@ -47,13 +47,13 @@ def test_flagship_grid_in_nf4_fits_one_h200_and_refuses_bf16_with_the_reason(fla
                                    32, "h200")
     assert all(r.fits for r in rows) and [r.cells for r in rows] == [6] * 4
     longest = rows[-1]
-    assert longest.peak_bytes == nf4.weights_bytes + 23040 * 262144 + projection.factors("h200").activation_bytes
+    assert longest.peak_bytes == nf4.weights_bytes + 23040 * 262144 + projection.factors("h200", "nf4").activation_bytes
     assert longest.prefill_s > rows[-2].prefill_s > rows[0].prefill_s  # attention grows with the square
     bf16 = plan(flagship, context=262144, quant="none")
     refused = projection.project_grid(bf16, flagship, [262144], (50,), 1, True, 32, "h200")[0]
     assert not refused.fits and "of 135.7 GB usable on one NVIDIA H200" in refused.reason
     text = projection.table([longest, refused], "h200")
-    assert "refused: length 262144: needs 252" in text and "measured in benchmarks/results/gpu_engine_h200" in text
+    assert "refused: length 262144: needs 252" in text and "in benchmarks/results/gpu_engine_h200" in text
 
 
 def test_an_unknown_gpu_and_a_bad_token_count_are_named():
@@ -81,3 +81,24 @@ def test_without_a_gpu_the_projection_asks_for_one():
     result = CliRunner().invoke(app, ["plan", FLAGSHIP, "--context", "256k", "--project"])
     assert result.exit_code == 2
     assert "there is no CUDA GPU on this machine to project for; name one with --gpu (h200" in result.output
+
+
+def test_nf4_projects_the_measured_4_layer_nf4_grid_within_its_tolerance(repo_root, tmp_path):
+    """--plan on the 4-layer real-width Mistral-4 in NF4 (the H200 run of benchmarks/gpu_engine.py nf4): each
+    length's wall time within 30% of what was measured, the peak never below it (activations are taken at 256k,
+    so shorter lengths are over-provisioned), and the 256k peak within 10%."""
+    measured = projection.gpu_table()["h200"]["measured"]["nf4"]
+    bench = json.loads((repo_root / measured["source"].split(",")[0]).read_text())
+    full = json.loads((repo_root / "ragkit" / "configs" / "mistralai--Mistral-Small-4-119B-2603.json").read_text())
+    full["text_config"]["num_hidden_layers"] = bench["layers"]
+    (tmp_path / "config.json").write_text(json.dumps(full))
+    config, _ = load_config(tmp_path)
+    grid = sorted(bench["grid"], key=lambda g: g["length"])
+    rows = projection.project_grid(plan(config, context=grid[-1]["length"], quant="nf4"), config,
+                                   [g["length"] for g in grid], bench["args"]["depths"], 1, True,
+                                   bench["args"]["max_new"], "h200")
+    assert projection.factors("h200", "nf4").quant == "nf4" and projection.factors("h200", "int8").quant == "none"
+    for row, got in zip(rows, grid):
+        assert row.seconds == pytest.approx(got["wall_s"], rel=0.30), row.length
+        assert row.peak_bytes >= got["peak_gib"] * 2**30, row.length
+    assert rows[-1].peak_bytes == pytest.approx(grid[-1]["peak_gib"] * 2**30, rel=0.10)
