@@ -103,30 +103,22 @@ def test_default_batch_size_is_one_on_cpu_eight_on_cuda_and_bad_sizes_are_refuse
         GreedyDecoder(target.model, target.eos_ids, 4, batch_size=0)
 
 
-def test_batch_size_is_run_control_and_bad_values_are_refused(capsys):
-    """--batch-size leaves every cell id (configuration hash) as it was; nonsense values fail before any work."""
+@pytest.mark.parametrize("field, refusal", [("batch_size", "must be >= 1, got 0"),
+                                           ("prefill_chunk", "must be >= 1 token, got 0")])
+def test_decoding_run_control_leaves_cell_ids_and_bad_values_are_refused(capsys, field, refusal):
+    """--batch-size and --prefill-chunk (how many cells decode together; how many prompt tokens one forward call
+    feeds, which bounds a 256k prefill's activations) leave every cell id (configuration hash) as it was;
+    nonsense values fail before any work."""
     from evals.lost_in_middle.suite import LitmSettings
     from evals.needle.suite import NeedleSettings, main
 
-    assert NeedleSettings(lengths="1k", batch_size=4).hashed() == NeedleSettings(lengths="1k").hashed()
-    assert LitmSettings(batch_size=4).hashed() == LitmSettings().hashed()
-    assert main(["--lengths", "1k", "--batch-size", "0"]) == 2
-    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
-    assert main(["--lengths", "1k", "--backend", "openai", "--batch-size", "2"]) == 2
-    assert "--batch-size applies to the in-process backend" in capsys.readouterr().err
-
-
-def test_prefill_chunk_is_run_control_and_bad_values_are_refused(capsys):
-    """--prefill-chunk (the suites' way to bound a 256k prefill's activations) leaves cell ids as they were."""
-    from evals.lost_in_middle.suite import LitmSettings
-    from evals.needle.suite import NeedleSettings, main
-
-    assert NeedleSettings(lengths="1k", prefill_chunk=512).hashed() == NeedleSettings(lengths="1k").hashed()
-    assert LitmSettings(prefill_chunk=512).hashed() == LitmSettings().hashed()
-    assert main(["--lengths", "1k", "--prefill-chunk", "0"]) == 2
-    assert "--prefill-chunk must be >= 1 token, got 0" in capsys.readouterr().err
-    assert main(["--lengths", "1k", "--backend", "openai", "--prefill-chunk", "4096"]) == 2
-    assert "--prefill-chunk applies to the in-process backend" in capsys.readouterr().err
+    flag = "--" + field.replace("_", "-")
+    assert NeedleSettings(lengths="1k", **{field: 4}).hashed() == NeedleSettings(lengths="1k").hashed()
+    assert LitmSettings(**{field: 4}).hashed() == LitmSettings().hashed()
+    assert main(["--lengths", "1k", flag, "0"]) == 2
+    assert f"{flag} {refusal}" in capsys.readouterr().err
+    assert main(["--lengths", "1k", "--backend", "openai", flag, "2"]) == 2
+    assert f"{flag} applies to the in-process backend" in capsys.readouterr().err
 
 
 def test_prefill_is_one_call_on_cpu_and_the_cuda_estimate_covers_the_flagships_experts(target):
