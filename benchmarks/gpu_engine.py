@@ -155,7 +155,7 @@ def _grid(cfg, length: int, max_new: int, depths=(0, 25, 50, 75, 100), seeds=(1,
     return prompts + [base], base
 
 
-def _runner_vs_naive(model, cfg, res: dict, length: int, max_new: int, repeats: int,
+def _runner_vs_naive(model, cfg, res: dict, length: int, max_new: int, repeats: int, naive_repeats: int = 1,
                      variants=(("runner_bs8", 8, True), ("runner_bs8_sdpa_mask", 8, False), ("runner_bs1", 1, True)),
                      **grid):
     prompts, base = _grid(cfg, length, max_new, **grid)
@@ -195,7 +195,7 @@ def _runner_vs_naive(model, cfg, res: dict, length: int, max_new: int, repeats: 
 
     row: dict[str, Any] = {"length": length, "cells": len(prompts), "max_new_tokens": max_new}
     torch.cuda.reset_peak_memory_stats()
-    want, t = timed(naive, 1, warm_up=lambda: model.generate(torch.tensor([prompts[0][:4096]], device=DEVICE),
+    want, t = timed(naive, naive_repeats, warm_up=lambda: model.generate(torch.tensor([prompts[0][:4096]], device=DEVICE),
                                                                max_new_tokens=4, do_sample=False, pad_token_id=0))
     row.update(naive_s=t, naive_median_s=med(t), naive_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                naive_floor_s=floor_s(cfg, [(0, len(p)) for p in prompts], len(prompts) * (max_new - 1)))
@@ -468,7 +468,7 @@ def dense(args, res: dict, save: Callable[[], None]) -> None:
                 _prefill_cases(model, cfg, res, [(args.long // 2, args.long // 2)], 1, warm=False)
             return
         if args.grid_only:  # the runner vs naive at --length with --depths and --seeds, bs8 only
-            _runner_vs_naive(model, cfg, res, args.length, args.max_new, args.repeats,
+            _runner_vs_naive(model, cfg, res, args.length, args.max_new, args.repeats, args.naive_repeats,
                              variants=(("runner_bs8", 8, True),), depths=tuple(args.depths), seeds=tuple(args.seeds))
             return
         L = args.length
@@ -579,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", type=int, default=0, help="dense: also fresh vs half-on-cache prefill at this length")
     p.add_argument("--max-new", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--naive-repeats", type=int, default=1, help="dense --grid-only: timed runs of the naive loop")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--grid-only", action="store_true", help="dense: only the runner vs naive grid")
     p.add_argument("--prefill-only", action="store_true", help="dense: only the prefill cases")
