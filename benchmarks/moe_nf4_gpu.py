@@ -60,13 +60,14 @@ def provenance() -> dict:
     }
 
 
-def text_config(layers: int) -> Mistral4Config:
-    """Mistral-Small-4-119B-2603's text config (transformers' Mistral4Config defaults), with fewer layers."""
-    if SMALL:
-        return Mistral4Config(num_hidden_layers=layers, hidden_size=256, moe_intermediate_size=128, vocab_size=1024,
-                              n_routed_experts=16, q_lora_rank=64, kv_lora_rank=32, num_attention_heads=4,
-                              num_key_value_heads=4, intermediate_size=512)
-    return Mistral4Config(num_hidden_layers=layers)
+def text_config(layers: int, small: bool = SMALL, vocab_size: int | None = None) -> Mistral4Config:
+    """Mistral-Small-4-119B-2603's text config (transformers' Mistral4Config defaults), with fewer layers;
+    ``small``: the CPU dry run's toy width (vocabulary 1,024 unless ``vocab_size`` says otherwise)."""
+    if small:
+        return Mistral4Config(num_hidden_layers=layers, hidden_size=256, moe_intermediate_size=128,
+                              vocab_size=vocab_size or 1024, n_routed_experts=16, q_lora_rank=64, kv_lora_rank=32,
+                              num_attention_heads=4, num_key_value_heads=4, intermediate_size=512)
+    return Mistral4Config(num_hidden_layers=layers, **({"vocab_size": vocab_size} if vocab_size else {}))
 
 
 def median_ms(fn, warmup: int, iters: int) -> float:
@@ -175,16 +176,17 @@ def hf_name(name: str) -> str:
     return name
 
 
-def full_config(layers: int) -> Mistral3Config:
-    vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1) if SMALL else PixtralVisionConfig()
-    return Mistral3Config(text_config=text_config(layers).to_dict(), vision_config=vision.to_dict())
+def full_config(layers: int, small: bool = SMALL, vocab_size: int | None = None) -> Mistral3Config:
+    vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1) if small else PixtralVisionConfig()
+    return Mistral3Config(text_config=text_config(layers, small, vocab_size).to_dict(), vision_config=vision.to_dict())
 
 
-def write_checkpoint(ckpt: Path, layers: int) -> None:
-    """Random FP8 checkpoint (128x128 blocks, static activation scales) in the HF layout, one shard per layer."""
+def write_checkpoint(ckpt: Path, layers: int, small: bool = SMALL, vocab_size: int | None = None) -> None:
+    """Random FP8 checkpoint (128x128 blocks, static activation scales) in the HF layout, one shard per layer
+    (``small``, ``vocab_size``: as :func:`text_config`)."""
     torch.manual_seed(0)
     ckpt.mkdir(parents=True, exist_ok=True)
-    config = full_config(layers)
+    config = full_config(layers, small, vocab_size)
     model = build_empty_model(config, DT)
     shards: dict[str, list[tuple[str, torch.Size]]] = {}
     for name, t in model.state_dict().items():

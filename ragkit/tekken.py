@@ -81,10 +81,11 @@ def save_tokenizer(directory: str | Path, *, source: Path | None = None) -> Any:
 
 def load_tokenizer(directory: str | Path) -> Any:
     """The tokenizer of a Tekken model directory as ragkit's text prompts need it: its ``tokenizer.json``
-    and chat template when present, else converted from ``tekken.json`` (a template generated for it)."""
+    and chat template when present (read by ``tokenizers`` alone: mistral-common need not be installed), else
+    converted from ``tekken.json`` (a template generated for it; that needs mistral-common)."""
     directory = Path(directory)
-    _mistral_common()
     if not (directory / "tokenizer.json").is_file():
+        _mistral_common()
         return _convert(directory / TEKKEN_FILE)
     from transformers import AutoTokenizer
 

@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Protocol, Sequence
 
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from evals.core.decode import GreedyDecoder
@@ -97,7 +98,9 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
 
     A served target (``--backend openai``) goes through :func:`run_concurrent`, ``concurrency`` requests at a time.
     An in-process one decodes ``batch_size`` cells of a group together and prefills ``prefill_chunk`` tokens per
-    forward call (None: evals.core.decode's defaults for the model's device).
+    forward call (None: evals.core.decode's defaults for the model's device). On CUDA each row records
+    ``gpu_peak_bytes``: the peak memory allocated on the model's (first) GPU since its group started, so a
+    group's last row holds the group's peak (weights + KV cache + activations).
     """
     if target.served:
         return run_concurrent(suite, target, run_dir, done, concurrency=concurrency, show_progress=show_progress)
@@ -105,11 +108,14 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
     decoder = GreedyDecoder(target.model, target.eos_ids, suite.max_new_tokens, batch_size=batch_size,
                             prefill_chunk=prefill_chunk)
     stats = RunStats()
+    cuda = decoder.device.type == "cuda"
     t_start = time.perf_counter()
     with Progress(*progress_columns(), disable=not show_progress, transient=False) as progress:
         bar = progress.add_task(suite.name, total=n_todo, tps="-")
         for cells in groups:
             group = suite.prepare(cells)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(decoder.device)
             processors = [None if j.schema is None else target.json_processor(j.schema) for j in group.jobs]
             for d in decoder.run_group([j.ids for j in group.jobs], group.base, processors):
                 job = group.jobs[d.index]
@@ -117,6 +123,8 @@ def run(suite: Suite, target: Any, run_dir: RunDir, done: dict[str, dict], *, sh
                 row.update(target.answer_fields(d.new_ids), answer_tokens=len(d.new_ids),
                            reused_tokens=d.reused_tokens, computed_tokens=d.computed_tokens, seconds=round(d.seconds, 3),
                            decode_seconds=round(d.decode_seconds, 4))
+                if cuda:
+                    row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(decoder.device)
                 row.update(suite.score(job, row["answer"]))
                 run_dir.append(row)
                 stats.add(row, len(job.ids), d.computed_tokens)

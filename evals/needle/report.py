@@ -208,6 +208,43 @@ def structured_lines(df: pd.DataFrame) -> list[str]:
             "tables below.", ""] + json_table(nd, ["mode", "length", "depth"])
 
 
+def projected_vs_measured(df: pd.DataFrame, projection: dict) -> pd.DataFrame:
+    """Per context length: what ``--plan`` projected (run.json's ``projection``) beside what the run measured:
+    wall time (the cells' seconds added up: prefills and their shares of the batched decode steps; prompt
+    building not counted, as the projection does not count it), its prefill and decode parts, prompt tokens
+    forwarded (``computed_tokens``) and peak GPU memory (the largest ``gpu_peak_bytes``: weights + KV cache +
+    activations). ``wall vs plan``: measured / projected - 1."""
+    ctx = df[df["mode"] == "context"]
+    out = []
+    for p in projection["lengths"]:
+        d = ctx[ctx["length"] == p["length"]]
+        if d.empty:
+            continue
+        wall, decode = float(d["seconds"].sum()), float(d["decode_seconds"].sum())
+        peak = d["gpu_peak_bytes"].max() if "gpu_peak_bytes" in d else float("nan")
+        out.append({"length": p["length"], "cells": len(d), "wall s": round(wall, 2),
+                    "plan wall s": round(p["seconds"], 2), "wall vs plan": f"{wall / p['seconds'] - 1:+.0%}",
+                    "prefill s": round(wall - decode, 2), "plan prefill s": round(p["prefill_s"], 2),
+                    "decode s": round(decode, 2), "plan decode s": round(p["decode_s"], 2),
+                    "tokens forwarded": int(d["computed_tokens"].sum()), "plan tokens": p["tokens_fed"],
+                    "peak GiB": round(peak / 2**30, 2), "plan peak GiB": round(p["peak_bytes"] / 2**30, 2)})
+    return pd.DataFrame(out)
+
+
+def projection_lines(df: pd.DataFrame, run: dict) -> list[str]:
+    """The report's "Projected vs measured" section, for a run on a GPU that run.json holds a projection of."""
+    projection = run.get("projection")
+    table = projected_vs_measured(df, projection) if projection else pd.DataFrame()
+    if table.empty:
+        return []
+    return ["", f"## Projected vs measured ({projection['gpu']})", "",
+            "What `--plan` projects for this grid (factors: " + projection["factors"] + ") beside what the run "
+            "measured, per length. Wall time: the cells' prefills and decode steps (prompt building and model "
+            "loading not counted); peak: GPU memory allocated at most while the length's cells ran.", "",
+            "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns),
+            *("| " + " | ".join(str(v) for v in r) + " |" for r in table.itertuples(index=False))]
+
+
 def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
     m, st = run.get("model", {}), run.get("settings", {})
     git = run.get("git", {})
@@ -257,6 +294,7 @@ def needle_markdown(df: pd.DataFrame, run: dict, name: str) -> str:
             nd, cd = d[d["kind"] == "needle"], d[d["kind"] == "control"]
             lines.append(f"| {mode} | {genre} | {dec or 'text'} | {length} | {rate_text(int(nd['found'].sum()), len(nd))} | "
                          f"{nd['score'].mean():.2f} | {int(cd['found'].sum())}/{len(cd)} |")
+    lines += projection_lines(df, run)
     lines += ["", "## Heatmap", "", "![heatmap](heatmap.png)", "",
               "Rows are needle depths (0% = start of the haystack, 100% = end), columns prompt lengths; each cell "
               "shows found/cells and its colour the mean fraction of expected values in the answer (green = found). "

@@ -25,7 +25,7 @@ from evals.core.scoring import contains_value
 from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.core.store import RunDir
-from evals.core.targets import Retriever, grid_projection, load_target, tokenizer_fingerprint
+from evals.core.targets import Retriever, grid_projection, load_target, run_projection, tokenizer_fingerprint
 from evals.needle import RECORD
 from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
@@ -387,8 +387,12 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
     def build(opened: Opened) -> tuple[NeedleSuite, dict[str, Any]]:
         lengths = _usable_lengths(s, opened.target.context_window)
         files = {name: portable_value(list(p.files), opened.out) for name, p in pools.items()}
-        return (NeedleSuite(s, opened.target, pools, opened.run_dir, lengths),
-                {"haystack_files": next(iter(files.values())) if len(files) == 1 else files})
+        recorded: dict[str, Any] = {"haystack_files": next(iter(files.values())) if len(files) == 1 else files}
+        if s.mode != "rag" and lengths.get("context"):  # --plan's projection, for the report to set beside the run
+            recorded["projection"] = run_projection(s.model, s.quant, lengths["context"], s.depths, len(s.seeds),
+                                                    s.controls, s.max_new_tokens, s.gpu,
+                                                    s.haystack_start == "fixed", opened.target)
+        return NeedleSuite(s, opened.target, pools, opened.run_dir, lengths), recorded
 
     return run_suite(RECORD, s, {"pool": pool_fingerprint(pools)}, build, target)
 

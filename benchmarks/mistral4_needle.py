@@ -1,0 +1,214 @@
+"""Issue 15's proof: real-width Mistral-Small-4 with 4 MoE layers, NF4 through ragkit's loader, Tekken tokenizer,
+run as ``python -m evals.needle`` (benchmarks/mistral4_needle.sh runs every step on one GPU).
+
+    python -m benchmarks.mistral4_needle tokenizer TOK_DIR                  # needs mistral-common (CPU is fine)
+    python -m benchmarks.mistral4_needle write CKPT --tokenizer TOK_DIR [--layers 4] [--tiny]
+    python -m benchmarks.mistral4_needle layers CKPT --run RUN_DIR [--plan PLAN.txt] --out RESULT.json
+
+``tokenizer``: the reasoning Tekken tokenizer of ragkit.tekken.save_tokenizer (mistral-common's shipped 131k
+vocabulary): ``tekken.json`` plus the Hugging Face files, which load without mistral-common (a GPU machine
+without it gets this folder carried). ``write``: the random FP8 checkpoint of benchmarks/moe_nf4_gpu.py
+(Mistral3ForConditionalGeneration layout, 128x128 blocks) at the Tekken vocabulary, with that tokenizer beside
+it; ``--tiny``: the toy width of moe_nf4_gpu's CPU dry run (hidden 256, 16 experts), for tests. ``layers``:
+loads CKPT as the needle run does (ragkit NF4, the runner's attention), times each decoder layer's share of a
+fresh prefill of each length (``--chunk`` tokens per forward call, as the run) and of ``--steps`` decode steps
+on that cache (CUDA-synchronized forward hooks; ``rest``: embeddings, final norm, head and the calls'
+overhead), and writes one JSON with them, the needle run's cells, its measured-vs-projected table per length
+and ``--plan``'s text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TEKKEN_VOCAB = 131_072  # Mistral-Small-4's vocabulary, the shipped Tekken file's
+
+
+def write_tokenizer(directory: Path) -> None:
+    from ragkit import tekken
+
+    tokenizer = tekken.save_tokenizer(directory)
+    print(f"wrote the Tekken tokenizer ({len(tokenizer):,} tokens) to {directory}", flush=True)
+
+
+def write(ckpt: Path, tokenizer: Path | None, layers: int, tiny: bool) -> None:
+    """The FP8 checkpoint at the Tekken vocabulary with the tokenizer of ``tokenizer`` (written here if None)."""
+    import benchmarks.moe_nf4_gpu as moe
+
+    t = time.perf_counter()
+    moe.write_checkpoint(ckpt, layers, small=tiny, vocab_size=TEKKEN_VOCAB)
+    if tokenizer is None:
+        write_tokenizer(ckpt)
+    else:
+        missing = [f for f in TOKENIZER_FILES if not (tokenizer / f).is_file()]
+        if missing:
+            raise SystemExit(f"{tokenizer} lacks {', '.join(missing)}: write it with "
+                             f"`python -m benchmarks.mistral4_needle tokenizer {tokenizer}`")
+        for f in TOKENIZER_FILES:
+            shutil.copy(tokenizer / f, ckpt / f)
+    print(f"checkpoint {ckpt} ({layers} layers{', tiny' if tiny else ''}) in {time.perf_counter() - t:.1f} s",
+          flush=True)
+
+
+class LayerClock:
+    """Seconds spent in each decoder layer while on (forward hooks that synchronize CUDA around each layer)."""
+
+    def __init__(self, layers: Sequence[Any], sync: Any):
+        self.sync, self.on, self.seconds = sync, False, [0.0] * len(layers)
+        self._start = 0.0
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._enter)
+            layer.register_forward_hook(lambda *_, i=i: self._leave(i))
+
+    def _enter(self, *_: Any) -> None:
+        if self.on:
+            self.sync()
+            self._start = time.perf_counter()
+
+    def _leave(self, i: int) -> None:
+        if self.on:
+            self.sync()
+            self.seconds[i] += time.perf_counter() - self._start
+
+    def timed(self, fn: Any) -> tuple[float, list[float]]:
+        """(wall seconds of ``fn()``, seconds per layer during it)."""
+        self.seconds = [0.0] * len(self.seconds)
+        self.on = True
+        self.sync()
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        wall = time.perf_counter() - t
+        self.on = False
+        return wall, list(self.seconds)
+
+
+def layer_times(ckpt: Path, lengths: Sequence[int], chunk: int | None, steps: int, device: str) -> dict[str, Any]:
+    """Per decoder layer: its time in a fresh prefill of each length and per decode step on that cache."""
+    import torch
+    from transformers import DynamicCache
+
+    from evals.core.decode import GreedyDecoder
+    from evals.core.targets import load_target
+
+    t = time.perf_counter()
+    target = load_target(str(ckpt), "nf4", "bfloat16", device, max_new_tokens=steps)
+    load_s = time.perf_counter() - t
+    model = target.model
+    cuda = next(model.parameters()).device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    decoder = GreedyDecoder(model, target.eos_ids, steps, batch_size=1, prefill_chunk=chunk)  # the run's attention
+    layers = model.get_decoder().layers
+    clock = LayerClock(layers, sync)
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {"load_s": load_s, "layers": len(layers), "prefill_chunk": decoder.prefill_chunk,
+                           "decode_steps": steps, "by_length": []}
+    warm = torch.randint(1000, vocab, (min(4096, min(lengths)),), generator=gen).tolist()
+    decoder._forward(warm, DynamicCache(config=model.config))  # kernels and allocator warmed, not reported
+    for n in lengths:
+        ids = torch.randint(1000, vocab, (n,), generator=gen).tolist()
+        cache = DynamicCache(config=model.config)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        prefill_s, prefill_layers = clock.timed(lambda: decoder._forward(ids, cache))
+        step_walls, step_layers = [], []
+        for k in range(steps):
+            wall, per = clock.timed(lambda: decoder._forward([ids[k]], cache))
+            step_walls.append(wall)
+            step_layers.append(per)
+        unhooked = []
+        for k in range(steps):  # the same steps without the per-layer synchronization
+            sync()
+            t = time.perf_counter()
+            decoder._forward([ids[k]], cache)
+            sync()
+            unhooked.append(time.perf_counter() - t)
+        per_layer_ms = [statistics.median(s[i] for s in step_layers) * 1e3 for i in range(len(layers))]
+        out["by_length"].append({
+            "length": n, "prefill_s": prefill_s, "prefill_s_per_layer": prefill_layers,
+            "prefill_rest_s": prefill_s - sum(prefill_layers),
+            "decode_step_ms": statistics.median(step_walls) * 1e3,
+            "decode_step_ms_unhooked": statistics.median(unhooked) * 1e3,
+            "decode_ms_per_layer": per_layer_ms,
+            "decode_rest_ms": statistics.median(step_walls) * 1e3 - sum(per_layer_ms),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
+        print("layers", json.dumps(out["by_length"][-1]), flush=True)
+        del cache
+    return out
+
+
+def run_summary(run: Path) -> dict[str, Any]:
+    """The needle run's cells (timings, tokens, peak memory) and its measured-vs-projected table per length."""
+    from evals.core.store import RunDir
+    from evals.needle.report import needle_frame, projected_vs_measured
+
+    run_dir = RunDir(run)
+    meta, rows = run_dir.read_run(), list(run_dir.rows())
+    keep = ("cell_id", "length", "depth", "kind", "found", "prompt_tokens", "computed_tokens", "reused_tokens",
+            "seconds", "decode_seconds", "answer_tokens", "gpu_peak_bytes")
+    projection = meta.get("projection")
+    table = projected_vs_measured(needle_frame(rows, meta), projection) if projection else None
+    return {"model": meta.get("model"), "settings": meta.get("settings"), "projection": projection,
+            "cells": [{k: r.get(k) for k in keep} for r in rows],
+            "measured_vs_projected": None if table is None else table.to_dict("records")}
+
+
+def provenance() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ragkit.projection import parse_tokens
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mistral4_needle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="step", required=True)
+    sub.add_parser("tokenizer").add_argument("directory", type=Path)
+    w = sub.add_parser("write")
+    w.add_argument("ckpt", type=Path)
+    w.add_argument("--tokenizer", type=Path, help="a folder the tokenizer step wrote (default: write it here)")
+    w.add_argument("--layers", type=int, default=4)
+    w.add_argument("--tiny", action="store_true", help="toy width (CPU tests)")
+    lt = sub.add_parser("layers")
+    lt.add_argument("ckpt", type=Path)
+    lt.add_argument("--run", type=Path, help="the evals.needle run directory of CKPT to summarize")
+    lt.add_argument("--plan", type=Path, help="the text `python -m evals.needle ... --plan` printed")
+    lt.add_argument("--lengths", default="32k,128k,256k")
+    lt.add_argument("--chunk", type=int, help="prefill tokens per forward call (default: the runner's)")
+    lt.add_argument("--steps", type=int, default=16)
+    lt.add_argument("--device", default=None)
+    lt.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.step == "tokenizer":
+        write_tokenizer(args.directory)
+    elif args.step == "write":
+        write(args.ckpt, args.tokenizer, args.layers, args.tiny)
+    else:
+        lengths = [parse_tokens(x) for x in args.lengths.split(",")]
+        result: dict[str, Any] = {"provenance": provenance(), "checkpoint": str(args.ckpt),
+                                  "plan": args.plan.read_text(encoding="utf-8") if args.plan else None,
+                                  "needle_run": run_summary(args.run) if args.run else None}
+        result["layer_times"] = layer_times(args.ckpt, lengths, args.chunk, args.steps, args.device)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        print(f"wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
