@@ -2,30 +2,39 @@
 
 Memory per length = the planner's weights (ragkit/planner.py, at the run's quantization) + the KV cache of the
 prompt (the planner's bytes per token; MLA: the compressed latent) + the transient activations of a chunked
-prefill, which the benchmark measured to be constant whatever the prompt length (they depend on the chunk, not
-the prompt). Time = floors x measured factors:
+prefill: those of the measured run's prompt, and where a second, shorter prompt's peak was measured
+(``peak_short``) a growth per prompt token between the two (MLA's prefill expands one layer's cached latents into
+per-head keys and values: the 4-layer NF4 run grew 2.8 -> 9.2 GiB from 32k to 256k tokens, ~29 KiB per token, so
+constant activations over-provisioned 32k by 7 GiB). Time = floors x measured factors:
 
-* prefill floor: (2 x active parameters x tokens fed + per layer 2 x n x (c + n/2) x heads x (qk + v head dims)
-  for each stretch of n tokens fed on a cache of c) / the GPU's bf16 FLOP/s. Active parameters: the text model
+* prefill floor of one forward call of n tokens on a cache of c: (2 x active parameters x n + per layer
+  2 x n x (c + n/2) x heads x (qk + v head dims)) / the GPU's bf16 FLOP/s. Active parameters: the text model
   less embeddings, output head and the routed experts a token does not use (top-k of E).
 * decode floor per step: (active weight bytes + output head + KV cache read) / the GPU's HBM bandwidth.
 * each factor = a measured time / the floor of the same run (ragkit/configs/gpu_factors.json, the ONE place the
   ceilings and measurements live; benchmarks/gpu_engine.py measures them), taken from the run of the projected
   model's quantization (NF4's dequantizing MoE prefill and host-synced decode are slower than bf16's), else bf16's.
-  A run that also measured a short fresh prefill (``prefill_short``) splits prefill time into a cost per token and
-  layer (NF4: dequantizing experts per chunk, linear in the tokens) and a factor on the FLOP floor, solved from
-  the two prefills (all per-token when the two scale with the tokens alone, as the 4-layer NF4 run's do).
+* a forward call costs at least what a short one measured (``short_calls``: 63-64 tokens; NF4 routes the experts
+  on the host and dequantizes them per call, ~44 ms per layer on the H200 whatever the tokens), so a prefill call
+  takes max(that per layer, factor x its floor): a grid's short calls (a needle near the end, the control's
+  stretch) are not free, and a 16k chunk on an empty cache is near that minimum. The prefill factor is solved so
+  that the measured fresh prefill projects back to its time.
+* a run whose first grid at full-size chunks measured slower than the model (``first_grid``: the same stretches
+  took 2-4x as long as in the process's later grids) adds that excess, once, to a grid's first length.
 
-The grid follows the in-process runner (evals/core/decode.py): with a fixed haystack one group per length computes
-the needle-free prompt once and each needle cell its tail after its depth; a group's cells decode
-``max_new_tokens`` steps in batches of ``batch_size`` (the runner's CUDA default, 8), each step at the cost of a
-batch-1 step (decode is bandwidth-bound; an upper bound too, as answers stop at EOS). Model loading is not
-counted.
+The grid follows the in-process runner (evals/core/decode.py) call by call: with a fixed haystack one group per
+length; its cells in order of depth grow the needle-free prompt's cache to their needle (from the chat
+template's head, :data:`TEMPLATE_HEAD` tokens, for a needle at depth 0) and feed their own tail, in chunks of the
+measured run's ``prefill_chunk``; the control grows it to its last token and feeds that one (a decode-sized
+call). A group's cells decode ``max_new_tokens - 1`` steps (the first token comes from the prefill) in batches
+of ``batch_size`` (the runner's CUDA default, 8), each step at the cost of a batch-1 step (decode is
+bandwidth-bound; an upper bound too, as answers stop at EOS). Prompt building and model loading are not counted.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -37,6 +46,7 @@ from ragkit.placement import text_config
 
 FACTORS_FILE = Path(__file__).parent / "configs" / "gpu_factors.json"
 FIT_HEADROOM = 0.10  # a length fits when its peak leaves this fraction of the GPU free
+TEMPLATE_HEAD = 32  # tokens of a chat prompt before its first haystack token (Tekken's template: ~34)
 
 
 @cache
@@ -140,11 +150,27 @@ class Factors:
     bandwidth: float
     prefill: float
     decode: float
-    activation_bytes: int  # transient activations of a chunked prefill, over weights and KV cache
+    activation_bytes: int  # transient activations of a chunked prefill at the measured prompt, over weights and KV
+    activation_bytes_per_token: float  # their growth per prompt token (0: one measurement, taken as constant)
     prefill_chunk: int
     quant: str  # the quantization of the measured run
-    prefill_token_layer_s: float  # prefill seconds per token fed and layer besides the FLOP floor's (0: none)
+    call_layer_s: float  # the least a prefill call costs per layer (0: not measured)
+    measured_tokens: int  # the prompt tokens ``activation_bytes`` were measured at
+    first_grid_s: float  # one-time excess of a process's first grid (0: none measured)
     source: str
+
+    def activations(self, prompt_tokens: int) -> int:
+        """Transient bytes of a chunked prefill of ``prompt_tokens`` over weights and KV cache."""
+        return int(self.activation_bytes + self.activation_bytes_per_token * (prompt_tokens - self.measured_tokens))
+
+    def call_s(self, s: Shape, n: int, cached: int = 0) -> float:
+        """Seconds of one forward call of ``n`` tokens on a cache of ``cached``."""
+        return max(self.call_layer_s * s.layers, self.prefill * s.prefill_flops(n, cached) / self.flops)
+
+    def prefill_s(self, s: Shape, n: int, cached: int = 0) -> float:
+        """Seconds to feed ``n`` tokens on a cache of ``cached`` in chunks of ``prefill_chunk``."""
+        return sum(self.call_s(s, min(self.prefill_chunk, n - i), cached + i)
+                   for i in range(0, n, self.prefill_chunk))
 
 
 def measured_run(gpu: str, quant: str) -> dict[str, Any]:
@@ -156,25 +182,31 @@ def measured_run(gpu: str, quant: str) -> dict[str, Any]:
 @cache
 def factors(gpu: str, quant: str = "none") -> Factors:
     """The measured factors of ``gpu`` (a short name of :func:`gpu_table`) for a model quantized as ``quant``."""
+    from dataclasses import replace
+
     key, entry = gpu_named(gpu)
     m = measured_run(key, quant)
     bench = measured_model_shape(key, m["quant"])
-    floor_prefill = bench.prefill_flops(m["prompt_tokens"]) / entry["bf16_flops"]
     floor_decode = bench.decode_bytes(m["decode_cache_tokens"]) / entry["hbm_bytes_per_s"]
     activations = m["peak_bytes"] - m["weights_bytes"] - bench.kv_bytes_per_token * m["prompt_tokens"]
-    per_token, prefill = 0.0, m["prefill_s"] / floor_prefill
-    if "prefill_short" in m:  # t = per_token x layers x n + factor x floor(n), through both measured prefills
-        short = m["prefill_short"]
-        x1, y1, t1 = bench.layers * m["prompt_tokens"], floor_prefill, m["prefill_s"]
-        x2, t2 = bench.layers * short["prompt_tokens"], short["prefill_s"]
-        y2 = bench.prefill_flops(short["prompt_tokens"]) / entry["bf16_flops"]
-        per_token = (t1 * y2 - t2 * y1) / (x1 * y2 - x2 * y1)
-        prefill = (t1 - per_token * x1) / y1
-        if prefill < 0:  # the two are nearly proportional to the tokens: all per-token cost (fit the longer one)
-            per_token, prefill = t1 / x1, 0.0
-    return Factors(key, entry["name"], entry["memory_bytes"], entry["bf16_flops"], entry["hbm_bytes_per_s"],
-                   prefill, m["decode_step_s"] / floor_decode, int(activations), m["prefill_chunk"], m["quant"],
-                   per_token, m["source"])
+    per_token = 0.0
+    if "peak_short" in m:  # MLA's prefill expands the cached latents of a layer into per-head K and V: ~T bytes
+        p = m["peak_short"]
+        short_act = p["peak_bytes"] - m["weights_bytes"] - bench.kv_bytes_per_token * p["prompt_tokens"]
+        per_token = (activations - short_act) / (m["prompt_tokens"] - p["prompt_tokens"])
+    short = m.get("short_calls", {}).get("stretches", [])
+    call = statistics.median(t for _, _, t in short) / bench.layers if short else 0.0
+    f = Factors(key, entry["name"], entry["memory_bytes"], entry["bf16_flops"], entry["hbm_bytes_per_s"], 1.0,
+                m["decode_step_s"] / floor_decode, int(activations), per_token, m["prefill_chunk"], m["quant"], call,
+                m["prompt_tokens"], 0.0, m["source"])
+    lo, hi = 0.0, 2 * m["prefill_s"] * f.flops / bench.prefill_flops(m["prompt_tokens"])
+    for _ in range(60):  # the factor that projects the measured fresh prefill back to its time (monotone)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if replace(f, prefill=mid).prefill_s(bench, m["prompt_tokens"]) < m["prefill_s"] else (lo, mid)
+    f = replace(f, prefill=(lo + hi) / 2)
+    first = m.get("first_grid", {}).get("stretches", [])
+    excess = sum(t - f.prefill_s(bench, n, c) for c, n, t in first)
+    return replace(f, first_grid_s=float(max(excess, 0.0)))
 
 
 def measured_model_shape(gpu: str, quant: str = "none") -> Shape:
@@ -213,37 +245,48 @@ class LengthProjection:
         return self.prefill_s + self.decode_s
 
 
+def group_calls(prompt: int, needle_depths: Sequence[float], control: bool) -> list[tuple[int, int]]:
+    """(cached, tokens) of each stretch the runner feeds for one group (evals/core/decode.py): cells in order of
+    their needle's position grow the needle-free prompt's cache to it and feed their own tail; the control grows
+    it to its last token and feeds that one."""
+    cached, out = 0, []
+    for at in sorted(max(int(prompt * d / 100), TEMPLATE_HEAD) for d in needle_depths):
+        if at > cached:
+            out.append((cached, at - cached))
+            cached = at
+        out.append((at, prompt - at))
+    if control:
+        out += [(cached, prompt - 1 - cached), (prompt - 1, 1)]
+    return [(c, n) for c, n in out if n > 0]
+
+
 def project_grid(plan: Any, config: Any, lengths: Sequence[int], depths: Sequence[float], seeds: int,
                  controls: bool, max_new_tokens: int, gpu: str, shared_haystack: bool = True,
                  batch_size: int = 8) -> list[LengthProjection]:
-    """The projection of a needle grid per length on ``gpu`` (``plan``: the model's MemoryPlan)."""
+    """The projection of a needle grid per length on ``gpu`` (``plan``: the model's MemoryPlan), lengths run in
+    the order given (the first carries the first grid's one-time excess)."""
     f, s = factors(gpu, plan.quant), shape(plan, config)
     budget = f.memory_bytes * (1 - FIT_HEADROOM)
     out = []
-    for length in lengths:
+    for k, length in enumerate(lengths):
         prompt = length - max_new_tokens
         groups = 1 if shared_haystack else seeds
-        needles = [d for d in depths for _ in range(seeds)]
-        # each group: the needle-free prompt once, then each needle cell's tail after its depth
-        flops = groups * s.prefill_flops(prompt)
-        fed = groups * prompt
-        for d in needles:
-            at = int(prompt * d / 100)
-            flops += s.prefill_flops(prompt - at, at)
-            fed += prompt - at
-        cells = len(needles) + (groups if controls else 0)
-        batches = groups * -(-cells // (groups * batch_size))  # ceil per group
-        decode = batches * max_new_tokens * f.decode * s.decode_bytes(length) / f.bandwidth
-        kv = s.kv_bytes_per_token * length
-        peak = s.weights_bytes + kv + f.activation_bytes
+        needles = [d for d in depths for _ in range(seeds // groups)]
+        calls = group_calls(prompt, needles, controls)
+        step_s = f.decode * s.decode_bytes(length) / f.bandwidth  # one decode step (a 1-token call costs one)
+        prefill = groups * sum(step_s if n == 1 else f.prefill_s(s, n, c) for c, n in calls)
+        prefill += f.first_grid_s if k == 0 else 0.0
+        cells = len(needles) + (1 if controls else 0)
+        decode = groups * -(-cells // batch_size) * max(max_new_tokens - 1, 0) * step_s
+        kv, activations = s.kv_bytes_per_token * length, f.activations(prompt)
+        peak = s.weights_bytes + kv + activations
         fits = peak <= budget
         reason = "" if fits else (
             f"needs {peak / 1e9:,.1f} GB (weights {s.weights_bytes / 1e9:,.1f} + KV cache {kv / 1e9:,.1f} + "
-            f"activations {f.activation_bytes / 1e9:,.1f}) of {budget / 1e9:,.1f} GB usable on one {f.name} "
+            f"activations {activations / 1e9:,.1f}) of {budget / 1e9:,.1f} GB usable on one {f.name} "
             f"({FIT_HEADROOM:.0%} kept free)")
-        out.append(LengthProjection(length, prompt, cells, fed, s.weights_bytes, kv, f.activation_bytes, peak,
-                                    f.prefill * flops / f.flops + f.prefill_token_layer_s * s.layers * fed, decode,
-                                    fits, reason))
+        out.append(LengthProjection(length, prompt, groups * cells, groups * sum(n for _, n in calls),
+                                    s.weights_bytes, kv, activations, peak, prefill, decode, fits, reason))
     return out
 
 
@@ -264,9 +307,12 @@ def table(rows: Sequence[LengthProjection], gpu: str, quant: str = "none") -> st
              f"total wall time of the lengths that fit: {sum(r.seconds for r in fitting):,.1f} s "
              f"({len(fitting)} of {len(rows)} lengths; model loading not counted)",
              f"factors: prefill {f.prefill:.2f} x FLOP floor"
-             + (f" + {f.prefill_token_layer_s * 1e9:.1f} ns per token and layer" if f.prefill_token_layer_s else "")
+             + (f" per call, at least {f.call_layer_s * 1e3:.1f} ms per layer" if f.call_layer_s else "")
+             + (f", first grid +{f.first_grid_s:.2f} s once" if f.first_grid_s else "")
              + f", decode {f.decode:.2f} x bandwidth floor, "
-             f"activations {f.activation_bytes / 2**30:.2f} GiB (prefill chunks of {f.prefill_chunk:,}); "
+             f"activations {f.activation_bytes / 2**30:.2f} GiB at {f.measured_tokens:,} tokens"
+             + (f" + {f.activation_bytes_per_token / 1024:.1f} KiB per token" if f.activation_bytes_per_token else "")
+             + f" (prefill chunks of {f.prefill_chunk:,}); "
              f"measured with quantization {f.quant} in {f.source}"]
     lines += [f"refused: length {r.length}: {r.reason}" for r in rows if not r.fits]
     return "\n".join(lines) + "\n"

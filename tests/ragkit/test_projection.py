@@ -47,7 +47,8 @@ def test_flagship_grid_in_nf4_fits_one_h200_and_refuses_bf16_with_the_reason(fla
                                    32, "h200")
     assert all(r.fits for r in rows) and [r.cells for r in rows] == [6] * 4
     longest = rows[-1]
-    assert longest.peak_bytes == nf4.weights_bytes + 23040 * 262144 + projection.factors("h200", "nf4").activation_bytes
+    assert longest.peak_bytes == nf4.weights_bytes + 23040 * 262144 + projection.factors("h200", "nf4").activations(
+        262144 - 32)
     assert longest.prefill_s > rows[-2].prefill_s > rows[0].prefill_s  # attention grows with the square
     bf16 = plan(flagship, context=262144, quant="none")
     refused = projection.project_grid(bf16, flagship, [262144], (50,), 1, True, 32, "h200")[0]
@@ -84,21 +85,21 @@ def test_without_a_gpu_the_projection_asks_for_one():
 
 
 def test_nf4_projects_the_measured_4_layer_nf4_grid_within_its_tolerance(repo_root, tmp_path):
-    """--plan on the 4-layer real-width Mistral-4 in NF4 (the H200 run of benchmarks/gpu_engine.py nf4): each
-    length's wall time within 30% of what was measured, the peak never below it (activations are taken at 256k,
-    so shorter lengths are over-provisioned), and the 256k peak within 10%."""
+    """--plan on the 4-layer real-width Mistral-4 in NF4 (the H200 run of benchmarks/gpu_engine.py nf4), its
+    lengths in the order they ran: each length's wall time within issue 15's 25% of what was measured (128k was
+    +26% while prefill time was taken as linear in the tokens fed), and each peak at or above the measured one,
+    within 10% (activations grow with the prompt: MLA expands a layer's cached latents)."""
     measured = projection.gpu_table()["h200"]["measured"]["nf4"]
     bench = json.loads((repo_root / measured["source"].split(",")[0]).read_text())
     full = json.loads((repo_root / "ragkit" / "configs" / "mistralai--Mistral-Small-4-119B-2603.json").read_text())
     full["text_config"]["num_hidden_layers"] = bench["layers"]
     (tmp_path / "config.json").write_text(json.dumps(full))
     config, _ = load_config(tmp_path)
-    grid = sorted(bench["grid"], key=lambda g: g["length"])
-    rows = projection.project_grid(plan(config, context=grid[-1]["length"], quant="nf4"), config,
+    grid = bench["grid"]  # 32k, 256k, 128k: the first carries the first grid's one-time excess
+    rows = projection.project_grid(plan(config, context=max(g["length"] for g in grid), quant="nf4"), config,
                                    [g["length"] for g in grid], bench["args"]["depths"], 1, True,
                                    bench["args"]["max_new"], "h200")
     assert projection.factors("h200", "nf4").quant == "nf4" and projection.factors("h200", "int8").quant == "none"
     for row, got in zip(rows, grid):
-        assert row.seconds == pytest.approx(got["wall_s"], rel=0.30), row.length
-        assert row.peak_bytes >= got["peak_gib"] * 2**30, row.length
-    assert rows[-1].peak_bytes == pytest.approx(grid[-1]["peak_gib"] * 2**30, rel=0.10)
+        assert row.seconds == pytest.approx(got["wall_s"], rel=0.25), row.length
+        assert got["peak_gib"] * 2**30 <= row.peak_bytes <= 1.10 * got["peak_gib"] * 2**30, row.length
