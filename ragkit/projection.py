@@ -23,8 +23,9 @@ constant activations over-provisioned 32k by 7 GiB). Time = floors x measured fa
   took 2-4x as long as in the process's later grids) adds that excess, once, to a grid's first length.
 
 The grid follows the in-process runner (evals/core/decode.py) call by call: with a fixed haystack one group per
-length; its cells in order of depth grow the needle-free prompt's cache to their needle (from the chat
-template's head, :data:`TEMPLATE_HEAD` tokens, for a needle at depth 0) and feed their own tail, in chunks of the
+length; its cells in order of depth grow the needle-free prompt's cache to their needle (at least the chat
+template's head, :data:`TEMPLATE_HEAD` tokens; at most the prompt less :data:`TEMPLATE_TAIL`, the question and
+the template's end: at 256k a needle at depth 100 feeds a 29-token tail) and feed their own tail, in chunks of the
 measured run's ``prefill_chunk``; the control grows it to its last token and feeds that one (a decode-sized
 call). A group's cells decode ``max_new_tokens - 1`` steps (the first token comes from the prefill) in batches
 of ``batch_size`` (the runner's CUDA default, 8), each step at the cost of a batch-1 step (decode is
@@ -46,7 +47,8 @@ from ragkit.placement import text_config
 
 FACTORS_FILE = Path(__file__).parent / "configs" / "gpu_factors.json"
 FIT_HEADROOM = 0.10  # a length fits when its peak leaves this fraction of the GPU free
-TEMPLATE_HEAD = 32  # tokens of a chat prompt before its first haystack token (Tekken's template: ~34)
+TEMPLATE_HEAD = 32  # tokens of a chat prompt before its first haystack token (Tekken's template: 34)
+TEMPLATE_TAIL = 32  # tokens after the last haystack token: the needle at depth 100, the question, the template's end
 
 
 @cache
@@ -250,7 +252,7 @@ def group_calls(prompt: int, needle_depths: Sequence[float], control: bool) -> l
     their needle's position grow the needle-free prompt's cache to it and feed their own tail; the control grows
     it to its last token and feeds that one."""
     cached, out = 0, []
-    for at in sorted(max(int(prompt * d / 100), TEMPLATE_HEAD) for d in needle_depths):
+    for at in sorted(min(max(int(prompt * d / 100), TEMPLATE_HEAD), prompt - TEMPLATE_TAIL) for d in needle_depths):
         if at > cached:
             out.append((cached, at - cached))
             cached = at
