@@ -95,3 +95,21 @@ def test_a_template_without_reasoning_mode_is_refused_before_the_weights_load(ti
 def test_an_unknown_effort_is_named(tekken_llm):
     with pytest.raises(InvalidSettingError, match=r"reasoning effort 'medium' is unknown; choose one of none, high"):
         LocalLLM.from_pretrained_objects(tekken_llm.model, tekken_llm.tokenizer, reasoning_effort="medium")
+
+
+def test_a_saved_tekken_directory_loads_without_mistral_common(tiny_mistral4_tekken_dir, mistral_common):
+    """A GPU host without mistral-common (or tiktoken) reads the directory's tokenizer.json and chat template and
+    gets exactly mistral-common's ids; only converting a bare tekken.json needs mistral-common."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; sys.modules['mistral_common'] = None; sys.modules['tiktoken'] = None\n"
+            "from ragkit.loading import load_tokenizer\n"
+            f"tok = load_tokenizer(__import__('pathlib').Path({str(tiny_mistral4_tekken_dir)!r}))\n"
+            f"print(json.dumps(tok.apply_chat_template([{{'role': 'user', 'content': {HAYSTACK!r}}}], tokenize=True, "
+            "return_dict=False)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ids == _reference(mistral_common, [{"role": "user", "content": HAYSTACK}], None)

@@ -1,0 +1,104 @@
+"""Issue 15's grid at toy width: benchmarks/mistral4_needle.py's FP8 Mistral-4 checkpoint (Mistral3 layout) with the
+Tekken tokenizer, loaded as NF4 by ragkit and run as ``python -m evals.needle`` in a process that cannot import
+mistral-common or tiktoken (the GPU host has neither); then the per-layer timings and the one JSON they write;
+the report's projected-vs-measured table; on a GPU, peak memory per cell and the projection in run.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evals.core.store import RunDir
+from evals.core.targets import grid_rows
+from evals.needle.report import projected_vs_measured, needle_frame
+
+# runs a module as __main__ with mistral-common and tiktoken made unimportable, as on the GPU host
+WITHOUT_MISTRAL_COMMON = ("import runpy, sys; sys.modules['mistral_common'] = None; sys.modules['tiktoken'] = None; "
+                          "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')")
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_MISTRAL_COMMON, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_mistral4_tekken_dir, repo_root, tmp_path_factory):
+    """The benchmark's --tiny checkpoint, its tokenizer copied from a saved Tekken directory."""
+    ckpt = tmp_path_factory.mktemp("m4") / "ckpt"
+    _run("benchmarks.mistral4_needle", "write", str(ckpt), "--tokenizer", str(tiny_mistral4_tekken_dir), "--tiny",
+         cwd=repo_root)
+    return ckpt
+
+
+GRID = ("--quant", "nf4", "--dtype", "bfloat16", "--lengths", "1k", "--depths", "0,50,100", "--no-progress")
+
+
+@pytest.mark.slow
+def test_the_tiny_grid_runs_through_evals_needle_without_mistral_common(tiny_checkpoint, repo_root, tmp_path):
+    out = tmp_path / "run"
+    _run("evals.needle", "--model", str(tiny_checkpoint), *GRID, "--device", "cpu", "--out", str(out), cwd=repo_root)
+    run_dir = RunDir(out)
+    rows, meta = list(run_dir.rows()), run_dir.read_run()
+    assert sorted(str(r["depth"]) for r in rows) == ["0.0", "100.0", "50.0", "None"]
+    assert meta["model"]["quant"] == "nf4" and meta["projection"] is None  # no GPU: nothing projected beside it
+    assert all(r["seconds"] > r["decode_seconds"] > 0 and "gpu_peak_bytes" not in r for r in rows)
+    # the group computed the needle-free prompt once and each needle cell's tail: far fewer than 4 prompts
+    computed, prompts = sum(r["computed_tokens"] for r in rows), sum(r["prompt_tokens"] for r in rows)
+    assert computed == prompts - sum(r["reused_tokens"] for r in rows) and computed < 0.7 * prompts
+    result = tmp_path / "m4.json"
+    _run("benchmarks.mistral4_needle", "layers", str(tiny_checkpoint), "--run", str(out), "--lengths", "1k",
+         "--steps", "3", "--device", "cpu", "--out", str(result), cwd=repo_root)
+    got = json.loads(result.read_text())
+    assert len(got["needle_run"]["cells"]) == 4 and got["needle_run"]["settings"]["lengths"] == [1024]
+    timing = got["layer_times"]["by_length"][0]
+    assert got["layer_times"]["layers"] == 4 and len(timing["prefill_s_per_layer"]) == 4
+    assert 0 < sum(timing["prefill_s_per_layer"]) < timing["prefill_s"]
+    assert len(timing["decode_ms_per_layer"]) == 4 and sum(timing["decode_ms_per_layer"]) < timing["decode_step_ms"]
+
+
+@pytest.mark.slow
+def test_the_report_sets_the_projection_beside_what_was_measured(tiny_checkpoint, repo_root, tmp_path):
+    """A run on a GPU stores --plan's projection in run.json (here: the H200's, as --gpu h200 projects it) and
+    the report tables it per length beside the cells' summed wall time and tokens forwarded."""
+    out = tmp_path / "run"
+    _run("evals.needle", "--model", str(tiny_checkpoint), *GRID, "--device", "cpu", "--out", str(out), cwd=repo_root)
+    run_dir = RunDir(out)
+    meta = run_dir.read_run()
+    rows, _, _ = grid_rows(str(tiny_checkpoint), "nf4", [1024], (0, 50, 100), 1, True, 32, "h200", True)
+    meta["projection"] = {"gpu": "h200", "factors": "gpu_factors.json",
+                          "lengths": [{"length": r.length, "seconds": r.seconds, "prefill_s": r.prefill_s,
+                                       "decode_s": r.decode_s, "tokens_fed": r.tokens_fed,
+                                       "peak_bytes": r.peak_bytes} for r in rows]}
+    (out / "run.json").write_text(json.dumps(meta))
+    cells = list(run_dir.rows())
+    table = projected_vs_measured(needle_frame(cells, meta), meta["projection"])
+    assert table["length"].tolist() == [1024] and table["cells"].tolist() == [4]
+    assert table["tokens forwarded"][0] == sum(r["computed_tokens"] for r in cells)
+    assert table["wall s"][0] == round(sum(r["seconds"] for r in cells), 2)
+    assert abs(table["plan tokens"][0] / table["tokens forwarded"][0] - 1) < 0.02  # the runner's calls, modelled
+    _run("evals.needle", "--report", str(out), cwd=repo_root)
+    report = (out / "report.md").read_text()
+    assert "## Projected vs measured (h200)" in report and "| 1024 | 4 |" in report
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_cells_record_peak_memory_and_run_json_the_projection(tiny_checkpoint, repo_root, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    _run("evals.needle", "--model", str(tiny_checkpoint), *GRID, "--device", "cuda", "--out", str(out), cwd=repo_root)
+    run_dir = RunDir(out)
+    rows, meta = list(run_dir.rows()), run_dir.read_run()
+    assert all(r["gpu_peak_bytes"] > 0 for r in rows)
+    if torch.cuda.get_device_name(0).split()[-1].lower().startswith("h200"):
+        assert meta["projection"]["gpu"] == "h200" and meta["projection"]["lengths"][0]["length"] == 1024
+        assert "## Projected vs measured" in (out / "report.md").read_text()
