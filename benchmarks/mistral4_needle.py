@@ -13,8 +13,8 @@ it; ``--tiny``: the toy width of moe_nf4_gpu's CPU dry run (hidden 256, 16 exper
 loads CKPT as the needle run does (ragkit NF4, the runner's attention), times each decoder layer's share of a
 fresh prefill of each length (``--chunk`` tokens per forward call, as the run) and of ``--steps`` decode steps
 on that cache (CUDA-synchronized forward hooks; ``rest``: embeddings, final norm, head and the calls'
-overhead), and writes one JSON with them, the needle run's cells, its measured-vs-projected table per length
-and ``--plan``'s text.
+overhead), and writes one JSON with them, the needle run's cells, its measured-vs-projected table per length,
+``--plan``'s text and the grid extrapolated to the full 36-layer model (:func:`extrapolate`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 TEKKEN_VOCAB = 131_072  # Mistral-Small-4's vocabulary, the shipped Tekken file's
+FULL_MODEL = "mistralai/Mistral-Small-4-119B-2603"  # what the 4-layer figures extrapolate to (its shipped config)
 
 
 def write_tokenizer(directory: Path) -> None:
@@ -111,7 +112,8 @@ def layer_times(ckpt: Path, lengths: Sequence[int], chunk: int | None, steps: in
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
     out: dict[str, Any] = {"load_s": load_s, "layers": len(layers), "prefill_chunk": decoder.prefill_chunk,
-                           "decode_steps": steps, "by_length": []}
+                           "decode_steps": steps, "by_length": [],
+                           "weights_bytes": torch.cuda.memory_allocated() if cuda else None}
     warm = torch.randint(1000, vocab, (min(4096, min(lengths)),), generator=gen).tolist()
     decoder._forward(warm, DynamicCache(config=model.config))  # kernels and allocator warmed, not reported
     for n in lengths:
@@ -163,6 +165,38 @@ def run_summary(run: Path) -> dict[str, Any]:
             "measured_vs_projected": None if table is None else table.to_dict("records")}
 
 
+def extrapolate(run: dict[str, Any], layers: dict[str, Any], ckpt: Path, full: str = FULL_MODEL) -> list[dict]:
+    """The measured grid per length projected to the full model (issue 15): the run's cells' prefill and decode times
+    with their decoder-layer share (from the hooks) scaled by full layers / measured layers, the rest kept once
+    (embeddings, head, call overhead); memory = the planner's full NF4 weights + its KV cache of the length +
+    the measured activations (the run's peak less the loaded weights and the 4-layer KV cache)."""
+    from ragkit.placement import load_config
+    from ragkit.planner import plan
+
+    small, full_plan = plan(load_config(ckpt)[0], quant="nf4"), plan(load_config(full)[0], quant="nf4")
+    k = full_plan.kv.layers / layers["layers"]
+    out = []
+    for t in layers["by_length"]:
+        cells = [c for c in run["cells"] if c["length"] == t["length"]]
+        if not cells:
+            continue
+        decode_run = sum(c["decode_seconds"] for c in cells)
+        p_share = sum(t["prefill_s_per_layer"]) / t["prefill_s"]
+        d_share = sum(t["decode_ms_per_layer"]) / t["decode_step_ms"]
+        prefill = (sum(c["seconds"] for c in cells) - decode_run) * (1 - p_share + p_share * k)
+        decode = decode_run * (1 - d_share + d_share * k)
+        entry = {"length": t["length"], "layers": full_plan.kv.layers, "prefill_s": prefill, "decode_s": decode,
+                 "wall_s": prefill + decode, "layer_share_prefill": p_share, "layer_share_decode": d_share}
+        peaks = [c["gpu_peak_bytes"] for c in cells if c.get("gpu_peak_bytes")]
+        if layers.get("weights_bytes") and peaks:  # on CUDA
+            activations = max(peaks) - layers["weights_bytes"] - small.kv.bytes_per_token * t["length"]
+            entry.update(weights_bytes=full_plan.weights_bytes, activation_bytes=activations,
+                         kv_cache_bytes=full_plan.kv.bytes_per_token * row["length"],
+                         peak_bytes=full_plan.weights_bytes + full_plan.kv.bytes_per_token * row["length"] + activations)
+        out.append(entry)
+    return out
+
+
 def provenance() -> dict[str, Any]:
     import torch
     import transformers
@@ -204,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "plan": args.plan.read_text(encoding="utf-8") if args.plan else None,
                                   "needle_run": run_summary(args.run) if args.run else None}
         result["layer_times"] = layer_times(args.ckpt, lengths, args.chunk, args.steps, args.device)
+        if result["needle_run"]:
+            result["full_model"] = extrapolate(result["needle_run"], result["layer_times"], args.ckpt)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
         print(f"wrote {args.out}", flush=True)

@@ -39,15 +39,23 @@ def tiny_checkpoint(tiny_mistral4_tekken_dir, repo_root, tmp_path_factory):
     return ckpt
 
 
-GRID = ("--quant", "nf4", "--dtype", "bfloat16", "--lengths", "1k", "--depths", "0,50,100", "--no-progress")
+def _needle_run(ckpt: Path, device: str, out: Path, repo_root: Path) -> tuple[list[dict], dict]:
+    """The rows and run.json of ``python -m evals.needle`` on ``ckpt`` at 1k x depths 0/50/100 + control."""
+    _run("evals.needle", "--model", str(ckpt), "--quant", "nf4", "--dtype", "bfloat16", "--lengths", "1k",
+         "--depths", "0,50,100", "--no-progress", "--device", device, "--out", str(out), cwd=repo_root)
+    run_dir = RunDir(out)
+    return list(run_dir.rows()), run_dir.read_run()
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tiny_checkpoint, repo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m4_run") / "run"
+    return out, *_needle_run(tiny_checkpoint, "cpu", out, repo_root)
 
 
 @pytest.mark.slow
-def test_the_tiny_grid_runs_through_evals_needle_without_mistral_common(tiny_checkpoint, repo_root, tmp_path):
-    out = tmp_path / "run"
-    _run("evals.needle", "--model", str(tiny_checkpoint), *GRID, "--device", "cpu", "--out", str(out), cwd=repo_root)
-    run_dir = RunDir(out)
-    rows, meta = list(run_dir.rows()), run_dir.read_run()
+def test_the_tiny_grid_runs_through_evals_needle_without_mistral_common(cpu_run, tiny_checkpoint, repo_root, tmp_path):
+    out, rows, meta = cpu_run
     assert sorted(str(r["depth"]) for r in rows) == ["0.0", "100.0", "50.0", "None"]
     assert meta["model"]["quant"] == "nf4" and meta["projection"] is None  # no GPU: nothing projected beside it
     assert all(r["seconds"] > r["decode_seconds"] > 0 and "gpu_peak_bytes" not in r for r in rows)
@@ -63,14 +71,19 @@ def test_the_tiny_grid_runs_through_evals_needle_without_mistral_common(tiny_che
     assert got["layer_times"]["layers"] == 4 and len(timing["prefill_s_per_layer"]) == 4
     assert 0 < sum(timing["prefill_s_per_layer"]) < timing["prefill_s"]
     assert len(timing["decode_ms_per_layer"]) == 4 and sum(timing["decode_ms_per_layer"]) < timing["decode_step_ms"]
+    full = got["full_model"][0]  # layer shares x 36 / 4, the rest once: longer than the 4-layer run, < 9x it
+    measured = sum(r["seconds"] for r in rows)
+    assert full["layers"] == 36 and measured < full["wall_s"] < 9 * measured and "peak_bytes" not in full
 
 
 @pytest.mark.slow
-def test_the_report_sets_the_projection_beside_what_was_measured(tiny_checkpoint, repo_root, tmp_path):
+def test_the_report_sets_the_projection_beside_what_was_measured(cpu_run, tiny_checkpoint, repo_root, tmp_path):
     """A run on a GPU stores --plan's projection in run.json (here: the H200's, as --gpu h200 projects it) and
     the report tables it per length beside the cells' summed wall time and tokens forwarded."""
+    import shutil
+
     out = tmp_path / "run"
-    _run("evals.needle", "--model", str(tiny_checkpoint), *GRID, "--device", "cpu", "--out", str(out), cwd=repo_root)
+    shutil.copytree(cpu_run[0], out)
     run_dir = RunDir(out)
     meta = run_dir.read_run()
     rows, _, _ = grid_rows(str(tiny_checkpoint), "nf4", [1024], (0, 50, 100), 1, True, 32, "h200", True)
@@ -95,9 +108,7 @@ def test_on_a_gpu_cells_record_peak_memory_and_run_json_the_projection(tiny_chec
     import torch
 
     out = tmp_path / "run"
-    _run("evals.needle", "--model", str(tiny_checkpoint), *GRID, "--device", "cuda", "--out", str(out), cwd=repo_root)
-    run_dir = RunDir(out)
-    rows, meta = list(run_dir.rows()), run_dir.read_run()
+    rows, meta = _needle_run(tiny_checkpoint, "cuda", out, repo_root)
     assert all(r["gpu_peak_bytes"] > 0 for r in rows)
     if torch.cuda.get_device_name(0).split()[-1].lower().startswith("h200"):
         assert meta["projection"]["gpu"] == "h200" and meta["projection"]["lengths"][0]["length"] == 1024
