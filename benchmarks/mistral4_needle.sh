@@ -3,9 +3,9 @@
 # ragkit's loader, the Tekken tokenizer, run as `python -m evals.needle` at 32k/128k/256k x depths 0/50/100 with
 # controls, then per-layer prefill and decode times (benchmarks/mistral4_needle.py); everything lands in $OUT.
 #
-#   bash benchmarks/mistral4_needle.sh bundle     # here (CPU, the project venv): .whl/m4/ = the Tekken tokenizer
+#   bash benchmarks/mistral4_needle.sh bundle     # here (CPU, the project venv): the Tekken tokenizer
 #                                                 # (needs mistral-common) + the wheels a bare GPU host lacks
-#   OUT=... bash benchmarks/mistral4_needle.sh run   # on the GPU host, with .whl/m4/ carried (22 MB)
+#   OUT=... bash benchmarks/mistral4_needle.sh run   # on the GPU host, with .whl/m4/ carried (29 MB)
 #
 # `run` unpacks .whl/m4 into runs/m4_site (wheels are zips: no pip needed) and runs/m4_tokenizer, puts the site on
 # PYTHONPATH, checks the imports, writes the ~15 GB checkpoint to $CKPT (not $OUT), then: --plan, the grid, the
@@ -16,13 +16,13 @@ PY=${PYTHON:-python3}
 BUNDLE=${BUNDLE:-.whl/m4}
 LENGTHS=${LENGTHS:-32k,128k,256k}
 # what `python -m evals.needle` imports beyond torch, transformers, bitsandbytes, pydantic, pandas, tqdm, numpy,
-# huggingface_hub, tokenizers, safetensors (LocalLLM is a LlamaIndex LLM; rich draws the progress bars); the
-# project venv's versions, as wheels for CPython 3.12 on x86-64 Linux
+# huggingface_hub, tokenizers, safetensors (LocalLLM is a LlamaIndex LLM, whose import needs PIL; rich draws the
+# progress bars); the project venv's versions, as wheels for CPython 3.12 on x86-64 Linux
 WHEELS=(llama-index-core==0.14.25 llama-index-instrumentation==0.6.0 llama-index-workflows==2.26.1 banks==2.5.1
         dataclasses-json==0.6.7 Deprecated==1.3.1 filetype==1.2.0 greenlet==3.5.6 griffecli==2.4.1 griffelib==2.4.1
         marshmallow==3.26.2 mypy_extensions==1.2.0 platformdirs==4.14.9 SQLAlchemy==2.0.58 tenacity==9.2.1
         tinytag==2.3.2 typing-inspect==0.9.0 wrapt==2.5.2 rich==15.0.0 Jinja2==3.1.6 MarkupSafe==3.0.4
-        fsspec==2026.9.0)
+        fsspec==2026.9.0 pillow==13.0.0)
 
 case "${1:-}" in
 bundle)
