@@ -3,7 +3,7 @@
 # ragkit's loader, the Tekken tokenizer, run as `python -m evals.needle` at 32k/128k/256k x depths 0/50/100 with
 # controls, then per-layer prefill and decode times (benchmarks/mistral4_needle.py); everything lands in $OUT.
 #
-#   bash benchmarks/mistral4_needle.sh bundle     # here (CPU, the project venv): the Tekken tokenizer
+#   bash benchmarks/mistral4_needle.sh bundle     # here (CPU, the project venv), into .whl/m4: the Tekken tokenizer
 #                                                 # (needs mistral-common) + the wheels a bare GPU host lacks
 #   OUT=... bash benchmarks/mistral4_needle.sh run   # on the GPU host, with .whl/m4/ carried (29 MB)
 #
