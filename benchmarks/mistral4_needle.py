@@ -13,7 +13,7 @@ it; ``--tiny``: the toy width of moe_nf4_gpu's CPU dry run (hidden 256, 16 exper
 loads CKPT as the needle run does (ragkit NF4, the runner's attention), times each decoder layer's share of a
 fresh prefill of each length (``--chunk`` tokens per forward call, as the run) and of ``--steps`` decode steps
 on that cache (CUDA-synchronized forward hooks; ``rest``: embeddings, final norm, head and the calls'
-overhead), and writes one JSON with them, the needle run's cells, its measured-vs-projected table per length,
+overhead), and 64-token calls on that cache (the least a call costs, which ragkit.projection models), and writes one JSON with them, the needle run's cells, its measured-vs-projected table per length,
 ``--plan``'s text and the grid extrapolated to the full 36-layer model (:func:`extrapolate`).
 """
 
@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 TOKENIZER_FILES = ("tekken.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 TEKKEN_VOCAB = 131_072  # Mistral-Small-4's vocabulary, the shipped Tekken file's
+SHORT_CALL, SHORT_REPEATS = 64, 4  # the short prefill calls timed on each length's cache (ragkit.projection)
 FULL_MODEL = "mistralai/Mistral-Small-4-119B-2603"  # what the 4-layer figures extrapolate to (its shipped config)
 
 
@@ -97,7 +98,7 @@ def layer_times(ckpt: Path, lengths: Sequence[int], chunk: int | None, steps: in
     import torch
     from transformers import DynamicCache
 
-    from evals.core.decode import GreedyDecoder
+    from evals.core.decode import GreedyDecoder, _crop_to
     from evals.core.targets import load_target
 
     t = time.perf_counter()
@@ -128,13 +129,20 @@ def layer_times(ckpt: Path, lengths: Sequence[int], chunk: int | None, steps: in
             wall, per = clock.timed(lambda: decoder._forward([ids[k]], cache))
             step_walls.append(wall)
             step_layers.append(per)
-        unhooked = []
+        unhooked, short = [], []
         for k in range(steps):  # the same steps without the per-layer synchronization
             sync()
             t = time.perf_counter()
             decoder._forward([ids[k]], cache)
             sync()
             unhooked.append(time.perf_counter() - t)
+        for k in range(SHORT_REPEATS):  # a needle's tail near the end: what one short call costs at least
+            _crop_to(cache, n)
+            sync()
+            t = time.perf_counter()
+            decoder._forward(ids[k:k + SHORT_CALL], cache)
+            sync()
+            short.append(time.perf_counter() - t)
         per_layer_ms = [statistics.median(s[i] for s in step_layers) * 1e3 for i in range(len(layers))]
         out["by_length"].append({
             "length": n, "prefill_s": prefill_s, "prefill_s_per_layer": prefill_layers,
@@ -143,6 +151,7 @@ def layer_times(ckpt: Path, lengths: Sequence[int], chunk: int | None, steps: in
             "decode_step_ms_unhooked": statistics.median(unhooked) * 1e3,
             "decode_ms_per_layer": per_layer_ms,
             "decode_rest_ms": statistics.median(step_walls) * 1e3 - sum(per_layer_ms),
+            "short_call_tokens": SHORT_CALL, "short_call_s": short,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
         print("layers", json.dumps(out["by_length"][-1]), flush=True)
         del cache

@@ -71,6 +71,7 @@ def test_the_tiny_grid_runs_through_evals_needle_without_mistral_common(cpu_run,
     assert got["layer_times"]["layers"] == 4 and len(timing["prefill_s_per_layer"]) == 4
     assert 0 < sum(timing["prefill_s_per_layer"]) < timing["prefill_s"]
     assert len(timing["decode_ms_per_layer"]) == 4 and sum(timing["decode_ms_per_layer"]) < timing["decode_step_ms"]
+    assert len(timing["short_call_s"]) == 4 and 0 < min(timing["short_call_s"]) < timing["prefill_s"]
     full = got["full_model"][0]  # layer shares x 36 / 4, the rest once: longer than the 4-layer run, < 9x it
     measured = sum(r["seconds"] for r in rows)
     assert full["layers"] == 36 and measured < full["wall_s"] < 9 * measured and "peak_bytes" not in full
