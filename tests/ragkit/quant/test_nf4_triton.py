@@ -13,8 +13,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import Mistral4Config
+from transformers.models.mistral4.modeling_mistral4 import Mistral4Experts
 
-from ragkit.quant import ExpertLayout, NF4Experts
+from ragkit.quant import ExpertLayout, NF4Experts, expert_layout_for
 
 pytest.importorskip("triton")
 
@@ -87,14 +89,9 @@ def test_kernel_equals_bitsandbytes_dequantize_4bit_on_cuda(shape, dtype):
 def test_cuda_prefill_through_the_kernel_equals_the_bitsandbytes_path(dtype):
     """16 Mistral-4-shaped experts (1024x512 gate_up, 512x512 down), 256 tokens routed to 11 of them: groups of 2
     (the last one partial) and 5 experts never dequantized; twice, so the reused buffer is overwritten in place."""
-    from transformers import Mistral4Config
-    from transformers.models.mistral4.modeling_mistral4 import Mistral4Experts
-
     config = Mistral4Config(hidden_size=512, moe_intermediate_size=512, n_routed_experts=16)
     with torch.device("meta"):
         source = Mistral4Experts(config)
-    from ragkit.quant import expert_layout_for
-
     experts = NF4Experts.from_module(source, expert_layout_for(source), dtype)
     experts.materialize("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -102,7 +99,7 @@ def test_cuda_prefill_through_the_kernel_equals_the_bitsandbytes_path(dtype):
         experts.set_expert("gate_up_proj", e, torch.randn(1024, 512, device="cuda", generator=g) * 0.05)
         experts.set_expert("down_proj", e, torch.randn(512, 512, device="cuda", generator=g) * 0.05)
     routed = torch.tensor([0, 1, 2, 4, 6, 7, 9, 10, 12, 13, 15], device="cuda")
-    hidden = torch.randn(256, 512, device="cuda", generator=g).to(dtype)
+    hidden = torch.randn(256, 512, device="cuda", generator=g)  # float32: index_add_ sums the top-k in float32
     idx = routed[torch.randint(0, len(routed), (256, 4), device="cuda", generator=g)]
     weights = torch.softmax(torch.randn(256, 4, device="cuda", generator=g), -1).to(dtype)
     assert experts._triton_kernel() is not None and experts.group_size == 2
@@ -111,5 +108,5 @@ def test_cuda_prefill_through_the_kernel_equals_the_bitsandbytes_path(dtype):
         experts.use_triton = False
         assert experts._triton_kernel() is None
         want = experts(hidden, idx, weights)
-    for out in got:  # the same weights bit for bit; index_add_'s atomics may order the top-k sum differently
-        assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 2e-3
+    for out in got:  # the same weights bit for bit; only index_add_'s atomics may order the top-k sum differently
+        assert ((out - want).norm() / want.norm()).item() < 1e-5
