@@ -369,7 +369,8 @@ def _moe_layer():
 def _moe_dequantize(experts, res: dict) -> None:
     """All experts of both projections dequantized alone, a group at a time: bitsandbytes (group 16, the old path)
     vs the Triton kernel at each of MOE_GROUPS and KERNEL_LAUNCHES, ms and effective GB/s (codes, absmax and
-    output bytes moved); and whether the kernel equals bitsandbytes bit for bit on the first 4 experts."""
+    output bytes moved); and how many values of the first 4 experts the kernel writes unlike bitsandbytes (0: bit for
+    bit)."""
     from ragkit.quant.nf4_triton import dequantize_nf4_experts
 
     import benchmarks.moe_nf4_gpu as moe
@@ -378,14 +379,14 @@ def _moe_dequantize(experts, res: dict) -> None:
     moved = sum(experts.num_experts * (getattr(experts, f"{p}_codes").shape[1] + getattr(experts, f"{p}_absmax").shape[1]
                                        + 4 * getattr(experts, f"{p}_absmax2").shape[1] + 4 + 2 * r * c)
                 for p, (r, c) in experts.shapes.items())
-    equal = {}
+    mismatches = {}
     for p in experts.shapes:
         experts.use_triton = False
         want = experts.dequantize_experts(p, ids[:4])
         experts.use_triton = True
-        equal[p] = bool(torch.equal(experts.dequantize_experts(p, ids[:4]), want))
-    res["moe_triton_equals_bnb"] = equal
-    print("moe_triton_equals_bnb", equal, flush=True)
+        mismatches[p] = int((experts.dequantize_experts(p, ids[:4]) != want).sum())  # values that differ: 0 wanted
+    res["moe_triton_mismatches_vs_bnb"] = mismatches
+    print("moe_triton_mismatches_vs_bnb", mismatches, flush=True)
     runs = [("bnb", experts.group_size, None)] + [("triton", g, KERNEL_LAUNCHES[0]) for g in MOE_GROUPS]
     runs += [("triton", MOE_GROUPS[0], launch) for launch in KERNEL_LAUNCHES[1:]]
     for path, group, launch in runs:
