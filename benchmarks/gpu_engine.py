@@ -378,7 +378,7 @@ def _moe_dequantize(experts, res: dict) -> None:
     ids = torch.arange(experts.num_experts, device=DEVICE)
     moved = sum(experts.num_experts * (getattr(experts, f"{p}_codes").shape[1] + getattr(experts, f"{p}_absmax").shape[1]
                                        + 4 * getattr(experts, f"{p}_absmax2").shape[1] + 4 + 2 * r * c)
-                for p, (r, c) in experts.shapes.items())
+                for p, (r, c) in experts.shapes.items())  # bytes read (codes, absmax, scales) + written (bf16)
     mismatches = {}
     for p in experts.shapes:
         experts.use_triton = False
@@ -392,7 +392,8 @@ def _moe_dequantize(experts, res: dict) -> None:
     for path, group, launch in runs:
         row: dict[str, Any] = {"path": path, "group": group, "blocks_per_program": launch and launch[0],
                                "num_warps": launch and launch[1]}
-        outs = {p: torch.empty(group, r, c, dtype=experts.compute_dtype, device=DEVICE) for p, (r, c) in experts.shapes.items()}
+        outs = {p: torch.empty(group, r, c, dtype=experts.compute_dtype, device=DEVICE)
+                for p, (r, c) in experts.shapes.items()}
 
         experts.use_triton = path == "triton"
 

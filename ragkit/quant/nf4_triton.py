@@ -44,7 +44,8 @@ def _dequantize_kernel(codes, absmax, absmax2, offset, nf4_code, nested_code, ex
 
 def dequantize_nf4_experts(codes: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
                            nf4_code: torch.Tensor, nested_code: torch.Tensor, experts: torch.Tensor,
-                           out: torch.Tensor, blocks_per_program: int = BLOCKS, num_warps: int = NUM_WARPS) -> torch.Tensor:
+                           out: torch.Tensor, blocks_per_program: int = BLOCKS,
+                           num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Write experts ``experts[i]``'s ``[rows, cols]`` weight into ``out[i]`` (``out``: ``[len(experts), rows, cols]``,
     contiguous, bf16 or fp16); one launch, no host sync. ``codes``/``absmax``/``absmax2``/``offset`` are one
     projection's :class:`NF4Experts` buffers (``[E, rows*cols/2]`` uint8, ``[E, blocks]`` uint8, ``[E, blocks/256]``
