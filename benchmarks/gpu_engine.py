@@ -5,6 +5,7 @@ machine); every timing a median of ``--repeats`` after a warm-up, CUDA-synchroni
     python -m benchmarks.gpu_engine dense --out results.json      # 7B-dense Llama shape
     python -m benchmarks.gpu_engine mla --out results.json        # Mistral-Small-4 width, --layers layers
     python -m benchmarks.gpu_engine kernels --out results.json    # the attention kernels alone
+    python -m benchmarks.gpu_engine moe --out results.json        # one Mistral-4 MoE layer: NF4 prefill vs BF16
 
 dense: per-token prefill time of a fresh prompt, of a tail on a cached prefix under transformers' ``sdpa`` (an
 explicit query x key mask) and under ragkit's mask-free path (``ragkit.attention``); decode step ms at batch 1 on
@@ -12,6 +13,8 @@ a DynamicCache (both paths) and with a StaticCache + ``torch.compile(mode="reduc
 and a needle-shaped grid at ``--length`` (random-token haystack, a 24-token needle at 5 depths x 2 seeds, plus a
 control) decoded by evals.decode's runner vs one ``generate()`` per cell (answers compared).
 kernels: the attention of a query block on a cached prefix alone (lower-right flash vs two cuDNN calls merged).
+moe: one real-width Mistral-4 MoE layer's prefill at ``--tokens``: BF16 grouped_mm vs ragkit's NF4 with experts
+dequantized by bitsandbytes or by ragkit's Triton kernel (several group sizes), and the dequantization alone.
 mla: fresh prefill, prefill of the second half on a cached first half, and chunked prefill, at each
 ``--lengths`` (time, peak GiB), and the decode step at that cache with HF's expand-the-cache MLA vs absorbed.
 """
@@ -342,10 +345,13 @@ def _timed_stretches(decoder, log: list[tuple[int, int, float]]) -> None:
     decoder._forward = timed_call
 
 
-def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
-    """One real-width Mistral-4 MoE layer: BF16 grouped_mm vs ragkit NF4 prefill (experts dequantized 16 or 64 at a
-    time; bitsandbytes cannot dequantize all 128 in one call, 2.1e9 values) at each token count; medians of 5 after
-    2 warm-ups."""
+MOE_TOKENS = (2048, 16384, 65536)
+MOE_GROUPS = (16, 32, 64)  # Triton path; 128 at once would make one 2^31-element weight tensor for grouped_mm
+KERNEL_LAUNCHES = ((64, 4), (128, 4), (256, 8))  # (64-value blocks per program, warps) of the Triton kernel
+
+
+def _moe_layer():
+    """One real-width Mistral-4 MoE layer in BF16 (random, std 0.02, seed 0) and its ragkit-NF4 twin."""
     import benchmarks.moe_nf4_gpu as moe
 
     torch.manual_seed(0)
@@ -357,22 +363,115 @@ def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
             p.normal_(0.0, 0.02)
     nf4 = moe.nf4_layer(bf16, config)
     config._experts_implementation = "grouped_mm"
+    return bf16, nf4
+
+
+def _moe_dequantize(experts, res: dict) -> None:
+    """All experts of both projections dequantized alone, a group at a time: bitsandbytes (group 16, the old path)
+    vs the Triton kernel at each of MOE_GROUPS and KERNEL_LAUNCHES, ms and effective GB/s (codes, absmax and
+    output bytes moved); and how many values of the first 4 experts the kernel writes unlike bitsandbytes (0: bit for
+    bit)."""
+    from ragkit.quant.nf4_triton import dequantize_nf4_experts
+
+    import benchmarks.moe_nf4_gpu as moe
+
+    ids = torch.arange(experts.num_experts, device=DEVICE)
+    moved = sum(experts.num_experts * (getattr(experts, f"{p}_codes").shape[1] + getattr(experts, f"{p}_absmax").shape[1]
+                                       + 4 * getattr(experts, f"{p}_absmax2").shape[1] + 4 + 2 * r * c)
+                for p, (r, c) in experts.shapes.items())  # bytes read (codes, absmax, scales) + written (bf16)
+    mismatches = {}
+    for p in experts.shapes:
+        experts.use_triton = False
+        want = experts.dequantize_experts(p, ids[:4])
+        experts.use_triton = True
+        mismatches[p] = int((experts.dequantize_experts(p, ids[:4]) != want).sum())  # values that differ: 0 wanted
+    res["moe_triton_mismatches_vs_bnb"] = mismatches
+    print("moe_triton_mismatches_vs_bnb", mismatches, flush=True)
+    runs = [("bnb", experts.group_size, None)] + [("triton", g, KERNEL_LAUNCHES[0]) for g in MOE_GROUPS]
+    runs += [("triton", MOE_GROUPS[0], launch) for launch in KERNEL_LAUNCHES[1:]]
+    for path, group, launch in runs:
+        row: dict[str, Any] = {"path": path, "group": group, "blocks_per_program": launch and launch[0],
+                               "num_warps": launch and launch[1]}
+        outs = {p: torch.empty(group, r, c, dtype=experts.compute_dtype, device=DEVICE)
+                for p, (r, c) in experts.shapes.items()}
+
+        experts.use_triton = path == "triton"
+
+        def run():
+            for g in range(0, experts.num_experts, group):
+                for p in experts.shapes:
+                    if launch is None:
+                        experts.dequantize_experts(p, ids[g:g + group])
+                        continue
+                    buffers = [getattr(experts, f"{p}_{part}") for part in ("codes", "absmax", "absmax2", "offset")]
+                    dequantize_nf4_experts(*buffers, experts.nf4_code, experts.nested_code, ids[g:g + group],
+                                           outs[p][:len(ids[g:g + group])], *launch)
+
+        row["ms"] = moe.median_ms(run, 2, 5)
+        row["GBps"] = moved / row["ms"] / 1e6
+        experts.use_triton = True
+        res.setdefault("moe_dequantize", []).append(row)
+        print("moe_dequantize", json.dumps(row), flush=True)
+        del outs
+        torch.cuda.empty_cache()
+    res["moe_dequantize_bytes_moved"] = moved
+
+
+def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
+    """One real-width Mistral-4 MoE layer: BF16 grouped_mm vs ragkit's NF4 prefill at each token count, experts
+    dequantized by bitsandbytes in groups of 16 (the old path) or by ragkit's Triton kernel in each of MOE_GROUPS;
+    time, ratio to BF16, extra GiB over the weights, and the relative difference to the bitsandbytes path; before
+    them the dequantization alone. Medians of 5 after 2 warm-ups; a token count that runs out of memory is
+    recorded."""
+    import benchmarks.moe_nf4_gpu as moe
+    from ragkit.quant import measure_footprint
+
+    bf16, nf4 = _moe_layer()
+    experts = nf4.experts
+    default = experts.group_size
+    res.update(moe_bf16_gib=measure_footprint(bf16).nbytes / 2**30, moe_nf4_gib=measure_footprint(nf4).nbytes / 2**30)
     with torch.no_grad():
+        _moe_dequantize(experts, res)
         for n in tokens:
-            x = torch.randn(1, n, config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
-            row: dict[str, Any] = {"tokens": n, "bf16_grouped_mm_ms": moe.median_ms(lambda: bf16(x), 2, 5)}
-            for group in (nf4.experts.group_size, nf4.experts.num_experts // 2):  # 128 at once: > 2^31 elements
-                nf4.experts.group_size = group
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                row[f"nf4_group{group}_ms"] = moe.median_ms(lambda: nf4(x), 2, 5)
-                row[f"nf4_group{group}_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-                row[f"nf4_group{group}_over_bf16"] = row[f"nf4_group{group}_ms"] / row["bf16_grouped_mm_ms"]
-            nf4.experts.group_size = max(1, -(-nf4.experts.num_experts // 8))
+            row: dict[str, Any] = {"tokens": n}
+            try:
+                x = torch.randn(1, n, bf16.experts.gate_up_proj.shape[-1], device=DEVICE, dtype=torch.bfloat16)
+                row["bf16_grouped_mm_ms"] = moe.median_ms(lambda: bf16(x), 2, 5)
+                want = None
+                for path, group in [("bnb", default)] + [("triton", g) for g in MOE_GROUPS]:
+                    experts.use_triton, experts.group_size = path == "triton", group
+                    key = f"nf4_{path}_group{group}"
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    row[f"{key}_ms"] = moe.median_ms(lambda: nf4(x), 2, 5)
+                    row[f"{key}_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                    row[f"{key}_over_bf16"] = row[f"{key}_ms"] / row["bf16_grouped_mm_ms"]
+                    out = nf4(x).float()
+                    if want is None:
+                        want = out
+                    else:
+                        row[f"{key}_rel_diff_vs_bnb"] = float((out - want).norm() / want.norm())
+                    del out
+            except torch.OutOfMemoryError as e:
+                row["oom"] = str(e)[:200]
+            finally:
+                experts.use_triton, experts.group_size = True, default
+                x = want = out = None
+                torch.cuda.empty_cache()
             res.setdefault("moe_prefill", []).append(row)
             print("moe_prefill", json.dumps(row), flush=True)
     del bf16, nf4
     torch.cuda.empty_cache()
+
+
+def moe_only(args, res: dict, save: Callable[[], None]) -> None:
+    """The NF4 MoE prefill comparison alone (:func:`_moe_prefill`) at ``--tokens``."""
+    import bitsandbytes
+    import triton
+
+    res.update(triton=triton.__version__, bitsandbytes=bitsandbytes.__version__)
+    _moe_prefill(res, tuple(args.tokens))
 
 
 def nf4(args, res: dict, save: Callable[[], None]) -> None:
@@ -571,7 +670,7 @@ def kernels(args, res: dict, save: Callable[[], None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("dense", "decode", "mla", "kernels", "nf4"))
+    p.add_argument("what", choices=("dense", "decode", "mla", "kernels", "nf4", "moe"))
     p.add_argument("--ckpt", default=str(Path(tempfile.gettempdir()) / "mistral4_fp8"),
                    help="nf4: where the random FP8 checkpoint is written")
     p.add_argument("--out", required=True)
@@ -588,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[131072, 262144])
+    p.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=list(MOE_TOKENS),
+                   help="moe: token counts of the MoE-layer prefill")
     args = p.parse_args(argv)
     res: dict[str, Any] = {"what": args.what, "args": vars(args), "gpu": torch.cuda.get_device_name(),
                            "torch": torch.__version__, "transformers": transformers.__version__,
@@ -598,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(res, indent=1))
 
     try:
-        {"dense": dense, "decode": decode, "mla": mla, "kernels": kernels, "nf4": nf4}[args.what](args, res, save)
+        {"dense": dense, "decode": decode, "mla": mla, "kernels": kernels, "nf4": nf4,
+         "moe": moe_only}[args.what](args, res, save)
     except Exception as e:  # noqa: BLE001 - what was measured before the failure is kept
         res["error"] = repr(e)[:500]
         save()

@@ -17,6 +17,8 @@ any other class with :func:`register_expert_layout`.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,6 +110,7 @@ class NF4Experts(nn.Module):
         self.gate_fn = gate_fn
         self.compute_dtype = compute_dtype
         self.group_size = max(1, -(-num_experts // 8))  # prefill dequantizes at most 1/8 of the experts at once
+        self.use_triton = True  # CUDA prefill: ragkit's Triton kernel dequantizes (where triton imports)
         code = bnbf.get_4bit_type("nf4", device="cpu")
         self.register_buffer("nf4_code", code.to(device))
         self.register_buffer("nested_code", bnbf.create_dynamic_map(signed=True).to(device))
@@ -188,13 +191,22 @@ class NF4Experts(nn.Module):
         codes = getattr(self, f"{name}_codes")[expert].view(-1, 1)
         return bnbf.dequantize_4bit(codes, self.quant_state(name, expert))
 
-    def dequantize_experts(self, name: str, experts: torch.Tensor) -> torch.Tensor:
-        """``[G, out, in]`` weights of the experts listed in ``experts``, dequantized in one bitsandbytes call.
+    def dequantize_experts(self, name: str, experts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[G, out, in]`` weights of the experts listed in ``experts``, exactly as bitsandbytes dequantizes each.
 
-        The nested absmax is expanded here (code[absmax] * absmax2 + offset, as bitsandbytes does), so
-        the G experts' codes form one NF4 tensor with float32 absmax. Needs ``out * in % 64 == 0``.
+        On CUDA in bf16/fp16 with triton importable (and ``use_triton``), one launch of
+        :func:`ragkit.quant.nf4_triton.dequantize_nf4_experts` writes them into ``out`` (allocated when None).
+        Otherwise one bitsandbytes call: the nested absmax is expanded here (code[absmax] * absmax2 + offset, as
+        bitsandbytes does), so the G experts' codes form one NF4 tensor with float32 absmax; this needs
+        ``out * in % 64 == 0``, and ``out`` is not used.
         """
         rows, cols = self.shapes[name]
+        kernel = self._triton_kernel()
+        if kernel is not None:
+            if out is None:
+                out = torch.empty(len(experts), rows, cols, dtype=self.compute_dtype, device=self.nf4_code.device)
+            buffers = (getattr(self, f"{name}_{part}") for part in ("codes", "absmax", "absmax2", "offset"))
+            return kernel(*buffers, self.nf4_code, self.nested_code, experts.to(self.nf4_code.device), out)
         absmax = self.nested_code[getattr(self, f"{name}_absmax")[experts].long()]
         scale = getattr(self, f"{name}_absmax2")[experts].repeat_interleave(NESTED_BLOCKSIZE, dim=1)
         absmax = absmax * scale[:, : absmax.shape[1]] + getattr(self, f"{name}_offset")[experts, None]
@@ -205,17 +217,37 @@ class NF4Experts(nn.Module):
         codes = getattr(self, f"{name}_codes")[experts].reshape(-1, 1)
         return bnbf.dequantize_4bit(codes, state).view(len(experts), rows, cols)
 
+    def _triton_kernel(self) -> Callable[..., torch.Tensor] | None:
+        """The Triton dequantization where it applies (CUDA buffers, bf16/fp16, triton importable), else None."""
+        if not (self.use_triton and self.nf4_code.is_cuda and self.compute_dtype in (torch.bfloat16, torch.float16)):
+            return None
+        return _triton_dequantize()
+
     def _project(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         codes = getattr(self, f"{name}_codes")[expert].view(-1, 1)
         bias = getattr(self, f"{name}_bias")[expert] if self.layout.bias else None
         return bnb.matmul_4bit(x, codes.t(), quant_state=self.quant_state(name, expert), bias=bias)
 
-    def _project_group(self, name: str, experts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _project_group(self, name: str, experts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor,
+                       scratch: torch.Tensor | None) -> torch.Tensor:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        y = _grouped_mm(x, self.dequantize_experts(name, experts).transpose(-2, -1), offsets)
+        rows, cols = self.shapes[name]
+        out = None if scratch is None else scratch[: len(experts) * rows * cols].view(len(experts), rows, cols)
+        y = _grouped_mm(x, self.dequantize_experts(name, experts, out).transpose(-2, -1), offsets)
         if self.layout.bias:
             y = y + getattr(self, f"{name}_bias")[experts].repeat_interleave(counts, dim=0)
         return y
+
+    def _group_scratch(self, group: int) -> torch.Tensor | None:
+        """One flat buffer that every group's dequantized weights (either projection) are written into, for the
+        Triton path: each grouped matmul reads it before the next group's launch overwrites it (one stream), so a
+        prefill holds ``group`` x the largest projection in the compute dtype (16 x 32 MiB = 512 MiB for
+        Mistral-4), as the bitsandbytes path does. Across forwards (and layers) PyTorch's caching allocator hands
+        the same block back. None on the bitsandbytes path (it allocates per call)."""
+        if self._triton_kernel() is None:
+            return None
+        largest = max(r * c for r, c in self.shapes.values())
+        return torch.empty(group * largest, dtype=self.compute_dtype, device=self.nf4_code.device)
 
     def _groupable(self, assignments: int) -> bool:
         """Prefill-sized batches (>= one token per expert on average) dequantize experts in groups."""
@@ -225,31 +257,37 @@ class NF4Experts(nn.Module):
         """Same contract as the replaced module: ``[T, H]`` states, ``[T, k]`` expert ids and weights.
 
         Few tokens (decode): one ``bnb.matmul_4bit`` per routed expert and projection (4-bit GEMV on
-        CUDA). Many tokens (prefill): routed experts are dequantized ``group_size`` at a time and run
-        as one grouped matmul, so at most ``group_size`` experts exist in the compute dtype at once.
+        CUDA). Many tokens (prefill): routed experts are dequantized ``group_size`` at a time (on CUDA by
+        ragkit's Triton kernel into one reused buffer, see :meth:`dequantize_experts`) and run as one grouped
+        matmul, so at most ``group_size`` experts exist in the compute dtype at once. One host sync (the
+        per-expert token counts).
         """
         k = top_k_index.shape[-1]
         expert_ids = top_k_index.reshape(-1)
-        valid = expert_ids < self.num_experts  # expert-parallel sentinels point past the last expert
-        n = int(valid.sum())
-        order = torch.argsort(torch.where(valid, expert_ids, self.num_experts), stable=True)[:n]
-        counts_all = torch.bincount(expert_ids[valid], minlength=self.num_experts)
+        routed = torch.where(expert_ids < self.num_experts, expert_ids, self.num_experts)  # EP sentinels sort last
+        counts_all = torch.bincount(routed, minlength=self.num_experts + 1)[: self.num_experts]
+        per_expert = counts_all.tolist()  # the forward's one host sync
+        n = sum(per_expert)
+        order = torch.argsort(routed, stable=True)[:n]
         tokens = order // k
         x = hidden_states.to(self.compute_dtype)[tokens]
         first, second = self.layout.first, self.layout.second
         if self._groupable(n):
-            hit = counts_all.nonzero().flatten()
+            hit_counts = [c for c in per_expert if c]
+            hit = torch.argsort((counts_all == 0).int(), stable=True)[: len(hit_counts)]  # routed experts, in order
             counts = counts_all[hit]
-            bounds = [0, *torch.cumsum(counts, 0).tolist()]
+            bounds = [0, *itertools.accumulate(hit_counts)]
+            scratch = self._group_scratch(min(self.group_size, len(hit_counts)))
             pieces = []
-            for g in range(0, len(hit), self.group_size):
+            for g in range(0, len(hit_counts), self.group_size):
                 ids, cnt = hit[g : g + self.group_size], counts[g : g + self.group_size]
-                xs = x[bounds[g] : bounds[min(g + self.group_size, len(hit))]]
-                pieces.append(self._project_group(second, ids, cnt, self.gate_fn(self._project_group(first, ids, cnt, xs))))
+                xs = x[bounds[g] : bounds[min(g + self.group_size, len(hit_counts))]]
+                h = self.gate_fn(self._project_group(first, ids, cnt, xs, scratch))
+                pieces.append(self._project_group(second, ids, cnt, h, scratch))
             y = torch.cat(pieces)
         else:
             pieces, start = [], 0
-            for expert, count in enumerate(counts_all.tolist()):
+            for expert, count in enumerate(per_expert):
                 if count:
                     xs = x[start : start + count]
                     pieces.append(self._project(second, expert, self.gate_fn(self._project(first, expert, xs))))
@@ -258,6 +296,16 @@ class NF4Experts(nn.Module):
         y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(hidden_states)
         return out.index_add_(0, tokens, y.to(out.dtype))
+
+
+@functools.cache
+def _triton_dequantize() -> Callable[..., torch.Tensor] | None:
+    """:func:`ragkit.quant.nf4_triton.dequantize_nf4_experts` where triton imports (it is no ragkit dependency)."""
+    try:
+        from ragkit.quant.nf4_triton import dequantize_nf4_experts
+    except ImportError:
+        return None
+    return dequantize_nf4_experts
 
 
 def replace_fused_experts(model: nn.Module, compute_dtype: torch.dtype) -> dict[str, NF4Experts]:

@@ -1,0 +1,112 @@
+"""ragkit's Triton NF4 expert dequantization: bit-identical to bitsandbytes (CUDA, and under Triton's interpreter on
+CPU), and NF4Experts' CUDA prefill through it computes what the bitsandbytes path computes.
+
+triton is no ragkit dependency: every test here is skipped where it does not import.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Mistral4Config
+from transformers.models.mistral4.modeling_mistral4 import Mistral4Experts
+
+from ragkit.quant import ExpertLayout, NF4Experts, expert_layout_for
+
+pytest.importorskip("triton")
+
+# (rows, cols): several kernel programs with a partial last one and 2 nested blocks; a partial 64-value absmax
+# block (n % 64 != 0); Mistral-4's down_proj at real width.
+SHAPES = [(200, 128), (100, 98), (4096, 2048)]
+
+
+def nf4_experts(rows: int, cols: int, dtype: torch.dtype, device: str, n: int = 6) -> NF4Experts:
+    """``n`` random experts of one ``[rows, cols]`` projection "w", each of a different scale."""
+    experts = NF4Experts(n, {"w": (rows, cols)}, ExpertLayout(first="w"), F.silu, dtype, device="meta")
+    experts.materialize(device)
+    g = torch.Generator(device=device).manual_seed(rows * cols)
+    for e in range(n):
+        experts.set_expert("w", e, torch.randn(rows, cols, generator=g, device=device) * 0.02 * (e + 1))
+    return experts
+
+
+def triton_dequantize(experts: NF4Experts, ids: torch.Tensor) -> torch.Tensor:
+    from ragkit.quant.nf4_triton import dequantize_nf4_experts
+
+    rows, cols = experts.shapes["w"]
+    out = torch.full((len(ids), rows, cols), float("nan"), dtype=experts.compute_dtype, device=ids.device)
+    buffers = [getattr(experts, f"w_{part}") for part in ("codes", "absmax", "absmax2", "offset")]
+    return dequantize_nf4_experts(*buffers, experts.nf4_code, experts.nested_code, ids, out)
+
+
+_INTERPRETED = """
+import torch
+from test_nf4_triton import nf4_experts, triton_dequantize
+for dtype in (torch.float16, torch.bfloat16):
+    for rows, cols in ((200, 128), (64, 192)):
+        experts = nf4_experts(rows, cols, dtype, "cpu")
+        ids = torch.tensor([5, 0, 3])
+        got = triton_dequantize(experts, ids)
+        want = torch.stack([experts.dequantize_expert("w", int(e)) for e in ids])
+        if dtype == torch.float16:
+            assert torch.equal(got, want), (dtype, rows, cols)
+        else:  # the interpreter casts float32 -> bf16 by truncation (CUDA rounds to nearest even): within 1 ulp
+            ulp = torch.finfo(torch.bfloat16).eps * want.float().abs()
+            assert ((got.float() - want.float()).abs() <= ulp).all(), (dtype, rows, cols)
+print("ok")
+"""
+
+
+def test_kernel_under_triton_interpreter_equals_bitsandbytes_on_cpu():
+    """The kernel's layout (nibble order, absmax and nested absmax per block, tails) checked without a GPU: fp16
+    bit for bit against bitsandbytes' CPU dequantization (columns a multiple of 64: bitsandbytes' CPU kernel
+    blocks rows on their own otherwise, unlike its CUDA kernel)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_equals_bitsandbytes_dequantize_4bit_on_cuda(shape, dtype):
+    experts = nf4_experts(*shape, dtype, "cuda")
+    for ids in (torch.tensor([5, 0, 3], device="cuda"), torch.arange(6, device="cuda", dtype=torch.int32)):
+        got = triton_dequantize(experts, ids)
+        want = torch.stack([experts.dequantize_expert("w", int(e)) for e in ids])
+        assert torch.equal(got, want), (got != want).sum().item()
+    assert experts._triton_kernel() is not None
+    assert torch.equal(experts.dequantize_experts("w", torch.tensor([4, 1], device="cuda")), want[[4, 1]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_prefill_through_the_kernel_equals_the_bitsandbytes_path(dtype):
+    """16 Mistral-4-shaped experts (1024x512 gate_up, 512x512 down), 256 tokens routed to 11 of them: groups of 2
+    (the last one partial) and 5 experts never dequantized; twice, so the reused buffer is overwritten in place."""
+    config = Mistral4Config(hidden_size=512, moe_intermediate_size=512, n_routed_experts=16)
+    with torch.device("meta"):
+        source = Mistral4Experts(config)
+    experts = NF4Experts.from_module(source, expert_layout_for(source), dtype)
+    experts.materialize("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for e in range(16):
+        experts.set_expert("gate_up_proj", e, torch.randn(1024, 512, device="cuda", generator=g) * 0.05)
+        experts.set_expert("down_proj", e, torch.randn(512, 512, device="cuda", generator=g) * 0.05)
+    routed = torch.tensor([0, 1, 2, 4, 6, 7, 9, 10, 12, 13, 15], device="cuda")
+    hidden = torch.randn(256, 512, device="cuda", generator=g)  # float32: index_add_ sums the top-k in float32
+    idx = routed[torch.randint(0, len(routed), (256, 4), device="cuda", generator=g)]
+    weights = torch.softmax(torch.randn(256, 4, device="cuda", generator=g), -1).to(dtype)
+    assert experts._triton_kernel() is not None and experts.group_size == 2
+    with torch.no_grad():
+        got = [experts(hidden, idx, weights) for _ in range(2)]
+        experts.use_triton = False
+        assert experts._triton_kernel() is None
+        want = experts(hidden, idx, weights)
+    for out in got:  # the same weights bit for bit; only index_add_'s atomics may order the top-k sum differently
+        assert ((out - want).norm() / want.norm()).item() < 1e-5
