@@ -274,7 +274,7 @@ class NF4Experts(nn.Module):
         first, second = self.layout.first, self.layout.second
         if self._groupable(n):
             hit_counts = [c for c in per_expert if c]
-            hit = torch.argsort((counts_all == 0).int(), stable=True)[: len(hit_counts)]  # routed experts, in order
+            hit = torch.tensor([e for e, c in enumerate(per_expert) if c], device=counts_all.device)
             counts = counts_all[hit]
             bounds = [0, *itertools.accumulate(hit_counts)]
             scratch = self._group_scratch(min(self.group_size, len(hit_counts)))
