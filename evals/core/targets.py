@@ -92,52 +92,60 @@ class Target:
         return [t for t in self.llm.generate_ids(list(ids), max_new_tokens=max_new_tokens) if t not in self.eos_ids]
 
 
-def grid_rows(model: str, quant: str, lengths: Sequence[int], depths: Sequence[float], seeds: int, controls: bool,
-              max_new_tokens: int, gpu: str | None, shared_haystack: bool) -> tuple[list[Any], str, str]:
-    """A grid's projection per length on one GPU (``gpu``, else the present one; ragkit.projection): its
-    LengthProjection rows, the GPU's short name and the planned quantization. Reads only the model's config."""
-    from ragkit import projection
-    from ragkit.placement import load_config
-    from ragkit.planner import plan
+@dataclass(frozen=True)
+class Grid:
+    """A context grid as ``--plan`` projects it (ragkit.projection): the model and its quantization, the lengths,
+    needle depths, seed count, whether controls run, the generation budget, the GPU (None: the present one) and
+    whether every seed reads the same haystack."""
 
-    config, _ = load_config(model)
-    name = projection.resolve_gpu(gpu)
-    planned = plan(config, context=max(lengths), quant=quant)
-    rows = projection.project_grid(planned, config, lengths, depths, seeds, controls, max_new_tokens, name,
-                                   shared_haystack)
-    return rows, name, planned.quant
+    model: str
+    quant: str
+    lengths: Sequence[int]
+    depths: Sequence[float]
+    seeds: int
+    controls: bool
+    max_new_tokens: int
+    gpu: str | None
+    shared_haystack: bool
 
+    def rows(self) -> tuple[list[Any], str, str]:
+        """The projection per length (LengthProjection rows), the GPU's short name and the planned quantization.
+        Reads only the model's config."""
+        from ragkit import projection
+        from ragkit.placement import load_config
+        from ragkit.planner import plan
 
-def grid_projection(model: str, quant: str, lengths: Sequence[int], depths: Sequence[float], seeds: int,
-                    controls: bool, max_new_tokens: int, gpu: str | None, shared_haystack: bool) -> tuple[str, list[int]]:
-    """``--plan``: the text of :func:`grid_rows`' projection, and the lengths that will not fit."""
-    from ragkit import projection
+        config, _ = load_config(self.model)
+        name = projection.resolve_gpu(self.gpu)
+        planned = plan(config, context=max(self.lengths), quant=self.quant)
+        rows = projection.project_grid(planned, config, self.lengths, self.depths, self.seeds, self.controls,
+                                       self.max_new_tokens, name, self.shared_haystack)
+        return rows, name, planned.quant
 
-    rows, name, planned_quant = grid_rows(model, quant, lengths, depths, seeds, controls, max_new_tokens, gpu,
-                                          shared_haystack)
-    return projection.table(rows, name, planned_quant), [r.length for r in rows if not r.fits]
+    def text(self) -> tuple[str, list[int]]:
+        """``--plan``: the projection as text, and the lengths that will not fit."""
+        from ragkit import projection
 
+        rows, name, planned_quant = self.rows()
+        return projection.table(rows, name, planned_quant), [r.length for r in rows if not r.fits]
 
-def run_projection(model: str, quant: str, lengths: Sequence[int], depths: Sequence[float], seeds: int,
-                   controls: bool, max_new_tokens: int, gpu: str | None, shared_haystack: bool,
-                   target: Target) -> dict[str, Any] | None:
-    """What run.json records of ``--plan``'s projection for a run on one CUDA GPU, so that the report puts it
-    beside what was measured: the GPU, the factors' source and each length's projection. None for a served
-    model, a model off CUDA or a GPU without measured factors."""
-    from dataclasses import asdict
+    def recorded(self, target: Target) -> dict[str, Any] | None:
+        """What run.json records of the projection for a run on one CUDA GPU, so that the report puts it beside
+        what was measured: the GPU, the factors' source and each length's projection. None for a served model,
+        a model off CUDA or a GPU without measured factors."""
+        from dataclasses import asdict
 
-    from ragkit import projection
-    from ragkit.errors import MemoryPlanError
+        from ragkit import projection
+        from ragkit.errors import MemoryPlanError
 
-    if target.served or next(target.model.parameters()).device.type != "cuda":
-        return None
-    try:
-        rows, name, planned_quant = grid_rows(model, quant, lengths, depths, seeds, controls, max_new_tokens, gpu,
-                                              shared_haystack)
-    except MemoryPlanError:
-        return None
-    return {"gpu": name, "factors": projection.factors(name, planned_quant).source,
-            "lengths": [{**asdict(r), "seconds": r.seconds} for r in rows]}
+        if target.served or next(target.model.parameters()).device.type != "cuda":
+            return None
+        try:
+            rows, name, planned_quant = self.rows()
+        except MemoryPlanError:
+            return None
+        return {"gpu": name, "factors": projection.factors(name, planned_quant).source,
+                "lengths": [{**asdict(r), "seconds": r.seconds} for r in rows]}
 
 
 def adapter_hashes(paths: Sequence[str]) -> list[dict[str, str]]:

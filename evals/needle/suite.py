@@ -25,7 +25,7 @@ from evals.core.scoring import contains_value
 from evals.core.settings import SuiteSettings
 from evals.core.spec import Cell, config_hash, load_suite_file, merge_settings, parse_depths, parse_ints, parse_lengths
 from evals.core.store import RunDir
-from evals.core.targets import Retriever, grid_projection, load_target, run_projection, tokenizer_fingerprint
+from evals.core.targets import Grid, Retriever, load_target, tokenizer_fingerprint
 from evals.needle import RECORD
 from evals.needle import report
 from evals.needle.haystack import (GENRES, STARTS, Built, Codec, Estimator, Frame, Recipe, SentencePool, fit_prompt,
@@ -389,12 +389,16 @@ def execute(s: NeedleSettings, target: Any = None) -> Path:
         files = {name: portable_value(list(p.files), opened.out) for name, p in pools.items()}
         recorded: dict[str, Any] = {"haystack_files": next(iter(files.values())) if len(files) == 1 else files}
         if s.mode != "rag" and lengths.get("context"):  # --plan's projection, for the report to set beside the run
-            recorded["projection"] = run_projection(s.model, s.quant, lengths["context"], s.depths, len(s.seeds),
-                                                    s.controls, s.max_new_tokens, s.gpu,
-                                                    s.haystack_start == "fixed", opened.target)
+            recorded["projection"] = _grid(s, lengths["context"]).recorded(opened.target)
         return NeedleSuite(s, opened.target, pools, opened.run_dir, lengths), recorded
 
     return run_suite(RECORD, s, {"pool": pool_fingerprint(pools)}, build, target)
+
+
+def _grid(s: NeedleSettings, lengths: Sequence[int]) -> Grid:
+    """The context grid of ``s`` at ``lengths``, as ``--plan`` projects it."""
+    return Grid(s.model, s.quant, lengths, s.depths, len(s.seeds), s.controls, s.max_new_tokens, s.gpu,
+                s.haystack_start == "fixed")
 
 
 def plan_grid(s: NeedleSettings) -> int:
@@ -402,8 +406,7 @@ def plan_grid(s: NeedleSettings) -> int:
     (exit 2) naming the lengths that will not fit. Context cells only (rag cells read a few chunks)."""
     if s.gpu is None and s.backend != "local":
         raise SettingsError("--plan projects the in-process backend's GPU; a server's memory is its own")
-    text, refused = grid_projection(s.model, s.quant, s.lengths, s.depths, len(s.seeds), s.controls,
-                                    s.max_new_tokens, s.gpu, s.haystack_start == "fixed")
+    text, refused = _grid(s, s.lengths).text()
     print(f"needle grid: {len(s.lengths)} lengths x {len(s.depths)} depths x {len(s.seeds)} seeds"
           f"{' + controls' if s.controls else ''}, {s.max_new_tokens} new tokens per cell, model {s.model} "
           f"(quant {s.quant})")

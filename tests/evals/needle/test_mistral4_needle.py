@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from evals.core.store import RunDir
-from evals.core.targets import grid_rows
+from evals.core.targets import Grid
 from evals.needle.report import projected_vs_measured, needle_frame
 
 # runs a module as __main__ with mistral-common and tiktoken made unimportable, as on the GPU host
@@ -87,7 +87,7 @@ def test_the_report_sets_the_projection_beside_what_was_measured(cpu_run, tiny_c
     shutil.copytree(cpu_run[0], out)
     run_dir = RunDir(out)
     meta = run_dir.read_run()
-    rows, _, _ = grid_rows(str(tiny_checkpoint), "nf4", [1024], (0, 50, 100), 1, True, 32, "h200", True)
+    rows, _, _ = Grid(str(tiny_checkpoint), "nf4", [1024], (0, 50, 100), 1, True, 32, "h200", True).rows()
     meta["projection"] = {"gpu": "h200", "factors": "gpu_factors.json",
                           "lengths": [{"length": r.length, "seconds": r.seconds, "prefill_s": r.prefill_s,
                                        "decode_s": r.decode_s, "tokens_fed": r.tokens_fed,
