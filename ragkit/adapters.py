@@ -166,10 +166,10 @@ def attach(model: Any, adapters: Sequence[Adapter], *, merge: bool = False, quan
     model stays as it is. ``merge`` folds the updates into the weights (faster; refused on a quantized base,
     whose 4/8-bit weights cannot hold them).
     """
-    from peft import PeftModel
-
     if not adapters:
         return model
+    from peft import PeftModel  # only with adapters: a plain load needs no PEFT installed
+
     check_against(adapters, model, merge=merge, quantized=quantized)
     names = [f"adapter{i}" for i in range(len(adapters))]
     try:
