@@ -200,8 +200,8 @@ def extrapolate(run: dict[str, Any], layers: dict[str, Any], ckpt: Path, full: s
         if layers.get("weights_bytes") and peaks:  # on CUDA
             activations = max(peaks) - layers["weights_bytes"] - small.kv.bytes_per_token * t["length"]
             entry.update(weights_bytes=full_plan.weights_bytes, activation_bytes=activations,
-                         kv_cache_bytes=full_plan.kv.bytes_per_token * row["length"],
-                         peak_bytes=full_plan.weights_bytes + full_plan.kv.bytes_per_token * row["length"] + activations)
+                         kv_cache_bytes=full_plan.kv.bytes_per_token * t["length"],
+                         peak_bytes=full_plan.weights_bytes + full_plan.kv.bytes_per_token * t["length"] + activations)
         out.append(entry)
     return out
 
