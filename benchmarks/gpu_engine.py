@@ -419,10 +419,11 @@ def _moe_dequantize(experts, res: dict) -> None:
 
 def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
     """One real-width Mistral-4 MoE layer: BF16 grouped_mm vs ragkit's NF4 prefill at each token count, experts
-    dequantized by bitsandbytes in groups of 16 (the old path) or by ragkit's Triton kernel in each of MOE_GROUPS;
-    time, ratio to BF16, extra GiB over the weights, and the relative difference to the bitsandbytes path; before
-    them the dequantization alone. Medians of 5 after 2 warm-ups; a token count that runs out of memory is
-    recorded."""
+    dequantized by bitsandbytes in groups of 16 (the old path) or by ragkit's Triton kernel in each of MOE_GROUPS,
+    overlapped with the matmuls on a side stream (shipped) or serial; time, ratio to BF16, extra GiB over the
+    weights, and the relative difference to the bitsandbytes path; before them the dequantization alone, after them
+    the GPU time per kernel of both layers at the prefill chunk (``moe_profile``). Medians of 5 after 2 warm-ups; a
+    token count that runs out of memory is recorded."""
     import benchmarks.moe_nf4_gpu as moe
     from ragkit.quant import measure_footprint
 
@@ -438,8 +439,10 @@ def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
                 x = torch.randn(1, n, bf16.experts.gate_up_proj.shape[-1], device=DEVICE, dtype=torch.bfloat16)
                 row["bf16_grouped_mm_ms"] = moe.median_ms(lambda: bf16(x), 2, 5)
                 want = None
-                for path, group in [("bnb", default)] + [("triton", g) for g in MOE_GROUPS]:
-                    experts.use_triton, experts.group_size = path == "triton", group
+                runs = [("bnb", default)] + [(path, g) for g in MOE_GROUPS for path in ("triton", "serial")]
+                for path, group in runs:
+                    experts.use_triton, experts.group_size = path != "bnb", group
+                    experts.overlap_dequant = path == "triton"
                     key = f"nf4_{path}_group{group}"
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -456,13 +459,35 @@ def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
             except torch.OutOfMemoryError as e:
                 row["oom"] = str(e)[:200]
             finally:
-                experts.use_triton, experts.group_size = True, default
+                experts.use_triton, experts.group_size, experts.overlap_dequant = True, default, True
                 x = want = out = None
                 torch.cuda.empty_cache()
             res.setdefault("moe_prefill", []).append(row)
             print("moe_prefill", json.dumps(row), flush=True)
+        res["moe_profile"] = {name: _kernel_times(layer, torch.randn(1, MOE_PROFILE_TOKENS, bf16.experts.gate_up_proj.shape[-1],
+                                                                      device=DEVICE, dtype=torch.bfloat16))
+                              for name, layer in (("bf16_grouped_mm", bf16), ("nf4_triton_overlap", nf4))}
     del bf16, nf4
     torch.cuda.empty_cache()
+
+
+MOE_PROFILE_TOKENS = 16384  # the prefill chunk
+
+
+def _kernel_times(layer, x: torch.Tensor, calls: int = 3) -> list[dict[str, Any]]:
+    """GPU time per kernel name over ``calls`` forwards of ``layer`` (after one warm-up), ms per forward, largest
+    first: where a layer's prefill time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            layer(x)
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:120], "ms": e.self_device_time_total / 1e3 / calls, "launches": e.count // calls}
+            for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["ms"])[:20]
 
 
 def moe_only(args, res: dict, save: Callable[[], None]) -> None:

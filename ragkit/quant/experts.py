@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -111,6 +111,7 @@ class NF4Experts(nn.Module):
         self.compute_dtype = compute_dtype
         self.group_size = max(1, -(-num_experts // 8))  # prefill dequantizes at most 1/8 of the experts at once
         self.use_triton = True  # CUDA prefill: ragkit's Triton kernel dequantizes (where triton imports)
+        self.overlap_dequant = True  # ... on a side stream, under the previous group's matmul (_group_weights)
         code = bnbf.get_4bit_type("nf4", device="cpu")
         self.register_buffer("nf4_code", code.to(device))
         self.register_buffer("nested_code", bnbf.create_dynamic_map(signed=True).to(device))
@@ -228,26 +229,61 @@ class NF4Experts(nn.Module):
         bias = getattr(self, f"{name}_bias")[expert] if self.layout.bias else None
         return bnb.matmul_4bit(x, codes.t(), quant_state=self.quant_state(name, expert), bias=bias)
 
-    def _project_group(self, name: str, experts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor,
-                       scratch: torch.Tensor | None) -> torch.Tensor:
+    def _project_group(self, name: str, weights: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
+                       x: torch.Tensor) -> torch.Tensor:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        rows, cols = self.shapes[name]
-        out = None if scratch is None else scratch[: len(experts) * rows * cols].view(len(experts), rows, cols)
-        y = _grouped_mm(x, self.dequantize_experts(name, experts, out).transpose(-2, -1), offsets)
+        y = _grouped_mm(x, weights.transpose(-2, -1), offsets)
         if self.layout.bias:
             y = y + getattr(self, f"{name}_bias")[experts].repeat_interleave(counts, dim=0)
         return y
 
-    def _group_scratch(self, group: int) -> torch.Tensor | None:
-        """One flat buffer that every group's dequantized weights (either projection) are written into, for the
-        Triton path: each grouped matmul reads it before the next group's launch overwrites it (one stream), so a
-        prefill holds ``group`` x the largest projection in the compute dtype (16 x 32 MiB = 512 MiB for
-        Mistral-4), as the bitsandbytes path does. Across forwards (and layers) PyTorch's caching allocator hands
-        the same block back. None on the bitsandbytes path (it allocates per call)."""
+    def _group_weights(self, jobs: list[tuple[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """The dequantized ``[G, out, in]`` weights of each ``(projection, expert ids)`` job, in order.
+
+        bitsandbytes path: one allocation per job. Triton path: written into flat buffers of the largest group
+        x the largest projection in the compute dtype (16 x 32 MiB = 512 MiB each for Mistral-4), which PyTorch's
+        caching allocator hands back across forwards and layers. With ``overlap_dequant`` (the default) two
+        buffers alternate and the next job's weights are written on a side stream while the caller's grouped
+        matmul reads the current ones: the dequantization (bandwidth-bound) runs under the matmul (compute-bound).
+        The main stream waits for each write; each write waits for the matmul that last read its buffer.
+        """
         if self._triton_kernel() is None:
-            return None
+            yield from (self.dequantize_experts(name, ids) for name, ids in jobs)
+            return
+        group = max(len(ids) for _, ids in jobs)
         largest = max(r * c for r, c in self.shapes.values())
-        return torch.empty(group * largest, dtype=self.compute_dtype, device=self.nf4_code.device)
+        device = self.nf4_code.device
+        buffers = [torch.empty(group * largest, dtype=self.compute_dtype, device=device)
+                   for _ in range(2 if self.overlap_dequant else 1)]
+
+        def into(i: int) -> torch.Tensor:
+            (name, ids), buf = jobs[i], buffers[i % len(buffers)]
+            rows, cols = self.shapes[name]
+            return self.dequantize_experts(name, ids, buf[: len(ids) * rows * cols].view(len(ids), rows, cols))
+
+        if len(buffers) == 1:
+            yield from (into(i) for i in range(len(jobs)))
+            return
+        main, side = torch.cuda.current_stream(device), _side_stream(device)
+        side.wait_stream(main)  # the expert ids and the buffers exist before the side stream touches them
+        written: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        read: list[torch.cuda.Event | None] = [None, None]  # per buffer: its last reader is done
+
+        def launch(i: int) -> None:
+            with torch.cuda.stream(side):
+                if read[i % 2] is not None:
+                    side.wait_event(read[i % 2])
+                weights = into(i)
+                written.append((weights, side.record_event()))
+
+        launch(0)
+        for i in range(len(jobs)):
+            if i + 1 < len(jobs):
+                launch(i + 1)
+            weights, done = written[i]
+            main.wait_event(done)
+            yield weights
+            read[i % 2] = main.record_event()
 
     def _groupable(self, assignments: int) -> bool:
         """Prefill-sized batches (>= one token per expert on average) dequantize experts in groups."""
@@ -258,9 +294,9 @@ class NF4Experts(nn.Module):
 
         Few tokens (decode): one ``bnb.matmul_4bit`` per routed expert and projection (4-bit GEMV on
         CUDA). Many tokens (prefill): routed experts are dequantized ``group_size`` at a time (on CUDA by
-        ragkit's Triton kernel into one reused buffer, see :meth:`dequantize_experts`) and run as one grouped
-        matmul, so at most ``group_size`` experts exist in the compute dtype at once. One host sync (the
-        per-expert token counts).
+        ragkit's Triton kernel, the next group's under the current group's matmul: :meth:`_group_weights`) and
+        run as one grouped matmul, so at most two groups of experts exist in the compute dtype at once. One host
+        sync (the per-expert token counts).
         """
         k = top_k_index.shape[-1]
         expert_ids = top_k_index.reshape(-1)
@@ -277,13 +313,14 @@ class NF4Experts(nn.Module):
             hit = torch.tensor([e for e, c in enumerate(per_expert) if c], device=counts_all.device)
             counts = counts_all[hit]
             bounds = [0, *itertools.accumulate(hit_counts)]
-            scratch = self._group_scratch(min(self.group_size, len(hit_counts)))
+            groups = range(0, len(hit_counts), self.group_size)
+            weights = self._group_weights([(name, hit[g : g + self.group_size]) for g in groups for name in (first, second)])
             pieces = []
-            for g in range(0, len(hit_counts), self.group_size):
+            for g in groups:
                 ids, cnt = hit[g : g + self.group_size], counts[g : g + self.group_size]
                 xs = x[bounds[g] : bounds[min(g + self.group_size, len(hit_counts))]]
-                h = self.gate_fn(self._project_group(first, ids, cnt, xs, scratch))
-                pieces.append(self._project_group(second, ids, cnt, h, scratch))
+                h = self.gate_fn(self._project_group(first, next(weights), ids, cnt, xs))
+                pieces.append(self._project_group(second, next(weights), ids, cnt, h))
             y = torch.cat(pieces)
         else:
             pieces, start = [], 0
@@ -296,6 +333,12 @@ class NF4Experts(nn.Module):
         y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(hidden_states)
         return out.index_add_(0, tokens, y.to(out.dtype))
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One CUDA stream per device for the dequantization that overlaps the grouped matmuls."""
+    return torch.cuda.Stream(device)
 
 
 @functools.cache
