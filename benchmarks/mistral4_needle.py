@@ -176,26 +176,26 @@ def run_summary(run: Path) -> dict[str, Any]:
 
 def extrapolate(run: dict[str, Any], layers: dict[str, Any], ckpt: Path, full: str = FULL_MODEL) -> list[dict]:
     """The measured grid per length projected to the full model (issue 15): the run's cells' prefill and decode times
-    with their decoder-layer share (from the hooks) scaled by full layers / measured layers, the rest kept once
-    (embeddings, head, call overhead); memory = the planner's full NF4 weights + its KV cache of the length +
+    scaled as the hooked calls scale to the full layer count (:func:`_layer_scale`); memory = the planner's full NF4 weights + its KV cache of the length +
     the measured activations (the run's peak less the loaded weights and the 4-layer KV cache)."""
     from ragkit.placement import load_config
     from ragkit.planner import plan
 
     small, full_plan = plan(load_config(ckpt)[0], quant="nf4"), plan(load_config(full)[0], quant="nf4")
-    k = full_plan.kv.layers / layers["layers"]
     out = []
     for t in layers["by_length"]:
         cells = [c for c in run["cells"] if c["length"] == t["length"]]
         if not cells:
             continue
         decode_run = sum(c["decode_seconds"] for c in cells)
-        p_share = sum(t["prefill_s_per_layer"]) / t["prefill_s"]
-        d_share = sum(t["decode_ms_per_layer"]) / t["decode_step_ms"]
-        prefill = (sum(c["seconds"] for c in cells) - decode_run) * (1 - p_share + p_share * k)
-        decode = decode_run * (1 - d_share + d_share * k)
+        p_scale = _layer_scale(t["prefill_s_per_layer"], t["prefill_s"], full_plan.kv.layers)
+        d_scale = _layer_scale(t["decode_ms_per_layer"], t["decode_step_ms"], full_plan.kv.layers)
+        prefill = (sum(c["seconds"] for c in cells) - decode_run) * p_scale
+        decode = decode_run * d_scale
         entry = {"length": t["length"], "layers": full_plan.kv.layers, "prefill_s": prefill, "decode_s": decode,
-                 "wall_s": prefill + decode, "layer_share_prefill": p_share, "layer_share_decode": d_share}
+                 "wall_s": prefill + decode, "scale_prefill": p_scale, "scale_decode": d_scale,
+                 "layer_share_prefill": sum(t["prefill_s_per_layer"]) / t["prefill_s"],
+                 "layer_share_decode": sum(t["decode_ms_per_layer"]) / t["decode_step_ms"]}
         peaks = [c["gpu_peak_bytes"] for c in cells if c.get("gpu_peak_bytes")]
         if layers.get("weights_bytes") and peaks:  # on CUDA
             activations = max(peaks) - layers["weights_bytes"] - small.kv.bytes_per_token * t["length"]
@@ -204,6 +204,15 @@ def extrapolate(run: dict[str, Any], layers: dict[str, Any], ckpt: Path, full: s
                          peak_bytes=full_plan.weights_bytes + full_plan.kv.bytes_per_token * t["length"] + activations)
         out.append(entry)
     return out
+
+
+def _layer_scale(per_layer: Sequence[float], total: float, layers: int) -> float:
+    """How much longer a call takes with ``layers`` decoder layers than with the measured ones: each layer at the
+    measured median, what a layer took beyond the median counted once (the first layer of a call pays cuDNN's
+    plan for a new attention shape, which the later layers reuse), the rest of the call (embeddings, head) once."""
+    typical = statistics.median(per_layer)
+    once = sum(max(0.0, x - typical) for x in per_layer)
+    return (total - sum(per_layer) + typical * layers + once) / total
 
 
 def provenance() -> dict[str, Any]:

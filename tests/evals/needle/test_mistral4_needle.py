@@ -134,3 +134,11 @@ def test_the_full_model_memory_is_its_weights_and_cache_plus_the_measured_activa
     assert got["activation_bytes"] == activations and got["kv_cache_bytes"] == full.kv.bytes_per_token * n
     assert got["peak_bytes"] == full.weights_bytes + full.kv.bytes_per_token * n + activations
     assert got["wall_s"] == pytest.approx(4.0)  # as many layers as measured: the run's own time
+
+
+def test_the_extrapolation_counts_each_layer_at_the_median_and_a_first_layer_excess_once():
+    from benchmarks.mistral4_needle import _layer_scale
+
+    # 4 layers of 1 s, the first 0.5 s longer (cuDNN planning a new shape), 0.2 s of embeddings and head
+    assert _layer_scale([1.5, 1.0, 1.0, 1.0], 4.7, 36) == pytest.approx((0.2 + 36 * 1.0 + 0.5) / 4.7)
+    assert _layer_scale([1.0, 1.0], 2.2, 2) == pytest.approx(1.0)
