@@ -66,7 +66,8 @@ def plan_command(
                       moe_experts=moe_experts)
         if gpu or project:
             name = projection.resolve_gpu(gpu)
-            rows = projection.project_grid(result, load_config(model)[0], [result.context], (), 1, True, 32, name)
+            rows = projection.project_grid(result, load_config(model)[0], [result.context], (), 1, True, 32, name,
+                                           batch_size=1)  # one prompt, decoded on its own cache
     except RagkitError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -1,7 +1,8 @@
 """Know before you run: a long-context grid's projected peak GPU memory per length and its wall time on a GPU.
 
 Memory per length = the planner's weights (ragkit/planner.py, at the run's quantization) + the KV cache of the
-prompt (the planner's bytes per token; MLA: the compressed latent) + the transient activations of a chunked
+prompt (the planner's bytes per token; MLA: the compressed latent), once for the shared cache and once per decode
+row (the runner copies each cell's whole cache into a batch row: :func:`decode_rows`) + the transient activations of a chunked
 prefill: those of the measured run's prompt, and where a second, shorter prompt's peak was measured
 (``peak_short``) a growth per prompt token between the two (MLA's prefill expands one layer's cached latents into
 per-head keys and values: the 4-layer NF4 run grew 2.8 -> 9.2 GiB from 32k to 256k tokens, ~29 KiB per token, so
@@ -190,11 +191,12 @@ def factors(gpu: str, quant: str = "none") -> Factors:
     m = measured_run(key, quant)
     bench = measured_model_shape(key, m["quant"])
     floor_decode = bench.decode_bytes(m["decode_cache_tokens"]) / entry["hbm_bytes_per_s"]
-    activations = m["peak_bytes"] - m["weights_bytes"] - bench.kv_bytes_per_token * m["prompt_tokens"]
+    copies = 1 + m.get("decode_rows", 0)  # the prompt's cache and each decode row's copy of it
+    activations = m["peak_bytes"] - m["weights_bytes"] - bench.kv_bytes_per_token * m["prompt_tokens"] * copies
     per_token = 0.0
     if "peak_short" in m:  # MLA's prefill expands the cached latents of a layer into per-head K and V: ~T bytes
         p = m["peak_short"]
-        short_act = p["peak_bytes"] - m["weights_bytes"] - bench.kv_bytes_per_token * p["prompt_tokens"]
+        short_act = p["peak_bytes"] - m["weights_bytes"] - bench.kv_bytes_per_token * p["prompt_tokens"] * copies
         per_token = (activations - short_act) / (m["prompt_tokens"] - p["prompt_tokens"])
     short = m.get("short_calls", {}).get("stretches", [])
     call = statistics.median(t for _, _, t in short) / bench.layers if short else 0.0
@@ -237,6 +239,7 @@ class LengthProjection:
     kv_cache_bytes: int
     activation_bytes: int
     peak_bytes: int
+    decode_rows: int  # cells decoding together, each row holding a copy of its prompt's cache (in kv_cache_bytes)
     prefill_s: float
     decode_s: float
     fits: bool
@@ -262,6 +265,15 @@ def group_calls(prompt: int, needle_depths: Sequence[float], control: bool) -> l
     return [(c, n) for c, n in out if n > 0]
 
 
+def decode_rows(cells: int, batch_size: int, free_bytes: int, row_bytes: int) -> int:
+    """How many of a group's ``cells`` the runner decodes together (evals/core/decode.py): none with batch size 1
+    (a cell decodes on the shared cache), else up to ``batch_size``, at least one, as many rows of ``row_bytes``
+    (a whole prompt's cache) as fit in half the ``free_bytes``."""
+    if batch_size <= 1 or not cells:
+        return 0
+    return min(cells, batch_size, max(1, free_bytes // 2 // max(row_bytes, 1)))
+
+
 def project_grid(plan: Any, config: Any, lengths: Sequence[int], depths: Sequence[float], seeds: int,
                  controls: bool, max_new_tokens: int, gpu: str, shared_haystack: bool = True,
                  batch_size: int = 8) -> list[LengthProjection]:
@@ -280,7 +292,9 @@ def project_grid(plan: Any, config: Any, lengths: Sequence[int], depths: Sequenc
         prefill += f.first_grid_s if k == 0 else 0.0
         cells = len(needles) + (1 if controls else 0)
         decode = groups * -(-cells // batch_size) * max(max_new_tokens - 1, 0) * step_s
-        kv, activations = s.kv_bytes_per_token * length, f.activations(prompt)
+        one, activations = s.kv_bytes_per_token * length, f.activations(prompt)
+        rows = decode_rows(cells, batch_size, f.memory_bytes - s.weights_bytes - one, one)
+        kv = one * (1 + rows)
         peak = s.weights_bytes + kv + activations
         fits = peak <= budget
         reason = "" if fits else (
@@ -288,7 +302,7 @@ def project_grid(plan: Any, config: Any, lengths: Sequence[int], depths: Sequenc
             f"activations {activations / 1e9:,.1f}) of {budget / 1e9:,.1f} GB usable on one {f.name} "
             f"({FIT_HEADROOM:.0%} kept free)")
         out.append(LengthProjection(length, prompt, groups * cells, groups * sum(n for _, n in calls),
-                                    s.weights_bytes, kv, activations, peak, prefill, decode, fits, reason))
+                                    s.weights_bytes, kv, activations, peak, rows, prefill, decode, fits, reason))
     return out
 
 
@@ -299,7 +313,8 @@ def table(rows: Sequence[LengthProjection], gpu: str, quant: str = "none") -> st
     f = factors(gpu, quant)
     frame = pd.DataFrame([{
         "length": r.length, "cells": r.cells, "tokens fed": r.tokens_fed,
-        "weights GB": round(r.weights_bytes / 1e9, 2), "KV cache GB": round(r.kv_cache_bytes / 1e9, 2),
+        "weights GB": round(r.weights_bytes / 1e9, 2), "decode rows": r.decode_rows,
+        "KV cache GB": round(r.kv_cache_bytes / 1e9, 2),
         "activations GB": round(r.activation_bytes / 1e9, 2), "peak GB": round(r.peak_bytes / 1e9, 2),
         "fits": "yes" if r.fits else "NO", "prefill s": round(r.prefill_s, 2), "decode s": round(r.decode_s, 2),
         "wall s": round(r.seconds, 2)} for r in rows])

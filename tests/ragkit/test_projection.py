@@ -46,15 +46,17 @@ def test_flagship_grid_in_nf4_fits_one_h200_and_refuses_bf16_with_the_reason(fla
     rows = projection.project_grid(nf4, flagship, [8192, 32768, 131072, 262144], (0, 25, 50, 75, 100), 1, True,
                                    32, "h200")
     assert all(r.fits for r in rows) and [r.cells for r in rows] == [6] * 4
-    longest = rows[-1]
-    assert longest.peak_bytes == nf4.weights_bytes + 23040 * 262144 + projection.factors("h200", "nf4").activations(
+    longest = rows[-1]  # 5 depths + control decode as 6 rows of batch 8, each a copy of the 256k cache
+    assert longest.decode_rows == 6 and longest.kv_cache_bytes == 7 * 23040 * 262144
+    assert longest.peak_bytes == nf4.weights_bytes + 7 * 23040 * 262144 + projection.factors("h200", "nf4").activations(
         262144 - 32)
+    assert longest.peak_bytes <= 127e9  # issue 15: a 256k cell with >= 10% of the H200 free
     assert longest.prefill_s > rows[-2].prefill_s > rows[0].prefill_s  # attention grows with the square
     bf16 = plan(flagship, context=262144, quant="none")
     refused = projection.project_grid(bf16, flagship, [262144], (50,), 1, True, 32, "h200")[0]
     assert not refused.fits and "of 135.7 GB usable on one NVIDIA H200" in refused.reason
     text = projection.table([longest, refused], "h200")
-    assert "refused: length 262144: needs 252" in text and "in benchmarks/results/gpu_engine_h200" in text
+    assert "refused: length 262144: needs 258" in text and "in benchmarks/results/gpu_engine_h200" in text
 
 
 def test_an_unknown_gpu_and_a_bad_token_count_are_named():
@@ -103,3 +105,10 @@ def test_nf4_projects_the_measured_4_layer_nf4_grid_within_its_tolerance(repo_ro
     for row, got in zip(rows, grid):
         assert row.seconds == pytest.approx(got["wall_s"], rel=0.25), row.length
         assert got["peak_gib"] * 2**30 <= row.peak_bytes <= 1.10 * got["peak_gib"] * 2**30, row.length
+
+
+def test_decode_rows_are_the_runners_batch_within_half_the_free_memory():
+    assert projection.decode_rows(6, 1, 10**12, 10**9) == 0  # batch size 1: each cell decodes on the shared cache
+    assert projection.decode_rows(6, 8, 10**12, 10**9) == 6 and projection.decode_rows(12, 8, 10**12, 10**9) == 8
+    assert projection.decode_rows(6, 8, 5 * 10**9, 10**9) == 2  # 2.5 GB of rows fit: two
+    assert projection.decode_rows(6, 8, 10**9, 10**9) == 1  # at least one row, as the runner takes
