@@ -174,12 +174,15 @@ def run_summary(run: Path) -> dict[str, Any]:
             "measured_vs_projected": None if table is None else table.to_dict("records")}
 
 
-def extrapolate(run: dict[str, Any], layers: dict[str, Any], ckpt: Path, full: str = FULL_MODEL) -> list[dict]:
+def extrapolate(run: dict[str, Any], layers: dict[str, Any], ckpt: Path, full: str = FULL_MODEL,
+                gpu: str = "h200") -> list[dict]:
     """The measured grid per length projected to the full model (issue 15): the run's cells' prefill and decode times
-    scaled as the hooked calls scale to the full layer count (:func:`_layer_scale`); memory = the planner's full NF4 weights + its KV cache of the length +
-    the measured activations (the run's peak less the loaded weights and the 4-layer KV cache)."""
+    scaled as the hooked calls scale to the full layer count (:func:`_layer_scale`); memory = the planner's full
+    NF4 weights + its KV cache of the length + the measured activations (the run's peak less the loaded weights and the 4-layer KV caches), the cache counted
+    once shared and once per decode row (:func:`ragkit.projection.decode_rows`, on ``gpu``'s memory)."""
     from ragkit.placement import load_config
     from ragkit.planner import plan
+    from ragkit.projection import decode_rows, gpu_table
 
     small, full_plan = plan(load_config(ckpt)[0], quant="nf4"), plan(load_config(full)[0], quant="nf4")
     out = []
@@ -198,10 +201,15 @@ def extrapolate(run: dict[str, Any], layers: dict[str, Any], ckpt: Path, full: s
                  "layer_share_decode": sum(t["decode_ms_per_layer"]) / t["decode_step_ms"]}
         peaks = [c["gpu_peak_bytes"] for c in cells if c.get("gpu_peak_bytes")]
         if layers.get("weights_bytes") and peaks:  # on CUDA
-            activations = max(peaks) - layers["weights_bytes"] - small.kv.bytes_per_token * t["length"]
-            entry.update(weights_bytes=full_plan.weights_bytes, activation_bytes=activations,
-                         kv_cache_bytes=full_plan.kv.bytes_per_token * t["length"],
-                         peak_bytes=full_plan.weights_bytes + full_plan.kv.bytes_per_token * t["length"] + activations)
+            batch = (run.get("settings") or {}).get("batch_size") or 8  # the runner's default on CUDA
+            row, full_row = small.kv.bytes_per_token * t["length"], full_plan.kv.bytes_per_token * t["length"]
+            rows = decode_rows(len(cells), batch, 2**62, row)  # 4 layers: memory never limited the rows
+            activations = max(peaks) - layers["weights_bytes"] - row * (1 + rows)
+            full_rows = decode_rows(len(cells), batch, gpu_table()[gpu]["memory_bytes"] - full_plan.weights_bytes
+                                    - full_row, full_row)
+            entry.update(weights_bytes=full_plan.weights_bytes, activation_bytes=activations, decode_rows=full_rows,
+                         kv_cache_bytes=full_row * (1 + full_rows),
+                         peak_bytes=full_plan.weights_bytes + full_row * (1 + full_rows) + activations)
         out.append(entry)
     return out
 

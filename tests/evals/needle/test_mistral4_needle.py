@@ -116,23 +116,25 @@ def test_on_a_gpu_cells_record_peak_memory_and_run_json_the_projection(tiny_chec
         assert "## Projected vs measured" in (out / "report.md").read_text()
 
 
-def test_the_full_model_memory_is_its_weights_and_cache_plus_the_measured_activations():
+def test_the_full_model_memory_is_its_weights_and_caches_plus_the_measured_activations():
     """The GPU branch of the extrapolation (cells with a peak, layers with loaded weights), here on the shipped
-    config as both the measured and the full model: activations = peak - weights - the measured model's cache."""
+    config as both the measured and the full model: activations = peak - weights - the measured caches (shared +
+    one copy per decode row: 2 cells, 2 rows at batch 8)."""
     from benchmarks.mistral4_needle import FULL_MODEL, extrapolate
     from ragkit.placement import load_config
     from ragkit.planner import plan
 
     full = plan(load_config(FULL_MODEL)[0], quant="nf4")
     n, weights, activations = 32768, 8 * 2**30, 3 * 2**30
-    peak = weights + full.kv.bytes_per_token * n + activations
+    peak = weights + 3 * full.kv.bytes_per_token * n + activations
     cells = [{"length": n, "seconds": 2.0, "decode_seconds": 0.5, "gpu_peak_bytes": peak - d} for d in (0, 10)]
     layers = {"layers": full.kv.layers, "weights_bytes": weights,
               "by_length": [{"length": n, "prefill_s": 1.0, "prefill_s_per_layer": [0.9 / full.kv.layers] * full.kv.layers,
                              "decode_step_ms": 20.0, "decode_ms_per_layer": [0.5] * full.kv.layers}]}
-    (got,) = extrapolate({"cells": cells}, layers, FULL_MODEL)
-    assert got["activation_bytes"] == activations and got["kv_cache_bytes"] == full.kv.bytes_per_token * n
-    assert got["peak_bytes"] == full.weights_bytes + full.kv.bytes_per_token * n + activations
+    (got,) = extrapolate({"cells": cells, "settings": {"batch_size": None}}, layers, FULL_MODEL)
+    assert got["activation_bytes"] == activations and got["decode_rows"] == 2
+    assert got["kv_cache_bytes"] == 3 * full.kv.bytes_per_token * n
+    assert got["peak_bytes"] == full.weights_bytes + 3 * full.kv.bytes_per_token * n + activations
     assert got["wall_s"] == pytest.approx(4.0)  # as many layers as measured: the run's own time
 
 
