@@ -16,7 +16,7 @@ def test_plan_prints_every_length_and_runs_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "needle grid: 3 lengths x 3 depths x 1 seeds + controls, 32 new tokens per cell" in text
     rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["32768"], ["131072"], ["262144"])]
-    assert [r[0] for r in rows] == ["32768", "131072", "262144"] and all(r[7] == "yes" for r in rows)
+    assert [r[0] for r in rows] == ["32768", "131072", "262144"] and all(r[8] == "yes" for r in rows)
     assert [r[1] for r in rows] == ["4"] * 3  # 3 depths + the control
     assert not out.exists()
 
