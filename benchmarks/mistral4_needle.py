@@ -94,7 +94,9 @@ class LayerClock:
 
 
 def layer_times(ckpt: Path, lengths: Sequence[int], chunk: int | None, steps: int, device: str) -> dict[str, Any]:
-    """Per decoder layer: its time in a fresh prefill of each length and per decode step on that cache."""
+    """Per decoder layer: its time in a fresh prefill of each length and per decode step on that cache; on CUDA
+    then the runner's static-cache decode steps (1 and 4 rows on the shortest length: ms per step, captured as a
+    CUDA graph or not)."""
     import torch
     from transformers import DynamicCache
 
@@ -155,6 +157,12 @@ def layer_times(ckpt: Path, lengths: Sequence[int], chunk: int | None, steps: in
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
         print("layers", json.dumps(out["by_length"][-1]), flush=True)
         del cache
+    if cuda:  # the runner's decode on one GPU: a static cache, each step a CUDA graph where nothing needs the host
+        from benchmarks.gpu_engine import _static_decode
+
+        attn = model.config._attn_implementation  # the clock's hooks are off outside timed(): nothing syncs
+        out["static_decode"] = [_static_decode(model, model.config, min(lengths), rows, steps, 2, attn)
+                                for rows in (1, 4)]
     return out
 
 

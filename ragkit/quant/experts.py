@@ -285,6 +285,29 @@ class NF4Experts(nn.Module):
             yield weights
             read[i % 2] = main.record_event()
 
+    def _forward_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Decode without the host: each of the ``T x k`` (token, expert) pairs gets its expert dequantized by id
+        on the device (one kernel launch per projection, ids read by the kernel) and applied as a batched
+        matrix-vector product, so a decode step of the model can be captured as a CUDA graph
+        (:mod:`ragkit.graph_decode`). Transient: ``T x k`` experts in the compute dtype (48 MiB each for
+        Mistral-4, so at most :data:`GATHERED_DECODE_MAX` pairs). Expert-parallel sentinels (ids >= E) add 0."""
+        t, k = top_k_index.shape
+        ids = top_k_index.reshape(-1)
+        local = ids < self.num_experts
+        safe = torch.where(local, ids, 0)
+        x = hidden_states.to(self.compute_dtype).repeat_interleave(k, dim=0)[:, :, None]
+        first, second = self.layout.first, self.layout.second
+        h = torch.bmm(self.dequantize_experts(first, safe), x)[..., 0]
+        if self.layout.bias:
+            h = h + getattr(self, f"{first}_bias")[safe]
+        h = self.gate_fn(h)
+        y = torch.bmm(self.dequantize_experts(second, safe), h[:, :, None])[..., 0]
+        if self.layout.bias:
+            y = y + getattr(self, f"{second}_bias")[safe]
+        y = y * (top_k_weights.reshape(-1) * local).to(y.dtype)[:, None]
+        return y.to(hidden_states.dtype).view(t, k, -1).sum(dim=1)
+
     def _groupable(self, assignments: int) -> bool:
         """Prefill-sized batches (>= one token per expert on average) dequantize experts in groups."""
         return assignments >= self.num_experts and all(r * c % NF4_BLOCKSIZE == 0 for r, c in self.shapes.values())
@@ -292,13 +315,16 @@ class NF4Experts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Same contract as the replaced module: ``[T, H]`` states, ``[T, k]`` expert ids and weights.
 
-        Few tokens (decode): one ``bnb.matmul_4bit`` per routed expert and projection (4-bit GEMV on
-        CUDA). Many tokens (prefill): routed experts are dequantized ``group_size`` at a time (on CUDA by
+        Few tokens (decode): on CUDA with the Triton kernel, the routed experts dequantized by id on the device
+        (no host sync, so the step can be a CUDA graph: :meth:`_forward_gathered`); else one ``bnb.matmul_4bit``
+        per routed expert and projection. Many tokens (prefill): routed experts are dequantized ``group_size`` at a time (on CUDA by
         ragkit's Triton kernel, the next group's under the current group's matmul: :meth:`_group_weights`) and
         run as one grouped matmul, so at most two groups of experts exist in the compute dtype at once. One host
         sync (the per-expert token counts).
         """
         k = top_k_index.shape[-1]
+        if top_k_index.numel() <= GATHERED_DECODE_MAX and self._triton_kernel() is not None:
+            return self._forward_gathered(hidden_states, top_k_index, top_k_weights)
         expert_ids = top_k_index.reshape(-1)
         routed = torch.where(expert_ids < self.num_experts, expert_ids, self.num_experts)  # EP sentinels sort last
         counts_all = torch.bincount(routed, minlength=self.num_experts + 1)[: self.num_experts]
@@ -333,6 +359,9 @@ class NF4Experts(nn.Module):
         y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(hidden_states)
         return out.index_add_(0, tokens, y.to(out.dtype))
+
+
+GATHERED_DECODE_MAX = 32  # (token, expert) pairs a decode step dequantizes by id: 8 rows of top-4, 1.5 GiB for Mistral-4
 
 
 @functools.cache

@@ -87,12 +87,8 @@ def test_kernel_equals_bitsandbytes_dequantize_4bit_on_cuda(shape, dtype):
     assert torch.equal(experts.dequantize_experts("w", torch.tensor([4, 1], device="cuda")), want[[4, 1]])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_prefill_through_the_kernel_equals_the_bitsandbytes_path(dtype):
-    """16 Mistral-4-shaped experts (1024x512 gate_up, 512x512 down), 256 tokens routed to 11 of them: groups of 2
-    (the last one partial) and 5 experts never dequantized; twice, so the reused buffers are overwritten in place;
-    the dequantization overlapped on a side stream (12 jobs through 2 alternating buffers) and serial alike."""
+def mistral4_shaped_experts(dtype: torch.dtype) -> tuple[NF4Experts, torch.Generator]:
+    """16 random NF4 experts of a Mistral-4 layer at 1/8 width (1024x512 gate_up, 512x512 down) on CUDA."""
     config = Mistral4Config(hidden_size=512, moe_intermediate_size=512, n_routed_experts=16)
     with torch.device("meta"):
         source = Mistral4Experts(config)
@@ -102,6 +98,51 @@ def test_cuda_prefill_through_the_kernel_equals_the_bitsandbytes_path(dtype):
     for e in range(16):
         experts.set_expert("gate_up_proj", e, torch.randn(1024, 512, device="cuda", generator=g) * 0.05)
         experts.set_expert("down_proj", e, torch.randn(512, 512, device="cuda", generator=g) * 0.05)
+    return experts, g
+
+
+@pytest.mark.gpu
+def test_cuda_decode_needs_no_host_and_replays_as_a_cuda_graph():
+    """4 decode rows x top-4 (one an expert-parallel sentinel): experts dequantized by id on the device, no host
+    sync (sync debug mode "error" raises on one), the same as the per-expert bitsandbytes path, and captured as
+    a CUDA graph that replays on new inputs as an eager call computes them."""
+    experts, g = mistral4_shaped_experts(torch.bfloat16)
+
+    def inputs():
+        idx = torch.randint(0, 16, (4, 4), device="cuda", generator=g)
+        idx[2, 1] = 16
+        return (torch.randn(4, 512, device="cuda", generator=g).to(torch.bfloat16), idx,
+                torch.softmax(torch.randn(4, 4, device="cuda", generator=g), -1).to(torch.bfloat16))
+
+    first, second = inputs(), inputs()
+    with torch.no_grad():
+        experts.use_triton = False
+        want = experts(*first)
+        experts.use_triton = True
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = experts(*first)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 0.01
+        static = [t.clone() for t in first]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = experts(*static)
+        for dst, src in zip(static, second):
+            dst.copy_(src)
+        graph.replay()
+        assert torch.equal(out, experts(*second))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_prefill_through_the_kernel_equals_the_bitsandbytes_path(dtype):
+    """16 Mistral-4-shaped experts (1024x512 gate_up, 512x512 down), 256 tokens routed to 11 of them: groups of 2
+    (the last one partial) and 5 experts never dequantized; twice, so the reused buffers are overwritten in place;
+    the dequantization overlapped on a side stream (12 jobs through 2 alternating buffers) and serial alike."""
+    experts, g = mistral4_shaped_experts(dtype)
     routed = torch.tensor([0, 1, 2, 4, 6, 7, 9, 10, 12, 13, 15], device="cuda")
     hidden = torch.randn(256, 512, device="cuda", generator=g)  # float32: index_add_ sums the top-k in float32
     idx = routed[torch.randint(0, len(routed), (256, 4), device="cuda", generator=g)]

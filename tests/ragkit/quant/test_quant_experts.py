@@ -70,6 +70,26 @@ def test_nf4_experts_compute_what_the_family_computes_with_nf4_weights(family):
     assert rel(single, reference[:8]) < 0.01
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_by_expert_id_on_the_device_computes_what_the_per_expert_path_does(family):
+    """The host-free decode path (on CUDA with the Triton kernel; here through bitsandbytes' dequantization on
+    the CPU): 3 tokens x top-4, one of them an expert-parallel sentinel (id 16 = E: not this shard's, adds 0)."""
+    cls, config = FAMILIES[family]
+    torch.manual_seed(0)
+    source = cls(config).to(torch.bfloat16)
+    for p in source.parameters():
+        nn.init.normal_(p, 0.0, 0.05)
+    twin = quantized_twin(source)
+    x, idx, weights = routing(3, 16, seed=1)
+    idx[1, 2] = 16
+    with torch.no_grad():
+        assert twin._triton_kernel() is None  # the CPU's forward takes the per-expert path
+        want = twin(x, idx, weights)
+        got = twin._forward_gathered(x, idx, weights)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert rel(got, want) < 0.01
+
+
 def test_group_dequantization_equals_per_expert_dequantization():
     cls, config = FAMILIES["mistral4"]
     source = cls(config).to(torch.bfloat16)
