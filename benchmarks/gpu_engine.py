@@ -236,7 +236,7 @@ def floor_s(cfg, stretches: list[tuple[int, int]], decode_steps: int) -> float:
 def _kv_rows(model, cfg, n: int, rows: int, room: int):
     """Static-cache buffers holding ``rows`` copies of one random ``n``-token prompt's KV, ``room`` free slots
     after it, and the prompt's greedy first token."""
-    ids = torch.randint(3, cfg.vocab_size, (1, n), device=DEVICE)
+    ids = torch.randint(3, cfg.get_text_config().vocab_size, (1, n), device=DEVICE)
     cache = DynamicCache(config=cfg)
     first = int(_forward(model, ids, cache)[0, -1].argmax())
     keys, values = graph_decode.buffers_like(cache, rows, graph_decode.static_slots(n + room))
@@ -419,9 +419,8 @@ def _moe_dequantize(experts, res: dict) -> None:
 
 def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
     """One real-width Mistral-4 MoE layer: BF16 grouped_mm vs ragkit's NF4 prefill at each token count, experts
-    dequantized by bitsandbytes in groups of 16 (the old path) or by ragkit's Triton kernel in each of MOE_GROUPS,
-    overlapped with the matmuls on a side stream (shipped) or serial; time, ratio to BF16, extra GiB over the
-    weights, and the relative difference to the bitsandbytes path; before them the dequantization alone, after them
+    dequantized by bitsandbytes in groups of 16 (the old path) or by ragkit's Triton kernel in each of MOE_GROUPS;
+    time, ratio to BF16, extra GiB over the weights, and the relative difference to the bitsandbytes path; before them the dequantization alone, after them
     the GPU time per kernel of both layers at the prefill chunk (``moe_profile``). Medians of 5 after 2 warm-ups; a
     token count that runs out of memory is recorded."""
     import benchmarks.moe_nf4_gpu as moe
@@ -439,10 +438,8 @@ def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
                 x = torch.randn(1, n, bf16.experts.gate_up_proj.shape[-1], device=DEVICE, dtype=torch.bfloat16)
                 row["bf16_grouped_mm_ms"] = moe.median_ms(lambda: bf16(x), 2, 5)
                 want = None
-                runs = [("bnb", default)] + [(path, g) for g in MOE_GROUPS for path in ("triton", "serial")]
-                for path, group in runs:
-                    experts.use_triton, experts.group_size = path != "bnb", group
-                    experts.overlap_dequant = path == "triton"
+                for path, group in [("bnb", default)] + [("triton", g) for g in MOE_GROUPS]:
+                    experts.use_triton, experts.group_size = path == "triton", group
                     key = f"nf4_{path}_group{group}"
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -459,14 +456,14 @@ def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
             except torch.OutOfMemoryError as e:
                 row["oom"] = str(e)[:200]
             finally:
-                experts.use_triton, experts.group_size, experts.overlap_dequant = True, default, True
+                experts.use_triton, experts.group_size = True, default
                 x = want = out = None
                 torch.cuda.empty_cache()
             res.setdefault("moe_prefill", []).append(row)
             print("moe_prefill", json.dumps(row), flush=True)
         res["moe_profile"] = {name: _kernel_times(layer, torch.randn(1, MOE_PROFILE_TOKENS, bf16.experts.gate_up_proj.shape[-1],
                                                                       device=DEVICE, dtype=torch.bfloat16))
-                              for name, layer in (("bf16_grouped_mm", bf16), ("nf4_triton_overlap", nf4))}
+                              for name, layer in (("bf16_grouped_mm", bf16), ("nf4_triton", nf4))}
     del bf16, nf4
     torch.cuda.empty_cache()
 
