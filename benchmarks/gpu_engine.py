@@ -420,9 +420,9 @@ def _moe_dequantize(experts, res: dict) -> None:
 def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
     """One real-width Mistral-4 MoE layer: BF16 grouped_mm vs ragkit's NF4 prefill at each token count, experts
     dequantized by bitsandbytes in groups of 16 (the old path) or by ragkit's Triton kernel in each of MOE_GROUPS;
-    time, ratio to BF16, extra GiB over the weights, and the relative difference to the bitsandbytes path; before them the dequantization alone, after them
-    the GPU time per kernel of both layers at the prefill chunk (``moe_profile``). Medians of 5 after 2 warm-ups; a
-    token count that runs out of memory is recorded."""
+    time, ratio to BF16, extra GiB over the weights, and the relative difference to the bitsandbytes path; before
+    them the dequantization alone, after them the GPU time per kernel of both layers at the prefill chunk
+    (``moe_profile``). Medians of 5 after 2 warm-ups; a token count that runs out of memory is recorded."""
     import benchmarks.moe_nf4_gpu as moe
     from ragkit.quant import measure_footprint
 
@@ -461,9 +461,9 @@ def _moe_prefill(res: dict, tokens: tuple[int, ...]) -> None:
                 torch.cuda.empty_cache()
             res.setdefault("moe_prefill", []).append(row)
             print("moe_prefill", json.dumps(row), flush=True)
-        res["moe_profile"] = {name: _kernel_times(layer, torch.randn(1, MOE_PROFILE_TOKENS, bf16.experts.gate_up_proj.shape[-1],
-                                                                      device=DEVICE, dtype=torch.bfloat16))
-                              for name, layer in (("bf16_grouped_mm", bf16), ("nf4_triton", nf4))}
+        hidden = bf16.experts.gate_up_proj.shape[-1]
+        x = torch.randn(1, MOE_PROFILE_TOKENS, hidden, device=DEVICE, dtype=torch.bfloat16)
+        res["moe_profile"] = {name: _kernel_times(layer, x) for name, layer in (("bf16_grouped_mm", bf16), ("nf4", nf4))}
     del bf16, nf4
     torch.cuda.empty_cache()
 

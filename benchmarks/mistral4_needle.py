@@ -186,8 +186,9 @@ def extrapolate(run: dict[str, Any], layers: dict[str, Any], ckpt: Path, full: s
                 gpu: str = "h200") -> list[dict]:
     """The measured grid per length projected to the full model (issue 15): the run's cells' prefill and decode times
     scaled as the hooked calls scale to the full layer count (:func:`_layer_scale`); memory = the planner's full
-    NF4 weights + its KV cache of the length + the measured activations (the run's peak less the loaded weights and the 4-layer KV caches), the cache counted
-    once shared and once per decode row (:func:`ragkit.projection.decode_rows`, on ``gpu``'s memory)."""
+    NF4 weights + its KV cache of the length, once shared and once per decode row
+    (:func:`ragkit.projection.decode_rows`, on ``gpu``'s memory) + the measured activations (the run's peak less
+    the loaded weights and the 4-layer KV caches)."""
     from ragkit.placement import load_config
     from ragkit.planner import plan
     from ragkit.projection import decode_rows, gpu_table

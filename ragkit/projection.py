@@ -1,10 +1,10 @@
 """Know before you run: a long-context grid's projected peak GPU memory per length and its wall time on a GPU.
 
 Memory per length = the planner's weights (ragkit/planner.py, at the run's quantization) + the KV cache of the
-prompt (the planner's bytes per token; MLA: the compressed latent), once for the shared cache and once per decode
-row (the runner copies each cell's whole cache into a batch row: :func:`decode_rows`) + the transient activations of a chunked
-prefill: those of the measured run's prompt, and where a second, shorter prompt's peak was measured
-(``peak_short``) a growth per prompt token between the two (MLA's prefill expands one layer's cached latents into
+prompt (the planner's bytes per token; MLA: the compressed latent), once for the shared cache and once per
+decode row (the runner copies each cell's whole cache into a batch row: :func:`decode_rows`) + the transient
+activations of a chunked prefill: those of the measured run's prompt, and where a second, shorter prompt's peak
+was measured (``peak_short``) a growth per prompt token between the two (MLA's prefill expands one layer's cached latents into
 per-head keys and values: the 4-layer NF4 run grew 2.8 -> 9.2 GiB from 32k to 256k tokens, ~29 KiB per token, so
 constant activations over-provisioned 32k by 7 GiB). Time = floors x measured factors:
 

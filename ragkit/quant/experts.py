@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -228,32 +228,28 @@ class NF4Experts(nn.Module):
         bias = getattr(self, f"{name}_bias")[expert] if self.layout.bias else None
         return bnb.matmul_4bit(x, codes.t(), quant_state=self.quant_state(name, expert), bias=bias)
 
-    def _project_group(self, name: str, weights: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
-                       x: torch.Tensor) -> torch.Tensor:
+    def _project_group(self, name: str, experts: torch.Tensor, counts: torch.Tensor, x: torch.Tensor,
+                       scratch: torch.Tensor | None) -> torch.Tensor:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        y = _grouped_mm(x, weights.transpose(-2, -1), offsets)
+        rows, cols = self.shapes[name]
+        out = None if scratch is None else scratch[: len(experts) * rows * cols].view(len(experts), rows, cols)
+        y = _grouped_mm(x, self.dequantize_experts(name, experts, out).transpose(-2, -1), offsets)
         if self.layout.bias:
             y = y + getattr(self, f"{name}_bias")[experts].repeat_interleave(counts, dim=0)
         return y
 
-    def _group_weights(self, jobs: list[tuple[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
-        """The dequantized ``[G, out, in]`` weights of each ``(projection, expert ids)`` job, in order.
-
-        bitsandbytes path: one allocation per job. Triton path: each written into one flat buffer of the largest
-        group x the largest projection in the compute dtype (16 x 32 MiB = 512 MiB for Mistral-4), which the
-        caller's grouped matmul reads before the next job overwrites it (one stream); PyTorch's caching allocator
-        hands the same block back across forwards and layers. (Writing the next job on a side stream under the
-        current matmul, into a second buffer, gained nothing on an H200: 14.16 vs 14.23 ms at 16k tokens.)
-        """
+    def _group_scratch(self, group: int) -> torch.Tensor | None:
+        """One flat buffer that every group's dequantized weights (either projection) are written into, for the
+        Triton path: each grouped matmul reads it before the next group's launch overwrites it (one stream), so a
+        prefill holds ``group`` x the largest projection in the compute dtype (16 x 32 MiB = 512 MiB for
+        Mistral-4), as the bitsandbytes path does. Across forwards (and layers) PyTorch's caching allocator hands
+        the same block back. None on the bitsandbytes path (it allocates per call). (Writing the next group on a
+        side stream under the current matmul, into a second buffer, gained nothing on an H200: 14.16 vs 14.23 ms
+        at 16k tokens.)"""
         if self._triton_kernel() is None:
-            yield from (self.dequantize_experts(name, ids) for name, ids in jobs)
-            return
-        group = max(len(ids) for _, ids in jobs)
+            return None
         largest = max(r * c for r, c in self.shapes.values())
-        buffer = torch.empty(group * largest, dtype=self.compute_dtype, device=self.nf4_code.device)
-        for name, ids in jobs:
-            rows, cols = self.shapes[name]
-            yield self.dequantize_experts(name, ids, buffer[: len(ids) * rows * cols].view(len(ids), rows, cols))
+        return torch.empty(group * largest, dtype=self.compute_dtype, device=self.nf4_code.device)
 
     def _forward_gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -275,8 +271,7 @@ class NF4Experts(nn.Module):
         y = torch.bmm(self.dequantize_experts(second, safe), h[:, :, None])[..., 0]
         if self.layout.bias:
             y = y + getattr(self, f"{second}_bias")[safe]
-        y = y * (top_k_weights.reshape(-1) * local).to(y.dtype)[:, None]
-        return y.to(hidden_states.dtype).view(t, k, -1).sum(dim=1)
+        return _top_k_sum(y, top_k_weights * local.view(t, k), hidden_states.dtype)
 
     def _groupable(self, assignments: int) -> bool:
         """Prefill-sized batches (>= one token per expert on average) dequantize experts in groups."""
@@ -287,10 +282,10 @@ class NF4Experts(nn.Module):
 
         Few tokens (decode): on CUDA with the Triton kernel, the routed experts dequantized by id on the device
         (no host sync, so the step can be a CUDA graph: :meth:`_forward_gathered`); else one ``bnb.matmul_4bit``
-        per routed expert and projection. Many tokens (prefill): routed experts are dequantized ``group_size`` at a time (on CUDA by
-        ragkit's Triton kernel into one reused buffer: :meth:`_group_weights`) and run as one grouped matmul,
-        so at most ``group_size`` experts exist in the compute dtype at once. One host sync (the per-expert
-        token counts).
+        per routed expert and projection. Many tokens (prefill): routed experts are dequantized ``group_size`` at
+        a time (on CUDA by ragkit's Triton kernel into one reused buffer: :meth:`_group_scratch`) and run as one
+        grouped matmul, so at most ``group_size`` experts exist in the compute dtype at once. One host sync (the
+        per-expert token counts).
         """
         k = top_k_index.shape[-1]
         if top_k_index.numel() <= GATHERED_DECODE_MAX and self._triton_kernel() is not None:
@@ -309,14 +304,13 @@ class NF4Experts(nn.Module):
             hit = torch.tensor([e for e, c in enumerate(per_expert) if c], device=counts_all.device)
             counts = counts_all[hit]
             bounds = [0, *itertools.accumulate(hit_counts)]
-            groups = range(0, len(hit_counts), self.group_size)
-            weights = self._group_weights([(name, hit[g : g + self.group_size]) for g in groups for name in (first, second)])
+            scratch = self._group_scratch(min(self.group_size, len(hit_counts)))
             pieces = []
-            for g in groups:
+            for g in range(0, len(hit_counts), self.group_size):
                 ids, cnt = hit[g : g + self.group_size], counts[g : g + self.group_size]
                 xs = x[bounds[g] : bounds[min(g + self.group_size, len(hit_counts))]]
-                h = self.gate_fn(self._project_group(first, next(weights), ids, cnt, xs))
-                pieces.append(self._project_group(second, next(weights), ids, cnt, h))
+                h = self.gate_fn(self._project_group(first, ids, cnt, xs, scratch))
+                pieces.append(self._project_group(second, ids, cnt, h, scratch))
             y = torch.cat(pieces)
         else:
             pieces, start = [], 0
@@ -326,16 +320,23 @@ class NF4Experts(nn.Module):
                     pieces.append(self._project(second, expert, self.gate_fn(self._project(first, expert, xs))))
                     start += count
             y = torch.cat(pieces) if pieces else x.new_zeros(0, hidden_states.shape[-1])
-        y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
-        # back to (token, k) order by a gather (a zero row for expert-parallel sentinels), then the top-k sum in
-        # float32: index_add_'s bf16 atomics took 2.25 ms of a 14 ms 16k-token prefill on an H200
+        # back to (token, k) order by a gather, a zero row for expert-parallel sentinels (index_add_'s bf16
+        # atomics took 2.25 ms of a 14 ms 16k-token prefill on an H200)
         back = torch.full((expert_ids.numel(),), n, dtype=torch.long, device=y.device)
         back[order] = torch.arange(n, device=y.device)
         y = torch.cat([y, y.new_zeros(1, y.shape[-1])])[back]
-        return y.view(-1, k, y.shape[-1]).sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
+        return _top_k_sum(y, top_k_weights, hidden_states.dtype)
 
 
-GATHERED_DECODE_MAX = 32  # (token, expert) pairs a decode step dequantizes by id: 8 rows of top-4, 1.5 GiB for Mistral-4
+def _top_k_sum(y: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, H]``: each token's ``k`` expert outputs (``y``: ``[T * k, H]`` in (token, k) order) weighted and
+    summed in float32, in ``dtype``."""
+    t, k = top_k_weights.shape
+    y = y * top_k_weights.reshape(-1, 1).to(y.dtype)
+    return y.view(t, k, -1).sum(dim=1, dtype=torch.float32).to(dtype)
+
+
+GATHERED_DECODE_MAX = 32  # (token, expert) pairs a decode step dequantizes by id: 8 rows of top-4 (Mistral-4: 1.5 GiB)
 
 
 @functools.cache
